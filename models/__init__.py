@@ -1,0 +1,1 @@
+"""Reference ONNX models built from weight files with onnx and NumPy only (no torch)."""

@@ -1,0 +1,204 @@
+"""Command line: parses arguments, calls the API, prints a summary. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from tabulate import tabulate
+
+from . import api
+from .errors import OnnxMergeError, UsageError
+from .io import load_arrays, load_model, write_text_atomic
+from .math import BN_RULES, CRITERIA, SCALE_RULES
+from .options import METHODS, CompressOptions
+from .runtime import parse_providers
+from .verify import Tolerance, verify_models
+
+log = logging.getLogger("onnx_merge")
+
+EPILOG = """\
+examples:
+  onnx-merge inspect model.onnx
+  onnx-merge compress model.onnx -o small.onnx --ratio 0.5
+  onnx-merge compress model.onnx -o small.onnx --layer-ratio 'layer3.*=0.7' --exclude 'conv1'
+  onnx-merge verify model.onnx small.onnx --inputs samples.npz --atol 1e-3
+
+exit codes: 0 ok, 1 verification failed, 2 usage error, 3 unreadable or invalid model or data
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"onnx-merge: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _glob_ratio(text: str) -> tuple[str, float]:
+    glob, sep, value = text.rpartition("=")
+    try:
+        if not sep or not glob:
+            raise ValueError
+        return glob, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GLOB=RATIO, got {text!r}") from None
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="inputs to compare on, keyed by graph input name (default: random inputs)")
+    p.add_argument("--providers", default="cpu", metavar="cpu,cuda",
+                   help="execution providers to check on (default: cpu); cuda needs onnxruntime-gpu")
+    p.add_argument("--report", metavar="REPORT.json", help="write the full report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-merge", description="Shrink ONNX models by pruning channels and merging what they "
+                     "carried into the next layer (neuron merging, Kim et al. 2020).", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="log every decision and show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log matches and skipped candidates")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="prune and merge channels, save, verify",
+                       description="Find Conv/Gemm -> (BN) -> ReLU -> Conv/Gemm chains, remove channels of the first "
+                       "layer and fold what they carried into the second. Saves atomically, then verifies the result "
+                       "against the original in onnxruntime.")
+    c.add_argument("model", metavar="IN.onnx")
+    c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
+    c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
+    c.add_argument("--method", choices=METHODS, default="merge",
+                   help="merge: compensate removed channels in the next layer (default); prune: drop them")
+    c.add_argument("--criterion", choices=CRITERIA, default="l1-norm", help="which channels to keep (default l1-norm)")
+    c.add_argument("--threshold", type=float, default=0.1, metavar="T",
+                   help="minimum cosine similarity for a merge; below it the channel is only pruned (default 0.1)")
+    c.add_argument("--lambda", dest="lam", type=float, default=0.85, metavar="L",
+                   help="with --bn-rule lambda: weight of direction vs bias residual in partner choice (default 0.85)")
+    c.add_argument("--scale-rule", choices=SCALE_RULES, default="projection",
+                   help="merge scale: projection (least squares, default), exact (norm ratio, METHOD.md), "
+                   "paper (the authors' released BN formula)")
+    c.add_argument("--bn-rule", choices=BN_RULES, default="fold",
+                   help="with BatchNormalization in the graph: plan on the folded weights (fold, default) "
+                   "or use the paper's lambda score (lambda)")
+    c.add_argument("--keep-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them)")
+    c.add_argument("--layer-ratio", type=_glob_ratio, action="append", default=[], metavar="GLOB=R",
+                   help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
+    c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
+    c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
+    c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
+    _add_verify_args(c)
+
+    v = sub.add_parser("verify", help="compare a candidate model's outputs with the original's",
+                       description="Run both models in onnxruntime (graph optimizations off) on the same inputs. "
+                       "Exit 0 when every output is within tolerance, 1 when not.")
+    v.add_argument("original", metavar="ORIGINAL.onnx")
+    v.add_argument("candidate", metavar="CANDIDATE.onnx")
+    v.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    v.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    v.add_argument("--min-cosine", type=float, metavar="C",
+                   help="for models meant to move: pass when every output's cosine similarity is at least C")
+    v.add_argument("--max-top1-disagreement", type=float, metavar="P",
+                   help="for models meant to move: pass when at most this fraction of top-1 predictions differ")
+    _add_verify_args(v)
+
+    i = sub.add_parser("inspect", help="show the chains found, channels per layer, what is skipped and why")
+    i.add_argument("model", metavar="MODEL.onnx")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def _print_verification(ver: dict) -> None:
+    rows = [[prov, name, f"{f.get('max_abs', float('nan')):.3g}", f"{f.get('max_rel', float('nan')):.3g}",
+             f"{f.get('cosine', float('nan')):.6f}", f"{f['top1_agreement']:.4f}" if "top1_agreement" in f else "-"]
+            for prov, outs in ver["providers"].items() for name, f in outs.items()]
+    print(tabulate(rows, headers=["provider", "output", "max abs", "max rel", "cosine", "top-1 agree"]))
+    for failure in ver["failures"]:
+        print(f"FAIL {failure}")
+
+
+def cmd_compress(args) -> int:
+    options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
+                              threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
+                              bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
+                              round_to=args.round_to, fold_bn=not args.keep_bn).validate()
+    report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
+                               providers=args.providers)
+    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],
+             r["method"]] for r in report.get("layers", [])]
+    print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
+    for s in report.get("skipped", []):
+        print(f"skipped {s['node']}: {s['reason']}")
+    pb, pa = report["params_before"], report["params_after"]
+    print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / max(pb, 1):+.1f} %)")
+    if report["macs_before"] and report["macs_after"]:
+        mb, ma = report["macs_before"], report["macs_after"]
+        print(f"MACs (batch 1): {mb:,} -> {ma:,} ({100 * (ma - mb) / max(mb, 1):+.1f} %)")
+    print(f"wrote {args.output}")
+    if "verification" in report:
+        _print_verification(report["verification"])
+    if args.report:
+        write_text_atomic(args.report, json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    providers = parse_providers(args.providers)
+    for path in (args.original, args.candidate):
+        load_model(path)  # a clear exit 3 for a bad file before onnxruntime sees it
+    tol = Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
+                    max_top1_disagreement=args.max_top1_disagreement)
+    arrays = load_arrays(args.inputs) if args.inputs else None
+    result = verify_models(args.original, args.candidate, inputs=arrays, providers=providers, tolerance=tol,
+                           input_source=str(args.inputs))
+    _print_verification(result.as_dict())
+    if args.report:
+        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2))
+    print("verification passed" if result.ok else "verification FAILED")
+    return 0 if result.ok else 1
+
+
+def cmd_inspect(args) -> int:
+    info = api.inspect_model(load_model(args.model).model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [[c["layer"], c["op"], c["channels"], c["bn"] or "-", " > ".join(c["path"]) or "-", c["consumer"],
+             c["block"], "yes" if c["mergeable"] else f"no: {c['why_not_merge']}"] for c in info["chains"]]
+    print(tabulate(rows, headers=["layer", "op", "channels", "bn", "path", "consumer", "block", "mergeable"]))
+    for s in info["skipped"]:
+        print(f"skipped {s['node']}: {s['reason']}")
+    macs = f"{info['macs']:,}" if info["macs"] else "unknown"
+    print(f"{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except OnnxMergeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"onnx-merge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnx-merge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"onnx-merge: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Errors the CLI turns into one line on stderr and an exit code."""
+
+
+class OnnxMergeError(Exception):
+    exit_code = 1
+
+
+class UsageError(OnnxMergeError):
+    """Bad arguments or options (exit 2)."""
+
+    exit_code = 2
+
+
+class ModelError(OnnxMergeError):
+    """An unreadable or invalid model or data file (exit 3)."""
+
+    exit_code = 3
+
+
+class VerificationError(OnnxMergeError):
+    """The candidate's outputs are outside tolerance (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,100 @@
+"""A read-mostly index over an ONNX graph: who produces and who reads each tensor, and
+initializers as NumPy arrays. Passes use it to match; rewrites go through ``set_array``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+GRAPH_OUTPUT = "<graph output>"
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read inside the subgraphs of ``node`` (If/Loop/Scan bodies)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            for inner in g.node:
+                names.update(i for i in inner.input if i)
+                names |= subgraph_inputs(inner)
+    return names
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+class GraphIndex:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, list] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in dict.fromkeys([i for i in node.input if i] + sorted(subgraph_inputs(node))):
+                self.readers[name].append(node)
+        for out in self.graph.output:
+            self.readers[out.name].append(GRAPH_OUTPUT)
+        self.graph_inputs = {i.name: i for i in self.graph.input}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def is_weight(self, name: str) -> bool:
+        return name in self.initializers
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        """Replace an initializer's contents (dtype kept), and its graph-input shape if listed."""
+        old = self.initializers[name]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        value = np.ascontiguousarray(value, dtype=dtype)
+        old.CopyFrom(numpy_helper.from_array(value, name))
+        self._arrays[name] = value
+        if name in self.graph_inputs:
+            shape = self.graph_inputs[name].type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in value.shape:
+                shape.dim.add().dim_value = d
+
+    def add_initializer(self, name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = self.graph.initializer[-1]
+        self._arrays[name] = value
+
+    def unique_name(self, base: str) -> str:
+        taken = set(self.initializers) | set(self.producer) | set(self.graph_inputs)
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def sole_reader(self, name: str):
+        readers = self.readers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
+
+    def shared_with(self, name: str, node: onnx.NodeProto) -> list[str]:
+        """Names of the other readers of ``name`` besides ``node``."""
+        return [r if isinstance(r, str) else (r.name or r.op_type) for r in self.readers.get(name, []) if r is not node]

@@ -1,0 +1,179 @@
+"""Reading and writing models and arrays. The only module that touches the filesystem.
+
+- External data is validated before it is read: locations must stay inside the model's
+  folder (no absolute paths, no '..' escapes) and the byte ranges must exist.
+- Saving is atomic: everything is written into a temporary folder beside the target,
+  checked with ``onnx.checker`` (path-based, so models over 2 GB work), then renamed into
+  place. On failure nothing is left behind, and the input is never overwritten.
+- The IR version written is one the installed onnxruntime accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import ModelError, UsageError
+
+MIN_OPSET = 9
+_TWO_GB = 2**31
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path
+    external: bool  # the user stored weights in external data files
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    base = path.parent.resolve()
+    target = (base / location).resolve()
+    if not location or os.path.isabs(location) or base not in target.parents:
+        raise ModelError(f"{path}: tensor {tensor.name!r} points outside the model's folder ({location!r}); refused")
+    if not target.is_file():
+        raise ModelError(f"{path}: external data file {location!r} for tensor {tensor.name!r} is missing")
+    offset = int(info.get("offset", 0) or 0)
+    length = info.get("length")
+    size = target.stat().st_size
+    if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
+        raise ModelError(f"{path}: external data for tensor {tensor.name!r} lies beyond the end of {location!r}")
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a model with its weights; raise ModelError with a one-line reason if it is bad."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
+        raise ModelError(f"{path}: not an ONNX model (no graph, IR version or opset)")
+    opset = default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise ModelError(f"{path}: opset {opset} is not supported (need {MIN_OPSET} or later)")
+    external = _external_tensors(model)
+    for tensor in external:
+        _check_external_location(path, tensor)
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot read external data ({exc})") from None
+    return LoadedModel(model=model, path=path, external=bool(external))
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+@functools.cache
+def max_runtime_ir_version() -> int:
+    """The highest IR version the installed onnxruntime loads, found by trying a tiny model."""
+    import onnxruntime as ort
+
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:  # onnxruntime raises its own exception types for unsupported IR
+            continue
+    return 7
+
+
+def runtime_ir_version(model: onnx.ModelProto) -> int:
+    """The IR version to write: the model's own, lowered to what onnxruntime accepts."""
+    return min(model.ir_version, max_runtime_ir_version()) if model.ir_version else max_runtime_ir_version()
+
+
+def weights_size(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool, source: Path | None = None) -> Path:
+    """Write ``model`` to ``out`` atomically, checked, with a runtime-loadable IR version.
+
+    ``external`` keeps weights in ``<out>.data`` beside the model (forced above 2 GB).
+    """
+    out = Path(out)
+    if source is not None and out.resolve() == source.resolve():
+        raise UsageError(f"{out}: refusing to overwrite the input model; choose another output path")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: output folder {out.parent} does not exist")
+    model.ir_version = runtime_ir_version(model)
+    external = external or weights_size(model) >= _TWO_GB - (64 << 20)
+    data_name = out.name + ".data"
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx-merge-", dir=out.parent))
+    try:
+        tmp_model = tmp / out.name
+        if external:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        try:
+            onnx.checker.check_model(str(tmp_model), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{out}: the rewritten model fails onnx.checker ({first}); nothing written") from None
+        if external:
+            os.replace(tmp / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ModelError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".onnx-merge-", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

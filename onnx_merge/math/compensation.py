@@ -1,0 +1,100 @@
+"""The compensation matrix Z and its application to a consumer's weights.
+
+Original activations are approximated from the kept ones as
+
+    a_n ~= sum_p Z[p, n] * a'_p + c_n
+
+(METHOD.md section 1; ``c_n`` is an optional constant, the expected value of what a removed
+channel carried and no kept channel replaces). The consumer absorbs Z and c:
+
+    W'[:, p] = sum_n W[:, n] Z[p, n]          b' = b + sum_n W[:, n] c_n
+
+Z is stored sparsely for merging (one partner and one scale per removed channel) and as a
+dense block over the removed columns only for multi-neuron solves; the kept columns of Z
+are always the identity. Nothing here builds the dense P x N matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Compensation:
+    """How N channels map onto the P kept ones.
+
+    kept:    (P,) sorted indices of the kept channels.
+    partner: (N,) for each channel, the position in ``kept`` it is merged into, or -1.
+             Kept channels point at themselves with scale 1.
+    scale:   (N,) the merge scale of each channel (0 where partner is -1).
+    dense:   optional (P, R) coefficients for the R removed channels (``removed`` order),
+             added on top of the sparse part.
+    offset:  optional (N,) constant c_n per channel absorbed into the consumer's bias.
+    """
+
+    kept: np.ndarray
+    partner: np.ndarray
+    scale: np.ndarray
+    dense: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.partner)
+
+    @property
+    def removed(self) -> np.ndarray:
+        mask = np.ones(self.n, dtype=bool)
+        mask[self.kept] = False
+        return np.flatnonzero(mask)
+
+    @property
+    def merged(self) -> np.ndarray:
+        """Removed channels that have a partner."""
+        removed = self.removed
+        return removed[self.partner[removed] >= 0]
+
+    @classmethod
+    def prune(cls, n: int, kept: np.ndarray) -> "Compensation":
+        kept = np.sort(np.asarray(kept, dtype=np.int64))
+        partner = np.full(n, -1, dtype=np.int64)
+        partner[kept] = np.arange(len(kept))
+        scale = np.zeros(n, dtype=np.float64)
+        scale[kept] = 1.0
+        return cls(kept=kept, partner=partner, scale=scale)
+
+    def to_dense(self) -> np.ndarray:
+        """The full P x N matrix Z, for tests and small inspections only."""
+        z = np.zeros((len(self.kept), self.n))
+        cols = np.flatnonzero(self.partner >= 0)
+        z[self.partner[cols], cols] = self.scale[cols]
+        if self.dense is not None:
+            z[:, self.removed] += self.dense
+        return z
+
+
+def compensate_consumer(view: np.ndarray, comp: Compensation) -> tuple[np.ndarray, np.ndarray | None]:
+    """Apply Z (and c) to a consumer's weights.
+
+    view: (N, B, M, K) the consumer weights with the channel axis first: N channels, B
+          input features per channel (B > 1 after a Flatten, where channel n owns a
+          contiguous block), M outputs, K kernel taps.
+    Returns the (P, B, M, K) weights and the (M,) bias delta (None when there is no offset).
+    """
+    if view.shape[0] != comp.n:
+        raise ValueError(f"consumer has {view.shape[0]} input channels, compensation expects {comp.n}")
+    out = view[comp.kept].astype(np.float64)
+    merged = comp.merged
+    if len(merged):
+        # Sparse scatter-add of the merged columns into their partners.
+        np.add.at(out, comp.partner[merged], view[merged] * comp.scale[merged, None, None, None])
+    removed = comp.removed
+    if comp.dense is not None and len(removed):
+        out += np.einsum("pr,rbmk->pbmk", comp.dense, view[removed], optimize=True)
+    bias = None
+    if comp.offset is not None and np.any(comp.offset):
+        bias = np.einsum("n,nbmk->m", comp.offset, view, optimize=True)
+    return out.astype(view.dtype, copy=False), bias

@@ -1,0 +1,47 @@
+"""Which neurons to keep: per-layer counts and ranking criteria (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
+    """Channels kept out of ``n`` at pruning ``ratio``: floor(n * (1 - ratio)), at least 1.
+
+    The product is rounded to 9 decimals first so that float error cannot drop a channel
+    (100 * (1 - 0.8) is 19.999999999999996 in binary floating point, and must keep 20).
+    With ``round_to`` > 1 the count is rounded up to a multiple of it (never above ``n``).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    kept = max(1, math.floor(round(n * (1.0 - ratio), 9)))
+    if round_to > 1 and kept < n:
+        kept = min(n, math.ceil(kept / round_to) * round_to)
+    return kept
+
+
+def importance(rows: np.ndarray, criterion: str) -> np.ndarray:
+    """One score per row of ``rows`` (N x D); higher means more worth keeping."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if criterion == "l1-norm":
+        return np.abs(rows).sum(axis=1)
+    if criterion == "l2-norm":
+        return np.sqrt(np.einsum("nd,nd->n", rows, rows))
+    if criterion == "l2-GM":
+        # FPGM: a row close to the geometric median is replaceable by the others, so the
+        # summed distance to all rows is its importance.
+        sq = np.einsum("nd,nd->n", rows, rows)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
+        return np.sqrt(d2).sum(axis=1)
+    raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+
+
+def select_kept(rows: np.ndarray, n_keep: int, criterion: str) -> np.ndarray:
+    """Sorted indices of the ``n_keep`` most important rows (ties: lower index wins)."""
+    scores = importance(rows, criterion)
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:n_keep])

@@ -1,0 +1,87 @@
+"""Data-free partner selection and scales (METHOD.md section 3).
+
+Every function takes plain arrays: the producer's rows (one flattened output channel per
+row, bias appended where the layer has one) and the kept indices, and returns a
+:class:`Compensation`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .batchnorm import BatchNorm, bn_merge_terms
+from .compensation import Compensation
+
+SCALE_RULES = ("paper", "exact", "projection")
+
+
+def _unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(rows, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    return rows / safe[:, None], norms
+
+
+def cosine_to_kept(rows: np.ndarray, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(R, P) cosine similarities of removed rows to kept rows, and all row norms."""
+    unit, norms = _unit_rows(np.asarray(rows, np.float64))
+    return unit[removed] @ unit[kept].T, norms
+
+
+def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_rule: str) -> Compensation:
+    """METHOD.md 3a: each removed row goes to its most similar kept row when cos >= threshold.
+
+    scale_rule "paper"/"exact": s = |u_n| / |u_m| (the paper's norm ratio);
+    "projection": s = cos * |u_n| / |u_m| (least-squares fit of u_n by s * u_m).
+    Both are exact for an exact positive multiple.
+    """
+    comp = Compensation.prune(len(rows), kept)
+    removed = comp.removed
+    if len(removed) == 0 or len(kept) == 0:
+        return comp
+    cos, norms = cosine_to_kept(rows, comp.kept, removed)
+    best = np.argmax(cos, axis=1)
+    best_cos = cos[np.arange(len(removed)), best]
+    ok = (best_cos >= threshold) & (best_cos > 0) & (norms[comp.kept][best] > 0)
+    ratio = norms[removed] / np.where(norms[comp.kept][best] > 0, norms[comp.kept][best], 1.0)
+    scale = ratio * best_cos if scale_rule == "projection" else ratio
+    comp.partner[removed[ok]] = best[ok]
+    comp.scale[removed[ok]] = scale[ok]
+    comp.notes["cosine"] = best_cos
+    return comp
+
+
+def merge_through_bn(
+    filters: np.ndarray, bn: BatchNorm, kept: np.ndarray, threshold: float, lam: float, scale_rule: str
+) -> Compensation:
+    """METHOD.md 3b: merge across an unfolded BatchNormalization.
+
+    The partner minimises lam * (1 - cos) + (1 - lam) * |r| / S (|r| / S normalised by its
+    largest value over the candidates) among kept channels with S > 0; the merge happens
+    when that partner's cosine is at least ``threshold``. The scale applied is S.
+    """
+    comp = Compensation.prune(len(filters), kept)
+    removed = comp.removed
+    if len(removed) == 0:
+        return comp
+    cos, norms = cosine_to_kept(filters, comp.kept, removed)
+    kept_norms = np.where(norms[comp.kept] > 0, norms[comp.kept], np.inf)
+    best_cos = np.zeros(len(removed))
+    for i, n in enumerate(removed):
+        s = norms[n] / kept_norms
+        if scale_rule == "projection":
+            s = s * np.maximum(cos[i], 0.0)
+        big_s, r = bn_merge_terms(bn, n, comp.kept, s, "paper" if scale_rule == "paper" else "exact")
+        valid = (big_s > 0) & np.isfinite(big_s)
+        if not valid.any():
+            continue
+        bias_term = np.where(valid, np.abs(r) / np.where(valid, big_s, 1.0), np.inf)
+        finite = bias_term[valid]
+        bias_term = bias_term / (finite.max() if finite.max() > 0 else 1.0)
+        score = np.where(valid, lam * (1.0 - cos[i]) + (1.0 - lam) * bias_term, np.inf)
+        p = int(np.argmin(score))
+        best_cos[i] = cos[i, p]
+        if cos[i, p] >= threshold and cos[i, p] > 0:
+            comp.partner[n] = p
+            comp.scale[n] = big_s[p]
+    comp.notes["cosine"] = best_cos
+    return comp

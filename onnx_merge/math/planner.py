@@ -1,0 +1,75 @@
+"""Per-layer planning: from a producer's arrays to a Compensation. No ONNX here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batchnorm import BatchNorm
+from .compensation import Compensation
+from .criteria import select_kept
+from .merge import merge_by_cosine, merge_through_bn
+
+BN_RULES = ("fold", "lambda")
+
+
+@dataclass
+class ProducerArrays:
+    """What a producer computes, per output channel.
+
+    weight: (N, D) effective weight rows (Gemm alpha applied); bias: (N,) or None (Gemm beta
+    applied); bn: the BatchNormalization that follows, if it was kept in the graph.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    bn: BatchNorm | None = None
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[0]
+
+    def rows(self) -> np.ndarray:
+        """[w_n ; b_n]: the layer's own rows with its bias appended (METHOD.md 3a)."""
+        if self.bias is None:
+            return np.asarray(self.weight, np.float64)
+        return np.hstack([self.weight, np.asarray(self.bias, np.float64)[:, None]])
+
+    def folded_rows(self) -> np.ndarray:
+        """Rows of the layer with the BatchNormalization folded in (equal to rows() without BN)."""
+        if self.bn is None:
+            return self.rows()
+        w, b = self.bn.fold(np.asarray(self.weight, np.float64), self.bias)
+        return np.hstack([w, b[:, None]])
+
+    def bn_with_bias(self) -> BatchNorm:
+        """The BN with the producer's own bias moved into its mean, so filters carry no bias."""
+        bn = self.bn
+        mean = bn.mean if self.bias is None else bn.mean - self.bias
+        return BatchNorm(bn.gamma, bn.beta, mean, bn.var, bn.eps)
+
+
+@dataclass
+class PlanOptions:
+    method: str = "merge"
+    criterion: str = "l1-norm"
+    threshold: float = 0.1
+    lam: float = 0.85
+    scale_rule: str = "projection"
+    bn_rule: str = "fold"
+
+
+def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
+    """Rows ranked by the criterion: the layer's own weights, bias included only without BN."""
+    return np.asarray(arrays.weight, np.float64) if arrays.bn is not None else arrays.rows()
+
+
+def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
+    kept = select_kept(criterion_rows(arrays), n_keep, opts.criterion)
+    if opts.method == "prune":
+        return Compensation.prune(arrays.n, kept)
+    if arrays.bn is not None and opts.bn_rule == "lambda":
+        return merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
+                                opts.threshold, opts.lam, opts.scale_rule)
+    return merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)

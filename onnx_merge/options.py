@@ -1,0 +1,54 @@
+"""Options of ``compress``, shared by the API, the CLI and the passes."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions
+
+METHODS = ("merge", "prune")
+
+
+@dataclass
+class CompressOptions:
+    ratio: float = 0.5
+    method: str = "merge"
+    criterion: str = "l1-norm"
+    threshold: float = 0.1
+    lam: float = 0.85
+    scale_rule: str = "projection"
+    bn_rule: str = "fold"
+    layer_ratios: list[tuple[str, float]] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    round_to: int = 1
+    fold_bn: bool = True
+
+    def validate(self) -> "CompressOptions":
+        ratios = [self.ratio] + [r for _, r in self.layer_ratios]
+        if any(not 0.0 <= r < 1.0 for r in ratios):
+            raise UsageError(f"ratios must lie in [0, 1): got {', '.join(map(str, ratios))}")
+        for value, allowed, what in ((self.method, METHODS, "method"), (self.criterion, CRITERIA, "criterion"),
+                                     (self.scale_rule, SCALE_RULES, "scale rule"), (self.bn_rule, BN_RULES, "BN rule")):
+            if value not in allowed:
+                raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        return self
+
+    def plan_options(self, method: str) -> PlanOptions:
+        return PlanOptions(method=method, criterion=self.criterion, threshold=self.threshold, lam=self.lam,
+                           scale_rule=self.scale_rule, bn_rule=self.bn_rule)
+
+    def ratio_for(self, names: list[str]) -> float | None:
+        """The ratio for a layer known by ``names``; None when it is excluded. Last match wins."""
+        if any(fnmatch.fnmatchcase(n, g) for g in self.exclude for n in names):
+            return None
+        ratio = self.ratio
+        for glob, r in self.layer_ratios:
+            if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                ratio = r
+        return ratio

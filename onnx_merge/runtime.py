@@ -1,0 +1,109 @@
+"""onnxruntime sessions: execution providers, inputs, batched runs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ModelError, UsageError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def parse_providers(text: str | list[str] | None) -> list[str]:
+    """'cpu,cuda' -> provider keys, refusing CUDA clearly when onnxruntime does not offer it."""
+    if text is None:
+        return ["cpu"]
+    items = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    for p in items:
+        if p not in PROVIDERS:
+            raise UsageError(f"unknown execution provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    if "cuda" in items and PROVIDERS["cuda"] not in ort.get_available_providers():
+        raise UsageError("CUDA execution provider requested, but this onnxruntime offers only "
+                         f"{', '.join(ort.get_available_providers())}; install onnx-merge[gpu] "
+                         "(onnxruntime-gpu) on a machine with CUDA, or use --providers cpu")
+    return list(dict.fromkeys(items)) or ["cpu"]
+
+
+def cuda_available() -> bool:
+    return PROVIDERS["cuda"] in ort.get_available_providers()
+
+
+def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool = False,
+                 threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                    providers=[PROVIDERS[provider]])
+    except Exception as exc:  # onnxruntime's own error types
+        where = "model" if isinstance(model, bytes) else str(model)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: onnxruntime cannot load it ({first})") from None
+
+
+def _concrete(shape, batch: int) -> list[int]:
+    dims = []
+    for i, d in enumerate(shape):
+        dims.append(d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1))
+    return dims
+
+
+def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        dtype = _NP_TYPES.get(inp.type)
+        if dtype is None:
+            raise ModelError(f"input {inp.name!r} has type {inp.type}, which random inputs cannot fill; use --inputs")
+        shape = _concrete(inp.shape, batch)
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[inp.name] = rng.random(shape) < 0.5
+        else:
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def match_inputs(session: ort.InferenceSession, arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Arrays keyed by the session's input names (one array suffices for a one-input model)."""
+    names = [i.name for i in session.get_inputs()]
+    if all(n in arrays for n in names):
+        feeds = {n: arrays[n] for n in names}
+    elif len(names) == 1 and len(arrays) == 1:
+        feeds = {names[0]: next(iter(arrays.values()))}
+    else:
+        raise UsageError(f"{source}: needs arrays named {', '.join(names)}; found {', '.join(arrays) or 'none'}")
+    for inp in session.get_inputs():
+        dtype = _NP_TYPES.get(inp.type)
+        if dtype is not None:
+            feeds[inp.name] = np.asarray(feeds[inp.name]).astype(dtype, copy=False)
+    return feeds
+
+
+def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 64,
+                progress=None) -> dict[str, np.ndarray]:
+    """Run over the leading axis in chunks (a fixed batch dimension sets the chunk)."""
+    first = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    if isinstance(first, int) and first > 0:
+        batch = first
+    total = len(next(iter(feeds.values())))
+    names = [o.name for o in session.get_outputs()]
+    chunks: dict[str, list] = {n: [] for n in names}
+    starts = range(0, total, batch)
+    for start in (progress(starts, unit="batch") if progress else starts):
+        part = {k: v[start:start + batch] for k, v in feeds.items()}
+        for n, out in zip(names, session.run(names, part)):
+            chunks[n].append(out)
+    return {n: np.concatenate(v) if v[0].ndim else v[0] for n, v in chunks.items()}

@@ -1,0 +1,71 @@
+"""Parameter and MAC counts, from initializers and inferred shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import attr
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                      onnx.TensorProto.BFLOAT16)))
+
+
+def skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """The model with large initializers turned into graph inputs of the same shape.
+
+    Shape inference needs their shapes, not their values; this keeps it cheap on big models.
+    """
+    listed = {i.name for i in model.graph.input}
+    small = [t for t in model.graph.initializer if len(t.raw_data) <= keep_bytes]
+    large = [t for t in model.graph.initializer if len(t.raw_data) > keep_bytes and t.name not in listed]
+    dropped = {t.name for t in model.graph.initializer if len(t.raw_data) > keep_bytes and t.name in listed}
+    small += [t for t in model.graph.initializer if t.name in dropped]  # already inputs: keep as they were
+    graph = onnx.helper.make_graph(
+        model.graph.node, model.graph.name,
+        list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large],
+        model.graph.output, small, value_info=model.graph.value_info)
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
+    shapes = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
+        shapes[v.name] = dims
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def count_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for batch 1 (unknown dims as 1).
+
+    None when shape inference fails (some foreign models).
+    """
+    try:
+        shapes = _shapes(model)
+    except Exception:  # shape inference fails on some foreign models; MACs are then unknown
+        return None
+    total = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if out is None or w is None:
+            continue
+        if node.op_type == "Conv":
+            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            x = shapes.get(node.input[0])
+            if x:
+                total += int(np.prod(x[1:])) * int(np.prod(w[1:]))
+        elif node.op_type == "Gemm":
+            k = w[1] if attr(node, "transB", 0) else w[0]
+            total += int(np.prod(out)) * k
+        elif node.op_type == "MatMul" and len(w) >= 1:
+            total += int(np.prod(out)) * w[-2 if len(w) > 1 else 0]
+    return total

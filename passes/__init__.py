@@ -1,0 +1,9 @@
+"""Graph rewrite passes, one per file. Each reads as match, check, rewrite."""
+
+from .cleanup import RemoveUnused
+from .fold_batchnorm import FoldBatchNorm
+from .fold_constants import FoldConstantWeights
+from .merge_channels import MergeChannels
+from .name_nodes import NameNodes
+
+__all__ = ["FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "RemoveUnused"]

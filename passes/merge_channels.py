@@ -1,0 +1,165 @@
+"""Remove output channels of a producer and merge what they carried into its consumer.
+
+    P(x; W[N], b[N]) -> [BN] -> Relu -> [pools, Flatten ...] -> C(.; V[M, N])
+becomes
+    P(x; W[kept], b[kept]) -> [BN[kept]] -> Relu -> [...] -> C(.; V Z^T [M, P])
+
+Exact when every removed row is a positive multiple of its partner (METHOD.md section 1);
+the numbers come from ``onnx_merge.math``, this pass only moves arrays in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from onnx_merge.graph import GraphIndex, attr
+from onnx_merge.groups import Chain, Layer, find_chains
+from onnx_merge.math import BatchNorm, Compensation, ProducerArrays, compensate_consumer, keep_count, plan_layer
+from onnx_merge.shapes import drop_value_info
+
+log = logging.getLogger("onnx_merge")
+
+
+def producer_arrays(index: GraphIndex, chain: Chain) -> ProducerArrays:
+    p = chain.producer
+    w = np.moveaxis(index.array(p.weight), p.out_axis, 0)
+    rows = w.reshape(chain.channels, -1).astype(np.float64) * p.alpha
+    bias = None
+    if p.bias is not None:
+        bias = np.broadcast_to(np.reshape(index.array(p.bias), -1), (chain.channels,)).astype(np.float64) * p.beta
+    bn = None
+    if chain.bn is not None:
+        bn = BatchNorm(*(index.array(n).astype(np.float64) for n in chain.bn.input[1:5]),
+                       eps=float(attr(chain.bn, "epsilon", 1e-5)))
+    return ProducerArrays(weight=rows, bias=bias, bn=bn)
+
+
+def _take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
+    arr = index.array(name)
+    if arr.ndim == 0 or arr.shape[axis] != n:
+        return  # a broadcast (per-layer) value: nothing per channel to remove
+    index.set_array(name, np.take(arr, kept, axis=axis))
+
+
+def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
+    p, n = chain.producer, chain.channels
+    _take_channels(index, p.weight, kept, n, p.out_axis)
+    if p.bias is not None:
+        _take_channels(index, p.bias, kept, n, -1)
+    if chain.bn is not None:
+        for name in chain.bn.input[1:5]:
+            _take_channels(index, name, kept, n, 0)
+
+
+def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int) -> np.ndarray:
+    """(N, B, M, K): channels first, then features per channel, outputs, kernel taps."""
+    moved = np.moveaxis(weight, layer.in_axis, 0)
+    return moved.reshape(channels, block, moved.shape[1], -1)
+
+
+def from_consumer_view(view: np.ndarray, like: np.ndarray, layer: Layer) -> np.ndarray:
+    moved_shape = np.moveaxis(like, layer.in_axis, 0).shape
+    moved = view.reshape((view.shape[0] * view.shape[1],) + moved_shape[1:])
+    return np.moveaxis(moved, 0, layer.in_axis)
+
+
+def _add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str:
+    node = layer.node
+    if node.op_type == "MatMul":
+        if layer.bias is None:
+            return "offset dropped: MatMul consumer has no bias Add"
+        name, scale = layer.bias, 1.0
+    elif len(node.input) > 2 and node.input[2]:
+        name, scale = node.input[2], float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+    else:
+        name = index.unique_name(layer.weight + "_bias")
+        index.add_initializer(name, np.zeros(len(delta), dtype=index.array(layer.weight).dtype))
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+        index.readers[name].append(node)
+        scale = 1.0
+    old = index.array(name)
+    full = np.broadcast_to(old.reshape(-1) if old.size in (1, len(delta)) else old, (len(delta),))
+    index.set_array(name, (full + delta / scale).reshape(old.shape if old.size == len(delta) else (len(delta),)))
+    return ""
+
+
+def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
+    c = chain.consumer
+    weight = index.array(c.weight)
+    view = consumer_view(weight, c, chain.channels, chain.block)
+    new_view, bias = compensate_consumer(view, comp)
+    index.set_array(c.weight, from_consumer_view(new_view, weight, c))
+    return _add_consumer_bias(index, c, bias) if bias is not None else ""
+
+
+def fix_shapes(index: GraphIndex, chain: Chain, kept_count: int) -> None:
+    """Constants on the path that spell out the channel count, and stale value_info."""
+    for node in chain.path:
+        if node.op_type == "Reshape":
+            shape = index.array(node.input[1]).copy()
+            if shape[1] == chain.channels * chain.block:
+                shape[1] = kept_count * chain.block
+                if index.shared_with(node.input[1], node):
+                    name = index.unique_name(node.input[1] + "_pruned")
+                    index.add_initializer(name, shape)
+                    node.input[1] = name
+                else:
+                    index.set_array(node.input[1], shape)
+        if node.op_type in ("Resize", "Upsample") and len(node.input) > 3 and index.is_weight(node.input[3]):
+            sizes = index.array(node.input[3]).copy()
+            if sizes.size > 1:
+                sizes[1] = kept_count
+                index.set_array(node.input[3], sizes)
+    drop_value_info(index.model, set(chain.tensors))
+
+
+def describe(chain: Chain, comp: Compensation, method: str) -> dict:
+    cos = comp.notes.get("cosine")
+    return {"layer": chain.name, "op": chain.producer.node.op_type, "consumer": chain.consumer.name,
+            "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
+            "pruned": int(len(comp.removed) - len(comp.merged)), "method": method,
+            "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
+
+
+class MergeChannels:
+    name = "merge-channels"
+
+    def run(self, model: onnx.ModelProto, ctx) -> bool:
+        opts = ctx.options
+        index = GraphIndex(model)
+        chains, skips = find_chains(index)
+        for skip in skips:
+            ctx.skip(skip.node, skip.reason)
+        layers = ctx.report.setdefault("layers", [])
+        changed = False
+        todo = chains if ctx.progress is None else ctx.progress(chains, desc="merging", unit="layer")
+        for chain in todo:
+            ratio = opts.ratio_for(chain.match_names())
+            if ratio is None:
+                ctx.skip(chain.name, "excluded by --exclude")
+                continue
+            n_keep = keep_count(chain.channels, ratio, opts.round_to)
+            if n_keep >= chain.channels:
+                continue
+            method = opts.method
+            if method != "prune" and not chain.mergeable:
+                log.info("%s: %s", chain.name, chain.why_not_merge)
+                method = "prune"
+            comp = plan_layer(producer_arrays(index, chain), n_keep, opts.plan_options(method))
+            shrink_producer(index, chain, comp.kept)
+            note = compensate(index, chain, comp)
+            fix_shapes(index, chain, len(comp.kept))
+            entry = describe(chain, comp, method)
+            if note or chain.why_not_merge:
+                entry["note"] = "; ".join(x for x in (chain.why_not_merge, note) if x)
+            layers.append(entry)
+            log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,
+                     chain.channels, entry["kept"], entry["merged"], entry["pruned"])
+            changed = True
+        return changed
