@@ -23,7 +23,7 @@ from onnx_merge.shapes import drop_value_info
 log = logging.getLogger("onnx_merge")
 
 
-def producer_arrays(index: GraphIndex, chain: Chain) -> ProducerArrays:
+def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = False) -> ProducerArrays:
     p = chain.producer
     w = np.moveaxis(index.array(p.weight), p.out_axis, 0)
     rows = w.reshape(chain.channels, -1).astype(np.float64) * p.alpha
@@ -34,7 +34,11 @@ def producer_arrays(index: GraphIndex, chain: Chain) -> ProducerArrays:
     if chain.bn is not None:
         bn = BatchNorm(*(index.array(n).astype(np.float64) for n in chain.bn.input[1:5]),
                        eps=float(attr(chain.bn, "epsilon", 1e-5)))
-    return ProducerArrays(weight=rows, bias=bias, bn=bn)
+    norms = None
+    if consumer_norms:
+        view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
+        norms = np.linalg.norm(view.reshape(chain.channels, -1), axis=1).astype(np.float64)
+    return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms)
 
 
 def _take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
@@ -137,9 +141,11 @@ class MergeChannels:
         for skip in skips:
             ctx.skip(skip.node, skip.reason)
         layers = ctx.report.setdefault("layers", [])
-        changed = False
-        todo = chains if ctx.progress is None else ctx.progress(chains, desc="merging", unit="layer")
-        for chain in todo:
+        # Plan every chain from the original weights first, then rewrite: a layer that is
+        # both a consumer and a producer is judged on its own weights (as in the paper),
+        # and row slicing commutes with column compensation, so the order of rewrites is free.
+        plans = []
+        for chain in chains:
             ratio = opts.ratio_for(chain.match_names())
             if ratio is None:
                 ctx.skip(chain.name, "excluded by --exclude")
@@ -151,7 +157,10 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            comp = plan_layer(producer_arrays(index, chain), n_keep, opts.plan_options(method))
+            arrays = producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path")
+            plans.append((chain, method, plan_layer(arrays, n_keep, opts.plan_options(method))))
+        todo = plans if ctx.progress is None else ctx.progress(plans, desc="rewriting", unit="layer")
+        for chain, method, comp in todo:
             shrink_producer(index, chain, comp.kept)
             note = compensate(index, chain, comp)
             fix_shapes(index, chain, len(comp.kept))
@@ -161,5 +170,4 @@ class MergeChannels:
             layers.append(entry)
             log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,
                      chain.channels, entry["kept"], entry["merged"], entry["pruned"])
-            changed = True
-        return changed
+        return bool(plans)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
+CRITERIA = ("l1-norm", "l2-norm", "l2-GM", "l2-path")
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -24,9 +24,18 @@ def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
     return kept
 
 
-def importance(rows: np.ndarray, criterion: str) -> np.ndarray:
-    """One score per row of ``rows`` (N x D); higher means more worth keeping."""
+def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | None = None) -> np.ndarray:
+    """One score per row of ``rows`` (N x D); higher means more worth keeping.
+
+    "l2-path" is |u_n| * |V[:, n]| with V the consumer's weights (``consumer_norms``): a
+    ReLU network is unchanged when a channel's row is scaled by c and its consumer column by
+    1/c, and this score is the one of the three norms that does not move under that.
+    """
     rows = np.asarray(rows, dtype=np.float64)
+    if criterion == "l2-path":
+        if consumer_norms is None:
+            raise ValueError("l2-path needs the consumer's column norms")
+        return np.sqrt(np.einsum("nd,nd->n", rows, rows)) * np.asarray(consumer_norms, np.float64)
     if criterion == "l1-norm":
         return np.abs(rows).sum(axis=1)
     if criterion == "l2-norm":
@@ -40,8 +49,8 @@ def importance(rows: np.ndarray, criterion: str) -> np.ndarray:
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
 
 
-def select_kept(rows: np.ndarray, n_keep: int, criterion: str) -> np.ndarray:
+def select_kept(rows: np.ndarray, n_keep: int, criterion: str, consumer_norms: np.ndarray | None = None) -> np.ndarray:
     """Sorted indices of the ``n_keep`` most important rows (ties: lower index wins)."""
-    scores = importance(rows, criterion)
+    scores = importance(rows, criterion, consumer_norms)
     order = np.argsort(-scores, kind="stable")
     return np.sort(order[:n_keep])

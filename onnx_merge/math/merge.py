@@ -12,7 +12,20 @@ import numpy as np
 from .batchnorm import BatchNorm, bn_merge_terms
 from .compensation import Compensation
 
-SCALE_RULES = ("paper", "exact", "projection")
+SCALE_RULES = ("paper", "exact", "projection", "kernel")
+
+
+def relu_kernel_factor(cos: np.ndarray) -> np.ndarray:
+    """E[relu(a) relu(b)] / (E[relu(b)^2] |a|/|b|) for jointly Gaussian a, b with correlation cos.
+
+    From the arc-cosine kernel (Cho and Saul, 2009): E[relu(a) relu(b)] =
+    |a||b| (sin t + (pi - t) cos t) / (2 pi), t = arccos(cos). Multiplying the norm ratio by
+    it gives the least-squares s in relu(a) ~= s relu(b) under that model: 1 for cos = 1 (so
+    exact duplicates stay exact), 1/pi for orthogonal rows, never below the projection.
+    """
+    c = np.clip(cos, -1.0, 1.0)
+    t = np.arccos(c)
+    return (np.sin(t) + (np.pi - t) * c) / np.pi
 
 
 def _unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,8 +44,9 @@ def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_
     """METHOD.md 3a: each removed row goes to its most similar kept row when cos >= threshold.
 
     scale_rule "paper"/"exact": s = |u_n| / |u_m| (the paper's norm ratio);
-    "projection": s = cos * |u_n| / |u_m| (least-squares fit of u_n by s * u_m).
-    Both are exact for an exact positive multiple.
+    "projection": s = cos * |u_n| / |u_m| (least-squares fit of u_n by s * u_m);
+    "kernel": the norm ratio times relu_kernel_factor(cos) (least-squares fit of the
+    activations under a Gaussian input model). All are exact for an exact positive multiple.
     """
     comp = Compensation.prune(len(rows), kept)
     removed = comp.removed
@@ -43,7 +57,8 @@ def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_
     best_cos = cos[np.arange(len(removed)), best]
     ok = (best_cos >= threshold) & (best_cos > 0) & (norms[comp.kept][best] > 0)
     ratio = norms[removed] / np.where(norms[comp.kept][best] > 0, norms[comp.kept][best], 1.0)
-    scale = ratio * best_cos if scale_rule == "projection" else ratio
+    factor = {"projection": best_cos, "kernel": relu_kernel_factor(best_cos)}.get(scale_rule, 1.0)
+    scale = ratio * factor
     comp.partner[removed[ok]] = best[ok]
     comp.scale[removed[ok]] = scale[ok]
     comp.notes["cosine"] = best_cos
@@ -70,6 +85,8 @@ def merge_through_bn(
         s = norms[n] / kept_norms
         if scale_rule == "projection":
             s = s * np.maximum(cos[i], 0.0)
+        elif scale_rule == "kernel":
+            s = s * relu_kernel_factor(cos[i])
         big_s, r = bn_merge_terms(bn, n, comp.kept, s, "paper" if scale_rule == "paper" else "exact")
         valid = (big_s > 0) & np.isfinite(big_s)
         if not valid.any():

@@ -19,12 +19,14 @@ class ProducerArrays:
     """What a producer computes, per output channel.
 
     weight: (N, D) effective weight rows (Gemm alpha applied); bias: (N,) or None (Gemm beta
-    applied); bn: the BatchNormalization that follows, if it was kept in the graph.
+    applied); bn: the BatchNormalization that follows, if it was kept in the graph;
+    consumer_norms: (N,) L2 norm of the consumer's weights over each input channel.
     """
 
     weight: np.ndarray
     bias: np.ndarray | None = None
     bn: BatchNorm | None = None
+    consumer_norms: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -66,7 +68,8 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
 
 
 def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
-    kept = select_kept(criterion_rows(arrays), n_keep, opts.criterion)
+    rows = arrays.folded_rows() if opts.criterion == "l2-path" else criterion_rows(arrays)
+    kept = select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms)
     if opts.method == "prune":
         return Compensation.prune(arrays.n, kept)
     if arrays.bn is not None and opts.bn_rule == "lambda":

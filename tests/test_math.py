@@ -1,0 +1,118 @@
+"""The planning math on plain arrays."""
+
+import numpy as np
+import pytest
+
+from onnx_merge.math import (BatchNorm, Compensation, compensate_consumer, importance, keep_count, merge_by_cosine,
+                             merge_through_bn, select_kept)
+from onnx_merge.math.batchnorm import bn_merge_terms
+from onnx_merge.math.merge import relu_kernel_factor
+
+
+@pytest.mark.parametrize("n,ratio,kept", [(100, 0.8, 20), (300, 0.7, 90), (10, 0.99, 1), (16, 0.5, 8), (64, 0.0, 64),
+                                          (3, 0.5, 1), (100, 0.3, 70)])
+def test_keep_count_is_floor_and_robust_to_float_error(n, ratio, kept):
+    assert keep_count(n, ratio) == kept
+
+
+def test_keep_count_rounds_up_to_multiple():
+    assert keep_count(100, 0.5, round_to=8) == 56
+    assert keep_count(10, 0.5, round_to=16) == 10
+
+
+def test_keep_count_rejects_bad_ratio():
+    with pytest.raises(ValueError):
+        keep_count(10, 1.0)
+
+
+def test_criteria_rank_rows():
+    rows = np.array([[1.0, 0.0], [0.0, -3.0], [2.0, 2.0]])
+    assert np.allclose(importance(rows, "l1-norm"), [1, 3, 4])
+    assert np.allclose(importance(rows, "l2-norm"), [1, 3, np.sqrt(8)])
+    # Geometric median: three rows near each other and one far away; the far one is most irreplaceable.
+    gm = importance(np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0]]), "l2-GM")
+    assert np.argmax(gm) == 3
+    assert list(select_kept(rows, 2, "l1-norm")) == [1, 2]
+    with pytest.raises(ValueError):
+        importance(rows, "nope")
+
+
+def test_exact_multiple_gives_exact_z():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((4, 6))
+    rows[3] = 2.5 * rows[1]
+    for rule in ("exact", "projection", "kernel", "paper"):
+        comp = merge_by_cosine(rows, np.array([0, 1, 2]), threshold=0.1, scale_rule=rule)
+        z = comp.to_dense()
+        assert z.shape == (3, 4)
+        assert np.allclose(z[:, :3], np.eye(3))
+        assert np.allclose(z[:, 3], [0, 2.5, 0]), rule
+
+
+def test_threshold_prunes_dissimilar_rows_and_negative_cosine_never_merges():
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.05]])
+    comp = merge_by_cosine(rows, np.array([0, 1]), threshold=-1.0, scale_rule="exact")
+    assert comp.partner[2] == 1  # the only positive-cosine partner
+    comp = merge_by_cosine(rows, np.array([0, 1]), threshold=0.5, scale_rule="exact")
+    assert comp.partner[2] == -1 and comp.scale[2] == 0
+
+
+def test_scale_rules_order():
+    rows = np.array([[1.0, 0.0], [0.6, 0.8]])  # cos 0.6
+    scales = {r: merge_by_cosine(rows, np.array([0]), 0.1, r).scale[1] for r in ("exact", "projection", "kernel")}
+    assert scales["projection"] == pytest.approx(0.6)
+    assert scales["exact"] == pytest.approx(1.0)
+    assert scales["projection"] < scales["kernel"] < scales["exact"]
+    assert relu_kernel_factor(np.array([1.0, 0.0]))[0] == pytest.approx(1.0)
+    assert relu_kernel_factor(np.array([0.0]))[0] == pytest.approx(1 / np.pi)
+
+
+def test_compensate_consumer_equals_dense_product():
+    rng = np.random.default_rng(1)
+    n, block, m, k = 6, 3, 4, 5
+    view = rng.standard_normal((n, block, m, k))
+    comp = Compensation.prune(n, np.array([0, 2, 5]))
+    comp.partner[[1, 3]] = [1, 1]
+    comp.scale[[1, 3]] = [0.5, 2.0]
+    comp.dense = rng.standard_normal((3, 3)) * 0.1
+    comp.offset = rng.standard_normal(n)
+    out, bias = compensate_consumer(view, comp)
+    z = comp.to_dense()
+    expected = np.einsum("pn,nbmk->pbmk", z, view)
+    assert np.allclose(out, expected)
+    assert np.allclose(bias, np.einsum("n,nbmk->m", comp.offset, view))
+
+
+def test_batchnorm_fold_matches_bn():
+    rng = np.random.default_rng(2)
+    bn = BatchNorm(rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.5, 2, 3))
+    w, b, x = rng.standard_normal((3, 4)), rng.standard_normal(3), rng.standard_normal(4)
+    fw, fb = bn.fold(w, b)
+    z = w @ x + b
+    assert np.allclose(fw @ x + fb, bn.gamma * (z - bn.mean) / bn.sigma + bn.beta)
+
+
+def test_bn_identity_exact_for_planted_duplicate():
+    """METHOD.md 3b: with F_n = s F_m and BN statistics chosen so that r = 0, BN_n = S BN_m."""
+    rng = np.random.default_rng(3)
+    f_m = rng.standard_normal(9)
+    s = 1.7
+    gamma, beta = np.array([1.2, 0.8]), np.array([0.3, 0.0])
+    mean, var = np.array([0.4, 0.0]), np.array([0.9, 2.5])
+    bn = BatchNorm(gamma, beta, mean, var)
+    # choose channel 1's beta and mean so that r = 0 with the exact S
+    big_s, _ = bn_merge_terms(bn, 1, np.array([0]), np.array([s]), "exact")
+    bn.beta[1] = big_s[0] * beta[0]
+    bn.mean[1] = s * mean[0]
+    big_s, r = bn_merge_terms(bn, 1, np.array([0]), np.array([s]), "exact")
+    assert abs(r[0]) < 1e-12
+    x = rng.standard_normal((9, 50))
+    z_m, z_n = f_m @ x, s * f_m @ x
+    bn_m = gamma[0] * (z_m - bn.mean[0]) / bn.sigma[0] + bn.beta[0]
+    bn_n = gamma[1] * (z_n - bn.mean[1]) / bn.sigma[1] + bn.beta[1]
+    assert np.allclose(bn_n, big_s[0] * bn_m)
+    # the authors' released formula gets this wrong
+    paper_s, _ = bn_merge_terms(bn, 1, np.array([0]), np.array([s]), "paper")
+    assert not np.isclose(paper_s[0], big_s[0])
+    comp = merge_through_bn(np.stack([f_m, s * f_m]), bn, np.array([0]), 0.1, 0.85, "exact")
+    assert comp.partner[1] == 0 and comp.scale[1] == pytest.approx(big_s[0])
