@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for models meant to move: pass when at most this fraction of top-1 predictions differ")
     _add_verify_args(v)
 
+    e = sub.add_parser("eval", help="top-1 (and top-5) accuracy on a labelled array file",
+                       description="Accuracy of MODEL on labelled data: an .npz file (arrays --input-key and "
+                       "--label-key) or IDX files as idx:DIR (MNIST/FashionMNIST test split).")
+    e.add_argument("model", metavar="MODEL.onnx")
+    e.add_argument("--data", required=True, metavar="FILE.npz|idx:DIR")
+    e.add_argument("--input-key", default="x", help="array holding the inputs (default x)")
+    e.add_argument("--label-key", default="y", help="array holding the labels (default y)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    e.add_argument("--scale", type=float, default=1.0, help="divide inputs by this first (e.g. 255)")
+    e.add_argument("--mean", help="per-channel mean to subtract after scaling, comma-separated")
+    e.add_argument("--std", help="per-channel std to divide by after the mean, comma-separated")
+    e.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="layout of the data (models take NCHW)")
+    e.add_argument("--batch", type=int, default=256)
+    e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
+
     i = sub.add_parser("inspect", help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -176,7 +191,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect}
+def cmd_eval(args) -> int:
+    from .data import Preprocess, load_data, parse_floats
+    from .evaluate import evaluate
+
+    provider = parse_providers(args.providers)[0]
+    load_model(args.model)
+    data = load_data(args.data)
+    for key in (args.input_key, args.label_key):
+        if key not in data:
+            raise UsageError(f"{args.data}: no array {key!r} (found {', '.join(data)})")
+    x, y = data[args.input_key], data[args.label_key]
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    pre = Preprocess(args.scale, parse_floats(args.mean), parse_floats(args.std), args.layout)
+    result = evaluate(args.model, x, y[:len(x)], pre, batch=args.batch, provider=provider)
+    line = f"{args.model}: top-1 {100 * result['top1']:.2f} %"
+    if "top5" in result:
+        line += f", top-5 {100 * result['top5']:.2f} %"
+    print(f"{line} on {result['samples']} samples of {args.data} [{args.input_key}]")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

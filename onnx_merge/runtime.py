@@ -47,9 +47,32 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, opt
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                     providers=[PROVIDERS[provider]])
     except Exception as exc:  # onnxruntime's own error types
+        lowered = _with_runtime_ir_version(model)
+        if lowered is not None:
+            return make_session(lowered, provider, optimize=optimize, threads=threads)
         where = "model" if isinstance(model, bytes) else str(model)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{where}: onnxruntime cannot load it ({first})") from None
+
+
+def _with_runtime_ir_version(model) -> bytes | None:
+    """The model re-serialized with an IR version onnxruntime accepts, when that is the obstacle.
+
+    Only for models without external data (their relative paths need the file's folder).
+    """
+    import onnx
+
+    from .io import max_runtime_ir_version
+
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    except Exception:  # not a model at all: the original error stands
+        return None
+    if proto.ir_version <= max_runtime_ir_version() or any(t.data_location == onnx.TensorProto.EXTERNAL
+                                                             for t in proto.graph.initializer):
+        return None
+    proto.ir_version = max_runtime_ir_version()
+    return proto.SerializeToString()
 
 
 def _concrete(shape, batch: int) -> list[int]:

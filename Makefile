@@ -1,0 +1,42 @@
+# onnx-merge: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: install demo test test-slow fashion reproduce bench clean
+
+$(BIN)/onnx-merge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu,test,bench]'
+	@touch $@
+
+install: $(BIN)/onnx-merge
+
+# Test-only extras: torch (a local CPU wheel on these machines) for the exporter tests.
+$(VENV)/.torch: $(BIN)/onnx-merge
+	-$(BIN)/pip install -q torch==2.13.0 onnxscript && touch $@
+
+fashion:
+	@test -f $(FASHION) || (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "FashionMNIST could not be installed: the tests that need it will say so and skip"
+
+demo: install
+	$(BIN)/python benchmarks/export_models.py out
+	$(BIN)/onnx-merge inspect out/lenet_300_100.onnx
+	$(BIN)/onnx-merge compress out/lenet_300_100.onnx -o out/lenet_300_100_merged.onnx --ratio 0.5 \
+	  --report out/lenet_300_100_merged.json
+
+test: install fashion $(VENV)/.torch
+	$(BIN)/python -m pytest
+
+test-slow: install fashion
+	$(BIN)/python -m pytest -m slow
+
+reproduce: install fashion
+	$(BIN)/python benchmarks/reproduce.py
+
+clean:
+	rm -rf out .pytest_cache

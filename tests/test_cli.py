@@ -1,0 +1,104 @@
+"""The command line contract: exit codes, one-line errors, nothing half-written."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_merge.cli import main
+from onnx_merge.models.lenet import lenet_300_100, random_lenet_weights
+
+
+@pytest.fixture
+def lenet_file(tmp_path):
+    path = tmp_path / "lenet.onnx"
+    onnx.save(lenet_300_100(random_lenet_weights()), path)
+    return path
+
+
+def test_compress_verify_inspect_roundtrip(tmp_path, lenet_file, capsys):
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    assert main(["compress", str(lenet_file), "-o", str(out), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["params_after"] < data["params_before"]
+    figures = data["verification"]["providers"]["cpu"]["logits"]
+    assert -1 <= figures["cosine"] <= 1 and 0 <= figures["top1_agreement"] <= 1 and figures["max_abs"] > 0
+    assert [r["kept"] for r in data["layers"]] == [150, 50]
+    assert main(["verify", str(lenet_file), str(lenet_file)]) == 0
+    assert main(["verify", str(lenet_file), str(out)]) == 1
+    err = capsys.readouterr().out
+    assert "output 'logits'" in err and "FAILED" in err
+    assert main(["verify", str(lenet_file), str(out), "--min-cosine", "0.0"]) == 0
+    assert main(["inspect", str(lenet_file)]) == 0
+    assert "ip1" in capsys.readouterr().out
+
+
+def test_ratio_zero_reproduces_outputs(tmp_path, lenet_file):
+    out = tmp_path / "same.onnx"
+    assert main(["compress", str(lenet_file), "-o", str(out), "--ratio", "0", "--no-verify"]) == 0
+    assert main(["verify", str(lenet_file), str(out), "--atol", "1e-5", "--rtol", "0"]) == 0
+
+
+def test_written_ir_version_loads_in_onnxruntime(tmp_path, lenet_file):
+    model = onnx.load(lenet_file)
+    model.ir_version = onnx.IR_VERSION  # newer than onnxruntime may accept
+    onnx.save(model, lenet_file)
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(lenet_file), "-o", str(out)]) == 0
+    from onnx_merge.io import max_runtime_ir_version
+
+    assert onnx.load(out).ir_version <= max_runtime_ir_version()
+
+
+def _bad_files(tmp_path, lenet_file):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    rand = tmp_path / "random.onnx"
+    rand.write_bytes(np.random.default_rng(0).bytes(4096))
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(lenet_file.read_bytes()[:5000])
+    tensor = tmp_path / "tensor.onnx"
+    tensor.write_bytes(onnx.numpy_helper.from_array(np.ones(3, np.float32)).SerializeToString())
+    return {"missing": tmp_path / "nope.onnx", "empty": empty, "random": rand, "truncated": trunc, "tensor": tensor}
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "random", "truncated", "tensor"])
+def test_bad_models_exit_3_with_one_line_and_no_output(tmp_path, lenet_file, kind, capsys):
+    bad = _bad_files(tmp_path, lenet_file)[kind]
+    before = sorted(os.listdir(tmp_path))
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(bad), "-o", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnx-merge: error:") and "Traceback" not in err[0]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == before
+    assert main(["inspect", str(bad)]) == 3
+    assert main(["verify", str(bad), str(lenet_file)]) == 3
+
+
+def test_usage_errors_exit_2(tmp_path, lenet_file, capsys):
+    assert main(["compress", str(lenet_file), "-o", str(lenet_file)]) == 2  # never overwrite the input
+    assert main(["compress", str(lenet_file), "-o", str(tmp_path / "o.onnx"), "--ratio", "1.5"]) == 2
+    assert main(["compress", str(lenet_file), "-o", str(tmp_path / "nodir" / "o.onnx")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(lenet_file)])
+    assert exc.value.code == 2
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cuda_refused_clearly_without_it(tmp_path, lenet_file, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the refusal path cannot be exercised")
+    assert main(["verify", str(lenet_file), str(lenet_file), "--providers", "cpu,cuda"]) == 2
+    assert "CUDA execution provider requested" in capsys.readouterr().err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--ratio", "--method", "--criterion", "--layer-ratio", "--exclude", "--no-verify", "--providers"):
+        assert flag in text

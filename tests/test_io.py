@@ -1,0 +1,58 @@
+"""Loading and saving: external data kept, traversal refused, atomic writes."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_merge.cli import main
+from onnx_merge.errors import ModelError
+from onnx_merge.io import load_model
+from onnx_merge.models.lenet import lenet_300_100, random_lenet_weights
+
+
+def test_external_data_layout_is_kept(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(lenet_300_100(random_lenet_weights()), src / "m.onnx", save_as_external_data=True,
+              location="m.weights", size_threshold=0)
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(src / "m.onnx"), "-o", str(out)]) == 0
+    assert (tmp_path / "small.onnx.data").is_file()
+    assert out.stat().st_size < 10_000  # the weights live in the data file
+    assert sorted(os.listdir(tmp_path)) == ["small.onnx", "small.onnx.data", "src"]
+    loaded = load_model(out)
+    assert loaded.external
+
+
+def test_external_data_outside_folder_is_refused(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    model = lenet_300_100(random_lenet_weights())
+    onnx.save(model, tmp_path / "x.onnx", save_as_external_data=True, location="secret.bin", size_threshold=0)
+    m = onnx.load(tmp_path / "x.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.bin"
+    onnx.save(m, inner / "evil.onnx")
+    with pytest.raises(ModelError, match="outside"):
+        load_model(inner / "evil.onnx")
+    os.remove(tmp_path / "secret.bin")
+    with pytest.raises(ModelError, match="missing"):
+        load_model(tmp_path / "x.onnx")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    src = tmp_path / "m.onnx"
+    onnx.save(lenet_300_100(random_lenet_weights()), src)
+    before = src.read_bytes()
+
+    def broken(*a, **k):
+        raise onnx.checker.ValidationError("boom")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    assert main(["compress", str(src), "-o", str(tmp_path / "o.onnx")]) == 3
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    assert src.read_bytes() == before

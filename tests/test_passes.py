@@ -1,0 +1,185 @@
+"""Tiny graphs per topology: what is compressed, what is left, and that outputs hold."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_merge import CompressOptions, compress, inspect_model
+from tests.helpers import build, header, initializer_shapes, run, rng_weights
+
+RNG = np.random.default_rng(0)
+
+
+def conv_bn_relu_pool_conv(with_bn=True):
+    text = header() + """
+    g (float[2, 3, 8, 8] x) => (float[2, 4, 4, 4] y) {
+        c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        """ + ("bn = BatchNormalization (c1, g, beta, mu, var)\n r = Relu (bn)" if with_bn else "r = Relu (c1)") + """
+        p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (p, w2, b2)
+    }"""
+    w = rng_weights(RNG, w1=(8, 3, 3, 3), b1=(8,), w2=(4, 8, 3, 3), b2=(4,))
+    if with_bn:
+        w |= {"g": RNG.uniform(0.5, 1.5, 8).astype(np.float32), "beta": RNG.normal(0, .1, 8).astype(np.float32),
+              "mu": RNG.normal(0, .1, 8).astype(np.float32), "var": RNG.uniform(.5, 1.5, 8).astype(np.float32)}
+    text = text.replace("(float[2, 3, 8, 8] x)", "(float[2, 3, 8, 8] x, " + ", ".join(
+        f"float[{','.join(map(str, v.shape))}] {k}" for k, v in w.items()) + ")")
+    return build(text, w)
+
+
+def signature(ws: dict) -> str:
+    return ", ".join(f"float[{','.join(map(str, v.shape))}] {k}" for k, v in ws.items())
+
+
+def make(body: str, inputs: str, outputs: str, ws: dict, opset: int = 17) -> onnx.ModelProto:
+    return build(header(opset) + f"\ng ({inputs}, {signature(ws)}) => ({outputs}) {{\n{body}\n}}", ws)
+
+
+def x(*shape):
+    return {"x": RNG.standard_normal(shape).astype(np.float32)}
+
+
+@pytest.mark.parametrize("with_bn", [True, False])
+def test_conv_bn_relu_pool_conv_shrinks_and_ratio_zero_is_identity(with_bn):
+    model = conv_bn_relu_pool_conv(with_bn)
+    feeds = x(2, 3, 8, 8)
+    same, report = compress(model, ratio=0.0)
+    assert np.allclose(run(same, feeds)[0], run(model, feeds)[0], atol=1e-5)
+    small, report = compress(model, ratio=0.5, fold_bn=False)
+    shapes = initializer_shapes(small)
+    assert shapes["w1"] == (4, 3, 3, 3) and shapes["w2"] == (4, 4, 3, 3) and shapes["b1"] == (4,)
+    if with_bn:
+        assert shapes["g"] == (4,) and shapes["var"] == (4,)
+    assert report["layers"][0]["kept"] == 4
+    assert run(small, feeds)[0].shape == (2, 4, 4, 4)
+    folded, _ = compress(model, ratio=0.5)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert np.allclose(run(folded, feeds)[0], run(small, feeds)[0], atol=1e-4)
+
+
+def test_planted_duplicate_conv_merge_is_exact_and_prune_is_not():
+    model = conv_bn_relu_pool_conv(with_bn=False)
+    w1 = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    b1 = onnx.numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w1[[5, 6, 7]], b1[[5, 6, 7]] = 0.1 * w1[[0, 1, 2]], 0.1 * b1[[0, 1, 2]]  # small: l1 drops them first
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
+    feeds = x(2, 3, 8, 8)
+    ref = run(model, feeds)[0]
+    merged, rep = compress(model, ratio=3 / 8)
+    assert rep["layers"][0]["merged"] == 3
+    assert np.allclose(run(merged, feeds)[0], ref, rtol=1e-4, atol=1e-5)
+    pruned, _ = compress(model, ratio=3 / 8, method="prune")
+    assert not np.allclose(run(pruned, feeds)[0], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_flatten_blocks_into_gemm():
+    ws = rng_weights(RNG, w1=(6, 3, 3, 3), b1=(6,), w2=(5, 6 * 4 * 4), b2=(5,))
+    w1, b1 = ws["w1"], ws["b1"]
+    w1[4], b1[4] = 0.05 * w1[1], 0.05 * b1[1]
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        p = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+        f = Flatten <axis = 1> (p)
+        y = Gemm <transB = 1> (f, w2, b2)"""
+    model = make(body, "float[2, 3, 8, 8] x", "float[2, 5] y", ws)
+    feeds = x(2, 3, 8, 8)
+    small, rep = compress(model, ratio=1 / 6)
+    assert initializer_shapes(small)["w2"] == (5, 5 * 16)
+    assert rep["layers"][0]["merged"] == 1
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_add_linear_layers():
+    ws = rng_weights(RNG, w1=(10, 8), b1=(8,), w2=(8, 3))
+    body = """m = MatMul (x, w1)
+        a = Add (m, b1)
+        r = Relu (a)
+        y = MatMul (r, w2)"""
+    model = make(body, "float[4, 10] x", "float[4, 3] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    shapes = initializer_shapes(small)
+    assert shapes["w1"] == (10, 4) and shapes["b1"] == (4,) and shapes["w2"] == (4, 3)
+    assert run(small, x(4, 10))[0].shape == (4, 3)
+
+
+def test_residual_is_left_whole_with_reason():
+    ws = rng_weights(RNG, w1=(4, 4, 3, 3), w2=(4, 4, 3, 3))
+    body = """c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        r = Relu (c1)
+        c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2)
+        y = Add (c2, r)"""
+    model = make(body, "float[1, 4, 5, 5] x", "float[1, 4, 5, 5] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"] == []
+    assert any("coupled" in s["reason"] or "read by 2" in s["reason"] for s in rep["skipped"])
+    assert initializer_shapes(small) == initializer_shapes(model)
+    info = inspect_model(model)
+    assert info["chains"] == [] and info["skipped"]
+
+
+def test_sigmoid_chain_is_pruned_not_merged():
+    ws = rng_weights(RNG, w1=(6, 4), b1=(6,), w2=(3, 6), b2=(3,))
+    body = """h = Gemm <transB = 1> (x, w1, b1)
+        s = Sigmoid (h)
+        y = Gemm <transB = 1> (s, w2, b2)"""
+    model = make(body, "float[2, 4] x", "float[2, 3] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"][0]["method"] == "prune" and "positively homogeneous" in rep["layers"][0]["note"]
+
+
+def test_shared_weight_is_not_touched():
+    ws = rng_weights(RNG, w=(4, 4))
+    body = """h = MatMul (x, w)
+        r = Relu (h)
+        y = MatMul (r, w)"""
+    model = make(body, "float[2, 4] x", "float[2, 4] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"] == [] and "shared" in " ".join(s["reason"] for s in rep["skipped"])
+
+
+def test_layer_ratio_and_exclude_globs():
+    ws = rng_weights(RNG, w1=(8, 6), b1=(8,), w2=(8, 8), b2=(8,), w3=(2, 8), b3=(2,))
+    body = """h1 = Gemm <transB = 1> (x, w1, b1)
+        r1 = Relu (h1)
+        h2 = Gemm <transB = 1> (r1, w2, b2)
+        r2 = Relu (h2)
+        y = Gemm <transB = 1> (r2, w3, b3)"""
+    model = make(body, "float[2, 6] x", "float[2, 2] y", ws)
+    small, rep = compress(model, ratio=0.5, layer_ratios=[("w2", 0.25)])
+    shapes = initializer_shapes(small)
+    assert shapes["w1"] == (4, 6) and shapes["w2"] == (6, 4) and shapes["w3"] == (2, 6)
+    small, rep = compress(model, ratio=0.5, exclude=["h1"])  # matched by output tensor name
+    assert initializer_shapes(small)["w1"] == (8, 6)
+
+
+def test_constant_subgraph_weights_are_folded():
+    w1 = RNG.standard_normal((6, 4)).astype(np.float32)
+    ws = rng_weights(RNG, w2=(3, 6))
+    t = onnx.numpy_helper.from_array(w1)
+    vals = ", ".join(repr(float(v)) for v in w1.ravel())
+    body = f"""wc = Constant <value = float[6, 4] {{{vals}}}> ()
+        wi = Identity (wc)
+        h = Gemm <transB = 1> (x, wi)
+        r = Relu (h)
+        y = Gemm <transB = 1> (r, w2)"""
+    del t
+    model = make(body, "float[2, 4] x", "float[2, 3] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert len(rep["layers"]) == 1
+    assert run(small, x(2, 4))[0].shape == (2, 3)
+
+
+def test_old_opset_dropout_and_reshape():
+    ws = rng_weights(RNG, w1=(4, 3, 3, 3), b1=(4,), w2=(2, 4 * 9), b2=(2,))
+    ws["shape"] = np.array([0, 36], dtype=np.int64)
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        d = Dropout (r)
+        f = Reshape (d, shape)
+        y = Gemm <transB = 1> (f, w2, b2)"""
+    model = build(header(11) + f"\ng (float[1, 3, 3, 3] x, {signature(ws)}) => (float[1, 2] y) {{\n{body}\n}}", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert initializer_shapes(small)["w2"] == (2, 18)
+    assert onnx.numpy_helper.to_array([t for t in small.graph.initializer if t.name == "shape"][0]).tolist() == [0, 18]
+    assert run(small, x(1, 3, 3, 3))[0].shape == (1, 2)

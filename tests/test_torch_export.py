@@ -1,0 +1,86 @@
+"""ResNets exported by torch.onnx.export (legacy and dynamo): only each block's inner conv shrinks."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_merge.cli import main
+
+torch = pytest.importorskip("torch", reason="torch not installed (make test installs torch==2.13.0)")
+nn = torch.nn
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8, 8, 1), Block(8, 16, 2), Block(16, 16, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "resnet.onnx"
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+        program = torch.onnx.export(model, (x,), dynamo=True)
+        program.save(str(path), external_data=True)
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}})
+    before = {t.name: tuple(t.dims) for t in onnx.load(path).graph.initializer}
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5"]) == 0
+    source_external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                          for t in onnx.load(path, load_external_data=False).graph.initializer)
+    assert (tmp_path / "small.onnx.data").is_file() == source_external
+    small = onnx.load(out)
+    after = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    convs = [n for n in small.graph.node if n.op_type == "Conv"]
+    out_channels = {n.name: after[n.input[1]][0] for n in convs}
+    # 3 inner convs halve (8->4, 16->8, 16->8); stem, conv2s and shortcut keep their widths.
+    orig_convs = [n for n in onnx.load(path).graph.node if n.op_type == "Conv"]
+    orig_channels = sorted(before[n.input[1]][0] for n in orig_convs)
+    new_channels = sorted(out_channels.values())
+    assert sum(orig_channels) - sum(new_channels) == 4 + 8 + 8
+    assert sum(int(np.prod(d)) for d in after.values()) < sum(int(np.prod(d)) for d in before.values())
+    feeds = {small.graph.input[0].name: np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == (2, 10) and np.isfinite(got).all()
+    assert main(["verify", str(path), str(out), "--min-cosine", "0.5"]) == 0
