@@ -1,0 +1,156 @@
+"""Reproduce the neuron-merging paper on its own checkpoints, beside plain pruning and the
+tool's other settings. Writes BENCHMARKS.md and benchmarks/accuracy_vs_params.png.
+
+    python benchmarks/reproduce.py            (make reproduce; about 10 minutes on 2 cores)
+
+Data: LeNet on the real FashionMNIST test set (10,000); ResNet-56 on the 1,017 exact CIFAR-10
+test images (`x_exact`) and, for l1-norm, on the full 10,000-image JPEG copy (`x`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from onnx_merge import CompressOptions, compress
+from onnx_merge.data import Preprocess, load_idx_dir
+from onnx_merge.evaluate import evaluate
+from onnx_merge.models.lenet import lenet_300_100
+from onnx_merge.models.resnet import resnet_paper
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LENET_PAPER = {"prune": [88.40, 85.17, 71.26, 66.76], "merge": [88.69, 86.92, 82.75, 80.02]}
+RESNET_REF = {"prune": [87.91, 75.52, 50.34, 28.22, 23.21], "merge": [90.36, 82.79, 73.75, 57.92, 22.62]}
+RESNET_FOLDED_COSINE = [88.50, 81.71, 66.96, 48.28]
+CIFAR = Preprocess(255, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "nhwc")
+FASHION = Preprocess(255, (0.5,), (0.5,))
+
+
+def acc(model, x, y, pre) -> float:
+    return round(100 * evaluate(model.SerializeToString(), x, y, pre, progress=False)["top1"], 2)
+
+
+def lenet_section(lines: list[str], plot: dict) -> None:
+    w = dict(np.load(SHARED / "weights" / "lenet_300_100_fashionmnist.npz"))
+    data = load_idx_dir("/usr/share/datasets/fashion-mnist")
+    model = lenet_300_100(w)
+    ratios = [0.5, 0.6, 0.7, 0.8]
+    configs = {
+        "prune (l1)": dict(method="prune"),
+        "merge, paper config (exact scale, t=0.45)": dict(scale_rule="exact", threshold=0.45),
+        "merge, defaults (projection, t=0.1)": dict(),
+        "merge, kernel scale": dict(scale_rule="kernel"),
+    }
+    rows, params = [], []
+    for name, kw in configs.items():
+        accs = []
+        for r in ratios:
+            small, rep = compress(model, CompressOptions(ratio=r, **kw))
+            accs.append(acc(small, data["x"], data["y"], FASHION))
+            if name.startswith("prune"):
+                params.append(rep["params_after"] / rep["params_before"])
+        rows.append([name] + accs)
+        plot.setdefault("lenet", {})[name] = (params, accs)
+    rows.insert(0, ["paper: prune"] + LENET_PAPER["prune"])
+    rows.insert(1, ["paper: merge"] + LENET_PAPER["merge"])
+    plot["lenet_paper"] = (params, LENET_PAPER["merge"])
+    base = acc(model, data["x"], data["y"], FASHION)
+    lines += ["## LeNet-300-100 on FashionMNIST (real test set, 10,000 images)", "",
+              f"Original: {base:.2f} %. Both hidden layers keep floor(N (1 - r)); l1-norm criterion.", "",
+              tabulate(rows, headers=["method"] + [f"r={r}" for r in ratios], tablefmt="github"), "",
+              "Parameters kept: " + ", ".join(f"{100 * p:.1f} %" for p in params), ""]
+
+
+def resnet_section(lines: list[str], plot: dict) -> None:
+    w = dict(np.load(SHARED / "weights" / "resnet56_cifar10.npz"))
+    cifar = dict(np.load(SHARED / "data" / "cifar10_test.npz"))
+    xe, ye, xj, yj = cifar["x_exact"], cifar["y"][:1017], cifar["x"], cifar["y"]
+    ratios = [0.2, 0.3, 0.4, 0.5, 0.6]
+    for fold in (False, True):
+        model = resnet_paper(w, fold=fold)
+        form = "BN folded into conv (torch's default export)" if fold else "BatchNormalization nodes kept"
+        configs = {"prune": dict(method="prune"),
+                   "merge (fold rule, exact scale)": dict(scale_rule="exact"),
+                   "merge (defaults: projection)": dict(),
+                   "merge (l2-path, exact scale)": dict(criterion="l2-path", scale_rule="exact")}
+        if not fold:
+            configs["merge (lambda rule, authors' S)"] = dict(bn_rule="lambda", scale_rule="paper")
+            configs["merge (lambda rule, exact S)"] = dict(bn_rule="lambda", scale_rule="exact")
+        rows, params = [], []
+        for crit in ("l1-norm", "l2-norm", "l2-GM"):
+            for name, kw in configs.items():
+                if crit != "l1-norm" and "l2-path" in name:
+                    continue
+                kw = {"criterion": crit, **kw}
+                accs = []
+                for r in ratios:
+                    small, rep = compress(model, CompressOptions(ratio=r, **kw))
+                    accs.append(acc(small, xe, ye, CIFAR))
+                    if name == "prune" and crit == "l1-norm":
+                        params.append(rep["params_after"] / rep["params_before"])
+                rows.append([kw["criterion"], name] + accs)
+                if crit == "l1-norm":
+                    plot.setdefault("resnet_folded" if fold else "resnet_bn", {})[name] = (None, accs)
+        plot["resnet_params"] = params
+        ref = [["l1-norm", "authors' code: prune"] + RESNET_REF["prune"], ["l1-norm", "authors' code: merge"] + RESNET_REF["merge"]]
+        lines += [f"## ResNet-56 (paper checkpoint), {form}", "",
+                  f"Original: {acc(model, xe, ye, CIFAR):.2f} % on x_exact. Inner conv of each block, int(C (1 - r)) kept.",
+                  "Accuracy on the 1,017 exact CIFAR-10 test images (`x_exact`):", "",
+                  tabulate(ref + rows, headers=["criterion", "method"] + [f"r={r}" for r in ratios], tablefmt="github"),
+                  "", "Parameters kept (incl. BN statistics): " + ", ".join(f"{100 * p:.1f} %" for p in params), ""]
+        jpeg_rows = []
+        for name in ("prune", "merge (defaults: projection)", "merge (l2-path, exact scale)"):
+            kw = configs[name]
+            jpeg_rows.append([name] + [acc(compress(model, CompressOptions(ratio=r, **kw))[0], xj, yj, CIFAR)
+                                       for r in ratios[:4]])
+        lines += [f"Same model on the full JPEG test copy (`x`, 10,000 images; original {acc(model, xj, yj, CIFAR):.2f} %):", "",
+                  tabulate(jpeg_rows, headers=["method (l1-norm)"] + [f"r={r}" for r in ratios[:4]], tablefmt="github"), ""]
+
+
+def write_plot(plot: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, (params, accs) in plot["lenet"].items():
+        axes[0].plot([100 * p for p in params], accs, marker="o", label=name)
+    p, a = plot["lenet_paper"]
+    axes[0].scatter([100 * q for q in p], a, marker="*", s=150, color="k", label="paper: merge", zorder=5)
+    axes[0].set(title="LeNet-300-100, FashionMNIST", xlabel="parameters kept (%)", ylabel="top-1 (%)")
+    params = [100 * q for q in plot["resnet_params"]]
+    for name, (_, accs) in plot["resnet_bn"].items():
+        axes[1].plot(params, accs, marker="o", label=f"BN kept: {name}")
+    for name, (_, accs) in plot["resnet_folded"].items():
+        if "l2-path" in name or "exact" in name:
+            axes[1].plot(params, accs, marker="s", linestyle="--", label=f"folded: {name}")
+    axes[1].scatter(params, RESNET_REF["merge"], marker="*", s=150, color="k", label="authors' merge", zorder=5)
+    axes[1].set(title="ResNet-56, CIFAR-10 x_exact (l1-norm)", xlabel="parameters kept (%)", ylabel="top-1 (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    start = time.time()
+    lines = ["# Benchmarks", "", "Generated by `make reproduce` (benchmarks/reproduce.py); every figure below was "
+             "measured by that run. Data-free (no calibration), no fine-tuning.", ""]
+    plot: dict = {}
+    lenet_section(lines, plot)
+    resnet_section(lines, plot)
+    write_plot(plot, ROOT / "benchmarks" / "accuracy_vs_params.png")
+    lines += ["![accuracy vs parameters](benchmarks/accuracy_vs_params.png)", "",
+              f"Run time: {time.time() - start:.0f} s."]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
