@@ -120,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=256)
     e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
 
+    b = sub.add_parser("bench", help="onnxruntime latency of one or more models, side by side",
+                       description="Latency with graph optimizations on, models interleaved run by run; "
+                       "p50/p90/p99, throughput, parameters, MACs and the p50 ratio to the first model.")
+    b.add_argument("models", nargs="+", metavar="MODEL.onnx")
+    b.add_argument("--providers", default="cpu", metavar="cpu,cuda", help="execution providers (default cpu)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
+
     i = sub.add_parser("inspect", help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -213,7 +224,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
+def cmd_bench(args) -> int:
+    from .bench import bench_models
+
+    if args.runs < 1 or args.batch < 1:
+        raise UsageError("--runs and --batch must be at least 1")
+    for path in args.models:
+        load_model(path)
+    results = []
+    for provider in parse_providers(args.providers):
+        results += bench_models(args.models, provider=provider, batch=args.batch, threads=args.threads,
+                                runs=args.runs, warmup=args.warmup)
+    rows = [[r["model"], r["provider"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+             f"{r['throughput_per_s']:.1f}", f"{r['params']:,}", f"{r['macs']:,}" if r["macs"] else "-",
+             f"{r['p50_ratio']:.3f}"] for r in results]
+    print(tabulate(rows, headers=["model", "provider", "p50 ms", "p90 ms", "p99 ms", "items/s", "params", "MACs",
+                                  "p50 vs first"]))
+    if args.report:
+        write_text_atomic(args.report, json.dumps(results, indent=2))
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

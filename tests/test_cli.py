@@ -102,3 +102,16 @@ def test_help_teaches(capsys):
     text = capsys.readouterr().out
     for flag in ("--ratio", "--method", "--criterion", "--layer-ratio", "--exclude", "--no-verify", "--providers"):
         assert flag in text
+
+
+def test_bench_compares_models(tmp_path, lenet_file, capsys):
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(lenet_file), "-o", str(out), "--no-verify"]) == 0
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(lenet_file), str(out), "--runs", "5", "--warmup", "1", "--batch", "4",
+                 "--report", str(report)]) == 0
+    rows = json.loads(report.read_text())
+    assert [r["model"] for r in rows] == [str(lenet_file), str(out)]
+    assert rows[0]["p50_ratio"] == 1.0 and rows[1]["params"] < rows[0]["params"]
+    assert all(r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
