@@ -27,10 +27,12 @@ def _progress(iterable, **kw):
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import FoldBatchNorm, FoldConstantWeights, MergeChannels, NameNodes, RemoveUnused
+    from .passes import CalibrateConsumers, FoldBatchNorm, FoldConstantWeights, MergeChannels, NameNodes, RemoveUnused
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
     steps = [NameNodes(), FoldConstantWeights(), MergeChannels()]
+    if options.calibration is not None:
+        steps.append(CalibrateConsumers())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
     steps.append(RemoveUnused())
@@ -43,7 +45,8 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
     options = (options or CompressOptions(**kwargs)).validate()
     if not inplace:
         model = copy.deepcopy(model)
-    report = {"options": {k: v for k, v in vars(options).items()}}
+    report = {"options": {k: v for k, v in vars(options).items() if k != "calibration"}}
+    report["options"]["calibrated"] = options.calibration is not None
     report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
     ctx = Context(options=options, report=report, progress=_progress)
     build_pipeline(options).run(model, ctx)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
     c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
+    c.add_argument("--calibration", metavar="FILE.npz",
+                   help="unlabelled inputs keyed by graph input name, preprocessed as the model expects: "
+                   "each consumer is refitted by least squares to reproduce the original layer's output")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     _add_verify_args(c)
 
@@ -150,7 +153,8 @@ def cmd_compress(args) -> int:
     options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
-                              round_to=args.round_to, fold_bn=not args.keep_bn).validate()
+                              round_to=args.round_to, fold_bn=not args.keep_bn,
+                              calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
                                providers=args.providers)
     rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],

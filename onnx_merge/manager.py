@@ -18,6 +18,8 @@ class Context:
     options: Any
     report: dict = field(default_factory=dict)
     progress: Callable | None = None
+    plans: list = field(default_factory=list)  # (chain, method, Compensation) from the merge pass
+    original: bytes | None = None  # the model before rewriting, for calibration targets
 
     def skip(self, node: str, reason: str) -> None:
         log.info("skipped %s: %s", node, reason)

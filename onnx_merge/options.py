@@ -24,6 +24,9 @@ class CompressOptions:
     exclude: list[str] = field(default_factory=list)
     round_to: int = 1
     fold_bn: bool = True
+    calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
+    calibration_batch: int = 64
+    calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
 
     def validate(self) -> "CompressOptions":
         ratios = [self.ratio] + [r for _, r in self.layer_ratios]
@@ -37,6 +40,8 @@ class CompressOptions:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.calibration_batch < 1:
+            raise UsageError("the calibration batch must be at least 1")
         return self
 
     def plan_options(self, method: str) -> PlanOptions:

@@ -1,9 +1,10 @@
 """Graph rewrite passes, one per file. Each reads as match, check, rewrite."""
 
+from .calibrate_consumers import CalibrateConsumers
 from .cleanup import RemoveUnused
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstantWeights
 from .merge_channels import MergeChannels
 from .name_nodes import NameNodes
 
-__all__ = ["FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "RemoveUnused"]
+__all__ = ["CalibrateConsumers", "FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "RemoveUnused"]

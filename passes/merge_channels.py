@@ -159,6 +159,9 @@ class MergeChannels:
                 method = "prune"
             arrays = producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path")
             plans.append((chain, method, plan_layer(arrays, n_keep, opts.plan_options(method))))
+        ctx.plans = plans
+        if getattr(opts, "calibration", None) is not None:
+            ctx.original = model.SerializeToString()  # calibration targets come from the unmodified layers
         todo = plans if ctx.progress is None else ctx.progress(plans, desc="rewriting", unit="layer")
         for chain, method, comp in todo:
             shrink_producer(index, chain, comp.kept)

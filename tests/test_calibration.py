@@ -1,0 +1,84 @@
+"""Calibrated compensation: exact where merging is exact, never worse than merge on its data."""
+
+import numpy as np
+import pytest
+
+from onnx_merge import CompressOptions, compress
+from onnx_merge.math.calibrate import LeastSquaresFit, im2col, reconstruction_error
+from tests.helpers import run
+from tests.test_passes import conv_bn_relu_pool_conv
+
+
+def test_im2col_matches_conv():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 7, 7)), rng.standard_normal((4, 3, 3, 3))
+    cols = im2col(x, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1])
+    out = (cols @ w.reshape(4, -1).T).reshape(2, 4, 4, 4).transpose(0, 3, 1, 2)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros((2, 4, 4, 4))
+    for i in range(4):
+        for j in range(4):
+            ref[:, :, i, j] = np.einsum("bchw,ochw->bo", xp[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w)
+    assert np.allclose(out, ref)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_never_worse_than_a_given_solution(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 6))
+    y = x @ rng.standard_normal((6, 3)) + 0.1 * rng.standard_normal((200, 3))
+    fit = LeastSquaresFit(6, 3)
+    fit.add(x[:100], y[:100])
+    fit.add(x[100:], y[100:])
+    w, b = fit.solve(ridge=1e-9)
+    other_w, other_b = rng.standard_normal((3, 6)), rng.standard_normal(3)
+    assert reconstruction_error(x, y, w, b) <= reconstruction_error(x, y, other_w, other_b)
+
+
+def test_ill_conditioned_solve_falls_back():
+    fit = LeastSquaresFit(3, 1)
+    fit.add(np.ones((10, 3)), np.ones((10, 1)))  # every column equals the bias column
+    assert fit.solve(ridge=0.0) is None
+
+
+def _run_chunks(model, feeds):
+    return np.concatenate([run(model, {"x": feeds["x"][i:i + 2]})[0] for i in range(0, len(feeds["x"]), 2)])
+
+
+def _calib(n=32, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)}
+
+
+def test_calibrated_planted_duplicate_stays_exact():
+    model = conv_bn_relu_pool_conv(with_bn=True)
+    import onnx
+
+    w1 = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    b1 = onnx.numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w1[[6, 7]], b1[[6, 7]] = 0.1 * w1[[0, 1]], 0.1 * b1[[0, 1]]
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
+    # make channels 6, 7 exact multiples after BN too: same BN statistics scaled consistently
+    names = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    arr = {n: onnx.numpy_helper.to_array(model.graph.initializer[i]).copy() for n, i in names.items()}
+    for dst, src in ((6, 0), (7, 1)):
+        arr["g"][dst], arr["var"][dst], arr["beta"][dst] = arr["g"][src], arr["var"][src] * 0.01, arr["beta"][src]
+        arr["mu"][dst] = 0.1 * arr["mu"][src]
+    for n in ("g", "var", "beta", "mu"):
+        model.graph.initializer[names[n]].CopyFrom(onnx.numpy_helper.from_array(arr[n], n))
+    feeds = _calib(2, 1)
+    ref = run(model, feeds)[0]
+    for calibration in (None, _calib()):
+        small, rep = compress(model, CompressOptions(ratio=0.25, calibration=calibration))
+        assert np.allclose(run(small, feeds)[0], ref, rtol=1e-3, atol=1e-4)
+
+
+def test_calibration_improves_over_merge_on_calibration_data():
+    model = conv_bn_relu_pool_conv(with_bn=True)
+    calib = _calib(64)
+    ref = _run_chunks(model, calib)
+    merged = _run_chunks(compress(model, ratio=0.5)[0], calib)
+    small, rep = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    fitted = _run_chunks(small, calib)
+    assert np.mean((fitted - ref) ** 2) < np.mean((merged - ref) ** 2)
+    assert "refitted" in rep["layers"][0]["calibration"]
