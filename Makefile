@@ -38,5 +38,8 @@ test-slow: install fashion
 reproduce: install fashion
 	$(BIN)/python benchmarks/reproduce.py
 
+bench: install
+	$(BIN)/python benchmarks/speed.py
+
 clean:
 	rm -rf out .pytest_cache

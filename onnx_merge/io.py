@@ -76,6 +76,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     external = _external_tensors(model)
     for tensor in external:
         _check_external_location(path, tensor)
+    try:  # path-based so that external data and models over 2 GB are checked as stored
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: invalid ONNX model ({first[:300]})") from None
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))

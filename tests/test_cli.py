@@ -115,3 +115,25 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     assert rows[0]["p50_ratio"] == 1.0 and rows[1]["params"] < rows[0]["params"]
     assert all(r["p50_ms"] <= r["p99_ms"] for r in rows)
     assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
+
+
+def _lenet_variant(tmp_path, edit) -> str:
+    model = lenet_300_100(random_lenet_weights())
+    edit(model)
+    path = tmp_path / "variant.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.graph.node[1].input.__setitem__(0, "nowhere"),  # dangling input
+    lambda m: m.graph.node[0].input.__setitem__(0, m.graph.node[1].output[0]),  # cycle
+    lambda m: setattr(m.graph.node[0], "op_type", "NoSuchOp"),  # unknown op
+], ids=["dangling", "cycle", "unknown-op"])
+def test_broken_graphs_exit_3(tmp_path, edit, capsys):
+    path = _lenet_variant(tmp_path, edit)
+    before = open(path, "rb").read()
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid ONNX model" in err[0]
+    assert not (tmp_path / "o.onnx").exists() and open(path, "rb").read() == before
