@@ -1,12 +1,13 @@
-"""Refit each consumer on calibration data so it reproduces the original layer's output.
+"""Choose kept channels and refit each consumer on calibration data.
 
     original:   ... -> x (N channels)  -> C(W, b) -> y
-    compressed: ... -> x' (P channels) -> C(W', b') -> y'      W', b' = argmin ||y' - y||^2 (+ ridge)
+    compressed: ... -> x' (P channels) -> C(W', b') -> y'      kept, W', b' = argmin ||y' - y||^2 (+ ridge)
 
-Layers are refitted in graph order, each on activations of the model as already refitted,
-so later layers correct what earlier ones left. The fit is kept only where it lowers the
-error over the data-free compensation on the same statistics; an ill-conditioned solve
-falls back to the data-free weights with a note.
+Chains are handled in graph order, each on activations of the model as already compressed,
+so later layers correct what earlier ones left. The kept channels come from greedy backward
+elimination on the consumer's least-squares problem (``select_channels``). The result is used
+only where it beats the data-free plan on the same statistics; an ill-conditioned or
+unsupported layer falls back to the data-free plan with a note.
 """
 
 from __future__ import annotations
@@ -17,41 +18,60 @@ import numpy as np
 import onnx
 
 from onnx_merge.graph import GraphIndex, attr
-from onnx_merge.groups import Layer, describe_layer
-from onnx_merge.math.calibrate import LeastSquaresFit, im2col
+from onnx_merge.groups import Chain, Layer, describe_layer
+from onnx_merge.math import Compensation, compensate_consumer
+from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
-from .merge_channels import _add_consumer_bias
+from .merge_channels import (_add_consumer_bias, apply_plan, consumer_view, describe, fix_shapes,
+                             from_consumer_view, shrink_producer)
 
 log = logging.getLogger("onnx_merge")
+MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    existing = {o.name for o in tapped.graph.output}
-    for name in names:
-        if name not in existing:
-            tapped.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return tapped.SerializeToString()
+def truncated(model: onnx.ModelProto, tap: str) -> bytes:
+    """A model computing only ``tap``: the nodes it depends on, their weights, the graph inputs."""
+    index = GraphIndex(model)
+    needed, stack = set(), [tap]
+    while stack:
+        node = index.producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(i for i in node.input if i)
+    nodes = [n for n in model.graph.node if id(n) in needed]
+    used = {i for n in nodes for i in n.input}
+    graph = onnx.helper.make_graph(
+        nodes, model.graph.name, [i for i in model.graph.input if i.name in used or i.name not in index.initializers],
+        [onnx.helper.make_tensor_value_info(tap, onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in used])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
 
 
 def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
+    """Consumer inputs as rows of features in the weight's (channel, taps) order."""
     node = layer.node
     if node.op_type == "Conv":
         if x.ndim != 4 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return None
-        k = list(weight_shape[2:])
-        return im2col(x, k, attr(node, "strides", [1, 1]), attr(node, "pads", [0, 0, 0, 0]),
+        return im2col(x, list(weight_shape[2:]), attr(node, "strides", [1, 1]), attr(node, "pads", [0, 0, 0, 0]),
                       attr(node, "dilations", [1, 1]))
-    return x.reshape(len(x), -1) if x.ndim == 2 or node.op_type == "Gemm" else x.reshape(-1, x.shape[-1])
+    if node.op_type in ("Gemm", "MatMul"):
+        return x.reshape(-1, x.shape[-1])
+    return None
 
 
 def _matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
-    """Weights as (outputs, features) in the feature order of _features."""
+    """Weights as (outputs, features) in the order of _features."""
     if layer.node.op_type == "Conv":
         return w.reshape(w.shape[0], -1)
     return w if layer.in_axis == 1 else w.T
+
+
+def _from_matrix(layer: Layer, m: np.ndarray, like_shape) -> np.ndarray:
+    if layer.node.op_type == "Conv":
+        return m.reshape((m.shape[0], -1) + tuple(like_shape[2:]))
+    return m if layer.in_axis == 1 else m.T
 
 
 def _bias(index: GraphIndex, layer: Layer, outputs: int) -> np.ndarray:
@@ -61,10 +81,18 @@ def _bias(index: GraphIndex, layer: Layer, outputs: int) -> np.ndarray:
     return np.broadcast_to(index.array(name).reshape(-1).astype(np.float64), (outputs,)) * layer.beta
 
 
-def _objective(fit: LeastSquaresFit, w: np.ndarray, b: np.ndarray) -> float:
-    """The fit's squared error up to a constant, for the weights (w, b)."""
-    wa = np.hstack([w, b[:, None]])
-    return float(np.einsum("mf,fg,mg->", wa, fit.gram, wa) - 2.0 * np.einsum("mf,fm->", wa, fit.cross))
+def _data_free_objective(fit: LeastSquaresFit, index: GraphIndex, chain: Chain, comp: Compensation) -> float:
+    """Error of the data-free plan on the same statistics, in the full feature space."""
+    c = chain.consumer
+    weight = index.array(c.weight)
+    new_view, delta = compensate_consumer(consumer_view(weight, c, chain.channels, chain.block), comp)
+    w_kept = _matrix(c, from_consumer_view(new_view, weight, c)).astype(np.float64) * c.alpha
+    g = w_kept.shape[1] // len(comp.kept)
+    full = np.zeros((w_kept.shape[0], chain.channels * g))
+    cols = (comp.kept[:, None] * g + np.arange(g)).ravel()
+    full[:, cols] = w_kept
+    b = _bias(index, c, full.shape[0]) + (0.0 if delta is None else delta)
+    return objective(fit, full, b)
 
 
 class CalibrateConsumers:
@@ -72,68 +100,93 @@ class CalibrateConsumers:
 
     def run(self, model: onnx.ModelProto, ctx) -> bool:
         opts = ctx.options
-        if opts.calibration is None or not getattr(ctx, "plans", None):
+        if opts.calibration is None or not ctx.plans:
             return False
         original = onnx.load_from_string(ctx.original)
         orig_index = GraphIndex(original)
-        taps = [chain.consumer.node.input[0] for chain, _, _ in ctx.plans]
-        orig_session = make_session(_with_outputs(original, taps), optimize=True)
-        feeds = match_inputs(orig_session, opts.calibration, "--calibration")
-        total = len(next(iter(feeds.values())))
-        batch = opts.calibration_batch
-        fixed = orig_session.get_inputs()[0].shape[0] if orig_session.get_inputs()[0].shape else None
+        orig_nodes = {n.name: n for n in original.graph.node}
+        feeds = match_inputs(make_session(ctx.original), opts.calibration, "--calibration")
+        total, batch = len(next(iter(feeds.values()))), opts.calibration_batch
+        first = original.graph.input[0].type.tensor_type.shape.dim
+        fixed = first[0].dim_value if len(first) and first[0].HasField("dim_value") else None
         if isinstance(fixed, int) and fixed > 0:  # a fixed batch dimension: whole chunks of it only
             batch, total = fixed, total - total % fixed
-        kept_rows = {chain.producer.node.name: comp.kept for chain, _, comp in ctx.plans}
-        report = {r["layer"]: r for r in ctx.report.get("layers", [])}
-        changed = False
+        layers = ctx.report.setdefault("layers", [])
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
-        for chain, _, _ in steps:
+        for chain, method, comp in steps:
             index = GraphIndex(model)
-            node = next(n for n in model.graph.node if n.name == chain.consumer.node.name)
-            layer = describe_layer(index, node)
-            orig_layer = describe_layer(orig_index, next(n for n in original.graph.node if n.name == node.name))
-            w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
-            b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])
-            rows = kept_rows.get(node.name)
-            if rows is not None:
-                w_orig, b_orig = w_orig[rows], b_orig[rows]
-            current = index.array(layer.weight)
-            w_cur = _matrix(layer, current.astype(np.float64)) * layer.alpha
-            b_cur = _bias(index, layer, w_cur.shape[0])
-            session = make_session(_with_outputs(model, [chain.consumer.node.input[0]]), optimize=True)
-            tap = chain.consumer.node.input[0]
-            fit = LeastSquaresFit(w_cur.shape[1], w_cur.shape[0])
-            rng = np.random.default_rng(0)
-            for start in range(0, total, batch):
-                part = {k: v[start:start + batch] for k, v in feeds.items()}
-                x_orig = orig_session.run([tap], part)[0]
-                x_new = session.run([tap], part)[0]
-                f_orig = _features(orig_layer, x_orig, orig_index.initializers[orig_layer.weight].dims)
-                f_new = _features(layer, x_new, index.initializers[layer.weight].dims)
-                if f_orig is None or f_new is None:
-                    break
-                if len(f_new) > opts.calibration_rows:  # conv patches: a fixed random subset per batch
-                    pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
-                    f_new, f_orig = f_new[pick], f_orig[pick]
-                fit.add(f_new, f_orig @ w_orig.T + b_orig)
-            solved = fit.solve() if fit.rows else None
-            entry = report.get(chain.name, {})
-            if solved is None:
-                entry["calibration"] = "fell back to data-free weights (ill-conditioned or unsupported layout)"
-                log.info("%s: calibration fell back: ill-conditioned or unsupported", node.name)
+            fit = self._statistics(model, index, orig_index, orig_nodes, chain, feeds, total, batch, opts)
+            if fit is None:
+                entry = apply_plan(index, chain, comp, method)
+                entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
+                layers.append(entry)
                 continue
-            w_new, b_new = solved
-            if _objective(fit, w_new, b_new) >= _objective(fit, w_cur, b_cur):
-                entry["calibration"] = "kept data-free weights (fit was not better)"
+            fit, prior = fit
+            prior = prior if opts.calibration_prior else None
+            candidates = []  # (error on the calibration data, kept, W', b') -- lowest wins
+            chosen = select_channels(fit, chain.channels, len(comp.kept), ridge=opts.calibration_ridge, prior=prior)
+            if chosen is not None:
+                for kept in (chosen[0], comp.kept):
+                    w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge, prior)
+                    candidates.append((objective(fit, self._embed(w_new, kept, chain), b_new), kept, w_new, b_new))
+            best = min(candidates, key=lambda c: c[0]) if candidates else None
+            if best is None or best[0] >= _data_free_objective(fit, index, chain, comp):
+                entry = apply_plan(index, chain, comp, method)
+                entry["calibration"] = ("fell back to the data-free plan (ill-conditioned)" if best is None else
+                                        "kept the data-free plan (lower error on the calibration data)")
+                layers.append(entry)
                 continue
-            w_layout = w_new / layer.alpha
-            if layer.node.op_type == "Conv":
-                w_layout = w_layout.reshape(current.shape)
-            elif layer.in_axis == 0:
-                w_layout = w_layout.T
-            index.set_array(layer.weight, w_layout.astype(current.dtype))
-            _add_consumer_bias(index, layer, b_new - b_cur)
-            entry["calibration"] = f"refitted on {fit.rows} rows"
-            changed = True
-        return changed
+            _, kept, w_new, b_new = best
+            self._rewrite(index, chain, kept, w_new, b_new)
+            entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
+            how = "greedy selection" if kept is not comp.kept else "criterion selection"
+            entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
+            layers.append(entry)
+        return True
+
+    @staticmethod
+    def _embed(w: np.ndarray, kept: np.ndarray, chain: Chain) -> np.ndarray:
+        """Weights on the kept channels placed in the full (M, N * g) feature space."""
+        g = w.shape[1] // len(kept)
+        full = np.zeros((w.shape[0], chain.channels * g))
+        full[:, (kept[:, None] * g + np.arange(g)).ravel()] = w
+        return full
+
+    @staticmethod
+    def _statistics(model, index, orig_index, orig_nodes, chain, feeds, total, batch,
+                    opts) -> tuple[LeastSquaresFit, np.ndarray] | None:
+        """Least-squares statistics of the consumer, and its original weights (M, F)."""
+        layer = chain.consumer
+        orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
+        w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
+        b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])
+        if w_orig.shape[1] > MAX_FEATURES:
+            return None
+        tap = layer.node.input[0]
+        orig_session = make_session(truncated(orig_index.model, tap), optimize=True)
+        session = make_session(truncated(model, tap), optimize=True)
+        fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
+        rng = np.random.default_rng(0)
+        for start in range(0, total, batch):
+            part = {k: v[start:start + batch] for k, v in feeds.items()}
+            x_orig = orig_session.run([tap], {i.name: part[i.name] for i in orig_session.get_inputs()})[0]
+            x_new = session.run([tap], {i.name: part[i.name] for i in session.get_inputs()})[0]
+            f_orig = _features(orig_layer, x_orig, orig_index.initializers[orig_layer.weight].dims)
+            f_new = _features(layer, x_new, index.initializers[layer.weight].dims)
+            if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
+                return None
+            if len(f_new) > opts.calibration_rows:  # conv patches: a fixed random subset per batch
+                pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
+                f_new, f_orig = f_new[pick], f_orig[pick]
+            fit.add(f_new, f_orig @ w_orig.T + b_orig)
+        return (fit, w_orig) if fit.rows else None
+
+    @staticmethod
+    def _rewrite(index: GraphIndex, chain: Chain, kept: np.ndarray, w_new: np.ndarray, b_new: np.ndarray) -> None:
+        layer = chain.consumer
+        current = index.array(layer.weight)
+        b_cur = _bias(index, layer, w_new.shape[0])
+        shrink_producer(index, chain, kept)
+        index.set_array(layer.weight, _from_matrix(layer, w_new / layer.alpha, current.shape).astype(current.dtype))
+        _add_consumer_bias(index, layer, b_new - b_cur)
+        fix_shapes(index, chain, len(kept))

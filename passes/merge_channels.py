@@ -161,16 +161,23 @@ class MergeChannels:
             plans.append((chain, method, plan_layer(arrays, n_keep, opts.plan_options(method))))
         ctx.plans = plans
         if getattr(opts, "calibration", None) is not None:
-            ctx.original = model.SerializeToString()  # calibration targets come from the unmodified layers
+            # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
+            ctx.original = model.SerializeToString()
+            return False
         todo = plans if ctx.progress is None else ctx.progress(plans, desc="rewriting", unit="layer")
         for chain, method, comp in todo:
-            shrink_producer(index, chain, comp.kept)
-            note = compensate(index, chain, comp)
-            fix_shapes(index, chain, len(comp.kept))
-            entry = describe(chain, comp, method)
-            if note or chain.why_not_merge:
-                entry["note"] = "; ".join(x for x in (chain.why_not_merge, note) if x)
-            layers.append(entry)
-            log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,
-                     chain.channels, entry["kept"], entry["merged"], entry["pruned"])
+            layers.append(apply_plan(index, chain, comp, method))
         return bool(plans)
+
+
+def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, method: str) -> dict:
+    """Shrink the producer, compensate the consumer, fix shapes; returns the report entry."""
+    shrink_producer(index, chain, comp.kept)
+    note = compensate(index, chain, comp)
+    fix_shapes(index, chain, len(comp.kept))
+    entry = describe(chain, comp, method)
+    if note or chain.why_not_merge:
+        entry["note"] = "; ".join(x for x in (chain.why_not_merge, note) if x)
+    log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,
+             chain.channels, entry["kept"], entry["merged"], entry["pruned"])
+    return entry

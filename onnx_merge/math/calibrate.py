@@ -54,3 +54,80 @@ class LeastSquaresFit:
 
 def reconstruction_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((x @ w.T + b - y) ** 2))
+
+
+def regularized(fit: LeastSquaresFit, ridge: float) -> np.ndarray:
+    """The Gram matrix with ridge on the weights (not on the bias column)."""
+    f = fit.gram.shape[0] - 1
+    reg = ridge * max(np.trace(fit.gram[:f, :f]) / max(f, 1), 1e-12)
+    return fit.gram + np.diag(np.r_[np.full(f, reg), 0.0])
+
+
+def objective(fit: LeastSquaresFit, w: np.ndarray, b: np.ndarray) -> float:
+    """Squared error of (w, b) on the accumulated data, up to a constant."""
+    wa = np.hstack([w, b[:, None]])
+    return float(np.einsum("mf,fg,mg->", wa, fit.gram, wa) - 2.0 * np.einsum("mf,fm->", wa, fit.cross))
+
+
+def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
+                    max_condition: float = 1e10, prior: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Greedy backward elimination of whole channels (groups of features) by the group
+    Optimal-Brain-Surgeon cost, then the least-squares consumer on what is kept.
+
+    Features are channel-major: channel n owns features [n * g, (n + 1) * g), g = F / N.
+    Removing group G from the ridge solution beta = A^-1 C raises the error by
+    tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated after
+    each removal (Schur complement), so only one F x F inverse is ever formed.
+    With ``prior`` (M, F), the ridge pulls the weights toward it instead of toward zero
+    (the original consumer weights: with few samples the fit then stays near the layer
+    it replaces); the elimination cost stays exact, the objective being quadratic.
+    Returns (kept channels, W' (M, P * g), b' (M,)), or None when A is ill-conditioned.
+    """
+    f = fit.gram.shape[0] - 1
+    g = f // channels
+    a = regularized(fit, ridge)
+    if not np.isfinite(a).all() or np.linalg.cond(a) > max_condition:
+        return None
+    cross = fit.cross.copy()
+    if prior is not None:
+        cross[:f] += np.diag(a - fit.gram)[:f, None] * prior.T
+    inv = np.linalg.inv(a)
+    beta = inv @ cross
+    alive = list(range(channels))
+    index = {n: np.arange(n * g, (n + 1) * g) for n in range(channels)}
+    active = np.ones(f + 1, dtype=bool)
+    for _ in range(channels - n_keep):
+        best, best_cost = None, np.inf
+        for n in alive:
+            idx = index[n]
+            block = inv[np.ix_(idx, idx)]
+            cost = float(np.sum(beta[idx] * np.linalg.solve(block, beta[idx])))
+            if cost < best_cost:
+                best, best_cost = n, cost
+        idx = index[best]
+        solve_block = np.linalg.solve(inv[np.ix_(idx, idx)], np.eye(len(idx)))
+        cols = inv[:, idx]
+        beta -= cols @ (solve_block @ beta[idx])
+        inv -= cols @ solve_block @ cols.T
+        active[idx] = False
+        inv[idx, :] = 0.0
+        inv[:, idx] = 0.0
+        beta[idx] = 0.0
+        alive.remove(best)
+    kept = np.array(sorted(alive))
+    return (kept,) + refit(fit, kept, channels, ridge, prior)
+
+
+def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 1e-3,
+          prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The regularised least-squares consumer (W' (M, P * g), b' (M,)) on the kept channels."""
+    f = fit.gram.shape[0] - 1
+    g = f // channels
+    a = regularized(fit, ridge)
+    cross = fit.cross.copy()
+    if prior is not None:
+        cross[:f] += np.diag(a - fit.gram)[:f, None] * prior.T
+    rows = np.r_[(np.asarray(kept)[:, None] * g + np.arange(g)).ravel(), f]
+    sol = np.linalg.solve(a[np.ix_(rows, rows)], cross[rows])
+    return sol[:-1].T, sol[-1]
