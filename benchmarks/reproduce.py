@@ -80,6 +80,9 @@ def resnet_section(lines: list[str], plot: dict) -> None:
         if not fold:
             configs["merge (lambda rule, authors' S)"] = dict(bn_rule="lambda", scale_rule="paper")
             configs["merge (lambda rule, exact S)"] = dict(bn_rule="lambda", scale_rule="exact")
+            configs["merge (lambda, authors' S) + BN bias"] = dict(bn_rule="lambda", scale_rule="paper",
+                                                                   bias_from_bn=True)
+            configs["merge (kernel scale)"] = dict(scale_rule="kernel")
         rows, params = [], []
         for crit in ("l1-norm", "l2-norm", "l2-GM"):
             for name, kw in configs.items():
@@ -132,7 +135,7 @@ def calibrated_section(lines: list[str]) -> None:
         accs, secs = [], []
         for r in (0.3, 0.5):
             t = time.time()
-            small = compress(model, CompressOptions(ratio=r, criterion=crit, scale_rule="exact", calibration=cal))[0]
+            small = compress(model, CompressOptions(ratio=r, criterion=crit, calibration=cal))[0]
             secs.append(time.time() - t)
             accs.append(acc(small, cifar["x_exact"], cifar["y"][:1017], CIFAR))
         rows.append([crit] + accs + [f"{max(secs):.0f}"])

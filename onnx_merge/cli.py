@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bn-rule", choices=BN_RULES, default="fold",
                    help="with BatchNormalization in the graph: plan on the folded weights (fold, default) "
                    "or use the paper's lambda score (lambda)")
+    c.add_argument("--bias-from-bn", action="store_true",
+                   help="with BatchNormalization in the graph: add the expected ReLU output that removed channels "
+                   "carried (beyond their merge partner) to the consumer's bias (METHOD.md 7)")
     c.add_argument("--keep-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them)")
     c.add_argument("--layer-ratio", type=_glob_ratio, action="append", default=[], metavar="GLOB=R",
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
@@ -153,7 +156,7 @@ def cmd_compress(args) -> int:
     options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
-                              round_to=args.round_to, fold_bn=not args.keep_bn,
+                              round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
                                providers=args.providers)

@@ -24,6 +24,7 @@ class CompressOptions:
     exclude: list[str] = field(default_factory=list)
     round_to: int = 1
     fold_bn: bool = True
+    bias_from_bn: bool = False
     calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
@@ -48,7 +49,7 @@ class CompressOptions:
 
     def plan_options(self, method: str) -> PlanOptions:
         return PlanOptions(method=method, criterion=self.criterion, threshold=self.threshold, lam=self.lam,
-                           scale_rule=self.scale_rule, bn_rule=self.bn_rule)
+                           scale_rule=self.scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
 
     def ratio_for(self, names: list[str]) -> float | None:
         """The ratio for a layer known by ``names``; None when it is excluded. Last match wins."""

@@ -116,3 +116,18 @@ def test_bn_identity_exact_for_planted_duplicate():
     assert not np.isclose(paper_s[0], big_s[0])
     comp = merge_through_bn(np.stack([f_m, s * f_m]), bn, np.array([0]), 0.1, 0.85, "exact")
     assert comp.partner[1] == 0 and comp.scale[1] == pytest.approx(big_s[0])
+
+
+def test_expected_relu_matches_sampling_and_offset_accounts_for_partner():
+    from onnx_merge.math.batchnorm import expected_relu
+    from onnx_merge.math.planner import bn_mean_offset
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(0.3, 1.5, 400_000)
+    assert expected_relu(np.array([0.3]), np.array([1.5]))[0] == pytest.approx(np.maximum(z, 0).mean(), rel=1e-2)
+    bn = BatchNorm(np.array([1.0, 2.0, 0.5]), np.array([0.5, 1.0, -1.0]), np.zeros(3), np.ones(3))
+    comp = Compensation.prune(3, np.array([0]))
+    comp.partner[1], comp.scale[1] = 0, 2.0
+    offset = bn_mean_offset(bn, comp)
+    e = expected_relu(bn.beta, bn.gamma)
+    assert offset[0] == 0 and offset[1] == pytest.approx(e[1] - 2.0 * e[0]) and offset[2] == pytest.approx(e[2])

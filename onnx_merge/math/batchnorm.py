@@ -55,3 +55,14 @@ def bn_merge_terms(bn: BatchNorm, n: int, m: np.ndarray, s: np.ndarray, rule: st
         big_s = s * (g[n] / g[m]) * (sig[m] / sig[n])
     r = beta[n] - big_s * beta[m] + (g[n] / sig[n]) * (s * mu[m] - mu[n])
     return big_s, r
+
+
+def expected_relu(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """E[max(z, 0)] for z ~ N(mean, std^2): mean * Phi(mean/std) + std * phi(mean/std)."""
+    from math import erf, sqrt
+
+    mean, std = np.asarray(mean, np.float64), np.maximum(np.abs(np.asarray(std, np.float64)), 1e-12)
+    t = mean / std
+    cdf = 0.5 * (1.0 + np.vectorize(erf)(t / sqrt(2.0)))
+    pdf = np.exp(-0.5 * t * t) / sqrt(2.0 * np.pi)
+    return mean * cdf + std * pdf

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batchnorm import BatchNorm
+from .batchnorm import BatchNorm, expected_relu
 from .compensation import Compensation
 from .criteria import select_kept
 from .merge import merge_by_cosine, merge_through_bn
@@ -60,6 +60,7 @@ class PlanOptions:
     lam: float = 0.85
     scale_rule: str = "projection"
     bn_rule: str = "fold"
+    bias_from_bn: bool = False
 
 
 def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
@@ -73,6 +74,26 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compen
     if opts.method == "prune":
         return Compensation.prune(arrays.n, kept)
     if arrays.bn is not None and opts.bn_rule == "lambda":
-        return merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
+        comp = merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
                                 opts.threshold, opts.lam, opts.scale_rule)
-    return merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
+    else:
+        comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
+    if opts.bias_from_bn and arrays.bn is not None:
+        comp.offset = bn_mean_offset(arrays.bn, comp)
+    return comp
+
+
+def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
+    """METHOD.md 7: what removed channels carried on average, beyond their merge partner.
+
+    After BN the pre-activation of channel n is ~ N(beta_n, gamma_n^2), so E[relu] is known;
+    a removed channel n merged into m with scale s leaves E[relu_n] - s E[relu_m] behind.
+    """
+    mean_act = expected_relu(bn.beta, bn.gamma)
+    offset = np.zeros(comp.n)
+    removed = comp.removed
+    partner = comp.partner[removed]
+    offset[removed] = mean_act[removed]
+    merged = partner >= 0
+    offset[removed[merged]] -= comp.scale[removed[merged]] * mean_act[comp.kept[partner[merged]]]
+    return offset
