@@ -69,8 +69,15 @@ class GraphIndex:
         """Replace an initializer's contents (dtype kept), and its graph-input shape if listed."""
         old = self.initializers[name]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        value = np.ascontiguousarray(value, dtype=dtype)
-        old.CopyFrom(numpy_helper.from_array(value, name))
+        value = np.asarray(value, dtype=dtype)  # tobytes() below writes C order itself
+        if old.data_type in (onnx.TensorProto.STRING,):
+            old.CopyFrom(numpy_helper.from_array(value, name))
+        else:  # write the bytes once instead of building a tensor and copying it
+            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                old.ClearField(f)
+            del old.dims[:]
+            old.dims.extend(value.shape)
+            old.raw_data = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
         self._arrays[name] = value
         if name in self.graph_inputs:
             shape = self.graph_inputs[name].type.tensor_type.shape

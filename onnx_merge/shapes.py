@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values, from its shape (reading raw_data would copy it)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return tensor.ByteSize()
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def drop_value_info(model: onnx.ModelProto, names: set[str]) -> None:
@@ -16,3 +25,20 @@ def drop_value_info(model: onnx.ModelProto, names: set[str]) -> None:
             copies.append(c)
         del model.graph.value_info[:]
         model.graph.value_info.extend(copies)
+
+
+def skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """The model with large initializers turned into graph inputs of the same shape.
+
+    Shape inference needs their shapes, not their values; this keeps it cheap on big models.
+    """
+    listed = {i.name for i in model.graph.input}
+    small = [t for t in model.graph.initializer if tensor_nbytes(t) <= keep_bytes]
+    large = [t for t in model.graph.initializer if tensor_nbytes(t) > keep_bytes and t.name not in listed]
+    dropped = {t.name for t in model.graph.initializer if tensor_nbytes(t) > keep_bytes and t.name in listed}
+    small += [t for t in model.graph.initializer if t.name in dropped]  # already inputs: keep as they were
+    graph = onnx.helper.make_graph(
+        model.graph.node, model.graph.name,
+        list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large],
+        model.graph.output, small, value_info=model.graph.value_info)
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)

@@ -6,29 +6,13 @@ import numpy as np
 import onnx
 
 from .graph import attr
+from .shapes import skeleton
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
     return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                                       onnx.TensorProto.BFLOAT16)))
-
-
-def skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
-    """The model with large initializers turned into graph inputs of the same shape.
-
-    Shape inference needs their shapes, not their values; this keeps it cheap on big models.
-    """
-    listed = {i.name for i in model.graph.input}
-    small = [t for t in model.graph.initializer if len(t.raw_data) <= keep_bytes]
-    large = [t for t in model.graph.initializer if len(t.raw_data) > keep_bytes and t.name not in listed]
-    dropped = {t.name for t in model.graph.initializer if len(t.raw_data) > keep_bytes and t.name in listed}
-    small += [t for t in model.graph.initializer if t.name in dropped]  # already inputs: keep as they were
-    graph = onnx.helper.make_graph(
-        model.graph.node, model.graph.name,
-        list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large],
-        model.graph.output, small, value_info=model.graph.value_info)
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

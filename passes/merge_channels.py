@@ -18,6 +18,7 @@ import onnx
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
 from onnx_merge.math import BatchNorm, Compensation, ProducerArrays, compensate_consumer, keep_count, plan_layer
+from onnx_merge.math.criteria import row_norms
 from onnx_merge.shapes import drop_value_info
 
 log = logging.getLogger("onnx_merge")
@@ -26,7 +27,9 @@ log = logging.getLogger("onnx_merge")
 def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = False) -> ProducerArrays:
     p = chain.producer
     w = np.moveaxis(index.array(p.weight), p.out_axis, 0)
-    rows = w.reshape(chain.channels, -1).astype(np.float64) * p.alpha
+    rows = w.reshape(chain.channels, -1)
+    if p.alpha != 1.0:
+        rows = rows * np.float32(p.alpha)
     bias = None
     if p.bias is not None:
         bias = np.broadcast_to(np.reshape(index.array(p.bias), -1), (chain.channels,)).astype(np.float64) * p.beta
@@ -37,7 +40,7 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     norms = None
     if consumer_norms:
         view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
-        norms = np.linalg.norm(view.reshape(chain.channels, -1), axis=1).astype(np.float64)
+        norms = row_norms(view.reshape(chain.channels, -1))
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms)
 
 

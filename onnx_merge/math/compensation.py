@@ -86,14 +86,15 @@ def compensate_consumer(view: np.ndarray, comp: Compensation) -> tuple[np.ndarra
     """
     if view.shape[0] != comp.n:
         raise ValueError(f"consumer has {view.shape[0]} input channels, compensation expects {comp.n}")
-    out = view[comp.kept].astype(np.float64)
+    out = view[comp.kept]
     merged = comp.merged
     if len(merged):
         # Sparse scatter-add of the merged columns into their partners.
-        np.add.at(out, comp.partner[merged], view[merged] * comp.scale[merged, None, None, None])
+        scale = comp.scale[merged, None, None, None].astype(view.dtype)
+        np.add.at(out, comp.partner[merged], view[merged] * scale)
     removed = comp.removed
     if comp.dense is not None and len(removed):
-        out += np.einsum("pr,rbmk->pbmk", comp.dense, view[removed], optimize=True)
+        out += np.einsum("pr,rbmk->pbmk", comp.dense.astype(view.dtype), view[removed], optimize=True)
     bias = None
     if comp.offset is not None and np.any(comp.offset):
         bias = np.einsum("n,nbmk->m", comp.offset, view, optimize=True)

@@ -31,22 +31,33 @@ def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | No
     ReLU network is unchanged when a channel's row is scaled by c and its consumer column by
     1/c, and this score is the one of the three norms that does not move under that.
     """
-    rows = np.asarray(rows, dtype=np.float64)
+    rows = np.asarray(rows)
     if criterion == "l2-path":
         if consumer_norms is None:
             raise ValueError("l2-path needs the consumer's column norms")
-        return np.sqrt(np.einsum("nd,nd->n", rows, rows)) * np.asarray(consumer_norms, np.float64)
+        return row_norms(rows) * np.asarray(consumer_norms, np.float64)
     if criterion == "l1-norm":
-        return np.abs(rows).sum(axis=1)
+        return np.concatenate([np.abs(c).sum(axis=1, dtype=np.float64) for c in _chunks(rows)])
     if criterion == "l2-norm":
-        return np.sqrt(np.einsum("nd,nd->n", rows, rows))
+        return row_norms(rows)
     if criterion == "l2-GM":
         # FPGM: a row close to the geometric median is replaceable by the others, so the
         # summed distance to all rows is its importance.
-        sq = np.einsum("nd,nd->n", rows, rows)
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
+        sq = row_norms(rows) ** 2
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (rows @ rows.T).astype(np.float64), 0.0)
         return np.sqrt(d2).sum(axis=1)
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+
+
+def _chunks(rows: np.ndarray, size: int = 256):
+    """Row blocks, so that temporaries stay small on wide layers."""
+    return [rows[i:i + size] for i in range(0, max(len(rows), 1), size)] if len(rows) else [rows]
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, accumulated in float64 block by block."""
+    return np.sqrt(np.concatenate([np.einsum("nd,nd->n", c, c, dtype=np.float64) if c.dtype == np.float64 else
+                                   np.square(c, dtype=np.float64).sum(axis=1) for c in _chunks(rows)]))
 
 
 def select_kept(rows: np.ndarray, n_keep: int, criterion: str, consumer_norms: np.ndarray | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .batchnorm import BatchNorm, bn_merge_terms
 from .compensation import Compensation
+from .criteria import row_norms
 
 SCALE_RULES = ("paper", "exact", "projection", "kernel")
 
@@ -28,16 +29,17 @@ def relu_kernel_factor(cos: np.ndarray) -> np.ndarray:
     return (np.sin(t) + (np.pi - t) * c) / np.pi
 
 
-def _unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    norms = np.linalg.norm(rows, axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    return rows / safe[:, None], norms
-
-
 def cosine_to_kept(rows: np.ndarray, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(R, P) cosine similarities of removed rows to kept rows, and all row norms."""
-    unit, norms = _unit_rows(np.asarray(rows, np.float64))
-    return unit[removed] @ unit[kept].T, norms
+    """(R, P) cosine similarities of removed rows to kept rows, and all row norms.
+
+    The product runs in the rows' own dtype (float32 weights stay float32: wide layers are
+    the expensive case); norms are accumulated in float64.
+    """
+    rows = np.asarray(rows)
+    norms = row_norms(rows)
+    safe = np.where(norms > 0, norms, 1.0)
+    dots = (rows[removed] @ rows[kept].T).astype(np.float64)
+    return np.clip(dots / np.outer(safe[removed], safe[kept]), -1.0, 1.0), norms
 
 
 def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_rule: str) -> Compensation:

@@ -33,16 +33,19 @@ class ProducerArrays:
         return self.weight.shape[0]
 
     def rows(self) -> np.ndarray:
-        """[w_n ; b_n]: the layer's own rows with its bias appended (METHOD.md 3a)."""
+        """[w_n ; b_n]: the layer's own rows with its bias appended (METHOD.md 3a), in the
+        weights' dtype; built once."""
         if self.bias is None:
-            return np.asarray(self.weight, np.float64)
-        return np.hstack([self.weight, np.asarray(self.bias, np.float64)[:, None]])
+            return self.weight
+        if getattr(self, "_rows", None) is None:
+            self._rows = np.hstack([self.weight, np.asarray(self.bias, self.weight.dtype)[:, None]])
+        return self._rows
 
     def folded_rows(self) -> np.ndarray:
         """Rows of the layer with the BatchNormalization folded in (equal to rows() without BN)."""
         if self.bn is None:
             return self.rows()
-        w, b = self.bn.fold(np.asarray(self.weight, np.float64), self.bias)
+        w, b = self.bn.fold(self.weight, self.bias)
         return np.hstack([w, b[:, None]])
 
     def bn_with_bias(self) -> BatchNorm:
@@ -65,7 +68,7 @@ class PlanOptions:
 
 def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
     """Rows ranked by the criterion: the layer's own weights, bias included only without BN."""
-    return np.asarray(arrays.weight, np.float64) if arrays.bn is not None else arrays.rows()
+    return arrays.weight if arrays.bn is not None else arrays.rows()
 
 
 def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
