@@ -10,11 +10,9 @@ CPU latency of the paper's ResNet-56 before and after merging at ratio 0.5 (batc
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +26,23 @@ from onnx_merge.models.vgg import vgg16_imagenet
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def _child(code: str) -> tuple[float, int]:
+    """Run ``code`` in a fresh interpreter; its wall time and peak RSS in bytes (its own, as it
+    reports them: a forked child would count the parent's pages too)."""
+    probe = ("import resource, time; t = time.perf_counter()\n" + code +
+             "\nprint(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    seconds, kib = out.strip().splitlines()[-1].split()
+    return float(seconds), int(kib) * 1024
+
+
 def vgg_figures(folder: Path) -> None:
     path = folder / "vgg16.onnx"
-    onnx.save(vgg16_imagenet(), path)
+    _child(f"import onnx; from onnx_merge.models.vgg import vgg16_imagenet; onnx.save(vgg16_imagenet(), {str(path)!r})")
     size = path.stat().st_size
-    start = time.perf_counter()
-    onnx.save(onnx.load(path), folder / "copy.onnx")
-    load_save = time.perf_counter() - start
-    (folder / "copy.onnx").unlink()
-    cmd = [sys.executable, "-m", "onnx_merge.cli", "compress", str(path), "-o", str(folder / "small.onnx"),
-           "--ratio", "0.5", "--no-verify"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    load_save, _ = _child(f"import onnx; onnx.save(onnx.load({str(path)!r}), {str(folder / 'copy.onnx')!r})")
+    elapsed, peak = _child("from onnx_merge.cli import main; main(['compress', %r, '-o', %r, '--ratio', '0.5', "
+                           "'--no-verify'])" % (str(path), str(folder / "small.onnx")))
     print(f"VGG-16 ImageNet: file {size / 2**20:.0f} MiB; onnx.load + onnx.save {load_save:.2f} s")
     print(f"compress --ratio 0.5: {elapsed:.2f} s ({elapsed / load_save:.2f}x load+save); "
           f"peak RSS {peak / 2**20:.0f} MiB ({peak / size:.2f}x file size)")
@@ -55,7 +56,7 @@ def latency_figures(folder: Path) -> None:
     model = resnet_paper(dict(np.load(weights)), fold=True)
     onnx.save(model, folder / "r56.onnx")
     onnx.save(compress(model, ratio=0.5)[0], folder / "r56_merged.onnx")
-    rows = bench_models([folder / "r56.onnx", folder / "r56_merged.onnx"], batch=32, threads=2, runs=30, warmup=3)
+    rows = bench_models([folder / "r56.onnx", folder / "r56_merged.onnx"], batch=32, threads=2, runs=150, warmup=10)
     for r in rows:
         print(f"{Path(r['model']).name}: p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, "
               f"ratio {r['p50_ratio']:.3f}, params {r['params']:,}, MACs {r['macs']:,}")
