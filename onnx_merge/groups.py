@@ -240,11 +240,9 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")
         if kind == "other" and mergeable:
             mergeable, why = False, f"{_label(nxt)} is not positively homogeneous (prune only)"
-        if kind is None:
+        if kind is None:  # activations are elementwise: any layout will do
             _check_path_op(index, nxt, channel_last, flattened)
             flattened |= nxt.op_type in ("Flatten", "Reshape")
-        elif flattened or channel_last:
-            pass  # elementwise: layout does not matter
         path.append(nxt)
         tensor = nxt.output[0]
     if nxt.op_type == "MatMul" and nxt.input[1] == tensor:

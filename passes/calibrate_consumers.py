@@ -23,7 +23,7 @@ from onnx_merge.math import Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
-from .merge_channels import (_add_consumer_bias, apply_plan, consumer_view, describe, fix_shapes,
+from .merge_channels import (add_consumer_bias, apply_plan, consumer_view, describe, fix_shapes,
                              from_consumer_view, shrink_producer)
 
 log = logging.getLogger("onnx_merge")
@@ -188,5 +188,5 @@ class CalibrateConsumers:
         b_cur = _bias(index, layer, w_new.shape[0])
         shrink_producer(index, chain, kept)
         index.set_array(layer.weight, _from_matrix(layer, w_new / layer.alpha, current.shape).astype(current.dtype))
-        _add_consumer_bias(index, layer, b_new - b_cur)
+        add_consumer_bias(index, layer, b_new - b_cur)
         fix_shapes(index, chain, len(kept))

@@ -73,7 +73,7 @@ def from_consumer_view(view: np.ndarray, like: np.ndarray, layer: Layer) -> np.n
     return np.moveaxis(moved, 0, layer.in_axis)
 
 
-def _add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str:
+def add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str:
     node = layer.node
     if node.op_type == "MatMul":
         if layer.bias is None:
@@ -102,7 +102,7 @@ def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
     view = consumer_view(weight, c, chain.channels, chain.block)
     new_view, bias = compensate_consumer(view, comp)
     index.set_array(c.weight, from_consumer_view(new_view, weight, c))
-    return _add_consumer_bias(index, c, bias) if bias is not None else ""
+    return add_consumer_bias(index, c, bias) if bias is not None else ""
 
 
 def fix_shapes(index: GraphIndex, chain: Chain, kept_count: int) -> None:

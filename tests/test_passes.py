@@ -156,14 +156,12 @@ def test_layer_ratio_and_exclude_globs():
 def test_constant_subgraph_weights_are_folded():
     w1 = RNG.standard_normal((6, 4)).astype(np.float32)
     ws = rng_weights(RNG, w2=(3, 6))
-    t = onnx.numpy_helper.from_array(w1)
     vals = ", ".join(repr(float(v)) for v in w1.ravel())
     body = f"""wc = Constant <value = float[6, 4] {{{vals}}}> ()
         wi = Identity (wc)
         h = Gemm <transB = 1> (x, wi)
         r = Relu (h)
         y = Gemm <transB = 1> (r, w2)"""
-    del t
     model = make(body, "float[2, 4] x", "float[2, 3] y", ws)
     small, rep = compress(model, ratio=0.5)
     assert len(rep["layers"]) == 1
