@@ -235,6 +235,13 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             raise Rejected(f"{_label(nxt)} reads {tensor!r} as a non-data input")
         if nxt.op_type in LAYERS:
             break
+        if nxt.op_type == "BatchNormalization":  # after the activation: per channel, but affine
+            _bn_after(index, tensor)
+            if mergeable:
+                mergeable, why = False, f"{_label(nxt)} follows the activation (affine: prune only)"
+            path.append(nxt)
+            tensor = nxt.output[0]
+            continue
         kind = _activation_kind(index, nxt)
         if kind is None and nxt.op_type not in TRANSPARENT:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")

@@ -56,9 +56,10 @@ def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
     _take_channels(index, p.weight, kept, n, p.out_axis)
     if p.bias is not None:
         _take_channels(index, p.bias, kept, n, -1)
-    if chain.bn is not None:
-        for name in chain.bn.input[1:5]:
-            _take_channels(index, name, kept, n, 0)
+    for bn in [chain.bn] + [node for node in chain.path if node.op_type == "BatchNormalization"]:
+        if bn is not None:
+            for name in bn.input[1:5]:
+                _take_channels(index, name, kept, n, 0)
 
 
 def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int) -> np.ndarray:

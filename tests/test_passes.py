@@ -181,3 +181,73 @@ def test_old_opset_dropout_and_reshape():
     assert initializer_shapes(small)["w2"] == (2, 18)
     assert onnx.numpy_helper.to_array([t for t in small.graph.initializer if t.name == "shape"][0]).tolist() == [0, 18]
     assert run(small, x(1, 3, 3, 3))[0].shape == (1, 2)
+
+
+def _outputs_match(model, small, feeds, tol=1e-4):
+    return np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=tol, atol=tol)
+
+
+def _planted_gemm(ws: dict, name: str, src: int, dst: int, scale: float = 0.05, trans_b: bool = True):
+    w = ws[name]
+    if trans_b:
+        w[dst] = scale * w[src]
+    else:
+        w[:, dst] = scale * w[:, src]
+
+
+def test_gemm_without_transb_and_leaky_relu_merge_exactly():
+    ws = rng_weights(RNG, w1=(5, 6), w2=(6, 3))
+    _planted_gemm(ws, "w1", 0, 5, trans_b=False)
+    body = """h = Gemm (x, w1)
+        r = LeakyRelu <alpha = 0.1> (h)
+        y = Gemm (r, w2)"""
+    model = make(body, "float[3, 5] x", "float[3, 3] y", ws)
+    small, rep = compress(model, ratio=1 / 6)
+    assert initializer_shapes(small)["w1"] == (5, 5) and initializer_shapes(small)["w2"] == (5, 3)
+    assert rep["layers"][0]["merged"] == 1 and _outputs_match(model, small, x(3, 5))
+
+
+def test_conv_transpose_consumer():
+    ws = rng_weights(RNG, w1=(6, 2, 3, 3), w2=(6, 3, 2, 2))
+    ws["w1"][5] = 0.05 * ws["w1"][2]
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        r = Relu (c)
+        y = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2]> (r, w2)"""
+    model = make(body, "float[1, 2, 4, 4] x", "float[1, 3, 8, 8] y", ws)
+    small, rep = compress(model, ratio=1 / 6)
+    assert initializer_shapes(small)["w2"] == (5, 3, 2, 2) and _outputs_match(model, small, x(1, 2, 4, 4))
+
+
+def test_bn_after_relu_is_pruned_with_its_parameters():
+    ws = rng_weights(RNG, w1=(4, 6), w2=(3, 4))
+    ws |= {"g": np.ones(4, np.float32), "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32),
+           "v": np.ones(4, np.float32)}
+    body = """h = Gemm <transB = 1> (x, w1)
+        r = Relu (h)
+        n = BatchNormalization (r, g, b, m, v)
+        y = Gemm <transB = 1> (n, w2)"""
+    model = make(body, "float[2, 6] x", "float[2, 3] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"][0]["method"] == "prune" and initializer_shapes(small)["g"] == (2,)
+    assert run(small, x(2, 6))[0].shape == (2, 3)
+
+
+def test_depthwise_consumer_and_subgraph_reader_are_left_alone():
+    ws = rng_weights(RNG, w1=(4, 4, 1, 1), dw=(4, 1, 3, 3))
+    body = """c = Conv <kernel_shape = [1, 1]> (x, w1)
+        r = Relu (c)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 4> (r, dw)"""
+    model = make(body, "float[1, 4, 5, 5] x", "float[1, 4, 5, 5] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"] == [] and "depthwise" in " ".join(s["reason"] for s in rep["skipped"])
+    ws = rng_weights(RNG, w1=(4, 3), w2=(2, 4))
+    body = """h = Gemm <transB = 1> (x, w1)
+        r = Relu (h)
+        y = Gemm <transB = 1> (r, w2)
+        z = If (cond) <then_branch = g1 () => (float[2, 4] o1) { o1 = Identity (r) },
+                       else_branch = g2 () => (float[2, 4] o2) { o2 = Identity (r) }>"""
+    model = make(body, "float[2, 3] x, bool cond", "float[2, 2] y, float[2, 4] z", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"] == [] and initializer_shapes(small) == initializer_shapes(model)
+    feeds = x(2, 3) | {"cond": np.array(True)}
+    assert all(np.allclose(a, b) for a, b in zip(run(small, feeds), run(model, feeds)))
