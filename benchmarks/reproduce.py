@@ -41,9 +41,10 @@ def lenet_section(lines: list[str], plot: dict) -> None:
     ratios = [0.5, 0.6, 0.7, 0.8]
     configs = {
         "prune (l1)": dict(method="prune"),
-        "merge, paper config (exact scale, t=0.45)": dict(scale_rule="exact", threshold=0.45),
-        "merge, defaults (projection, t=0.1)": dict(),
-        "merge, kernel scale": dict(scale_rule="kernel"),
+        "merge, paper config (exact scale, t=0.45)": dict(method="merge", scale_rule="exact", threshold=0.45),
+        "merge (projection scale, t=0.1)": dict(method="merge"),
+        "merge, kernel scale": dict(method="merge", scale_rule="kernel"),
+        "regress (default; no BN here: cosine merge)": dict(method="regress"),
     }
     rows, params = [], []
     for name, kw in configs.items():
@@ -74,19 +75,20 @@ def resnet_section(lines: list[str], plot: dict) -> None:
         model = resnet_paper(w, fold=fold)
         form = "BN folded into conv (torch's default export)" if fold else "BatchNormalization nodes kept"
         configs = {"prune": dict(method="prune"),
-                   "merge (fold rule, exact scale)": dict(scale_rule="exact"),
-                   "merge (defaults: projection)": dict(),
-                   "merge (l2-path, exact scale)": dict(criterion="l2-path", scale_rule="exact")}
+                   "regress (default)": dict(),
+                   "merge (fold rule, exact scale)": dict(method="merge", scale_rule="exact"),
+                   "merge (projection scale)": dict(method="merge"),
+                   "merge (l2-path, exact scale)": dict(method="merge", criterion="l2-path", scale_rule="exact")}
         if not fold:
-            configs["merge (lambda rule, authors' S)"] = dict(bn_rule="lambda", scale_rule="paper")
-            configs["merge (lambda rule, exact S)"] = dict(bn_rule="lambda", scale_rule="exact")
-            configs["merge (lambda, authors' S) + BN bias"] = dict(bn_rule="lambda", scale_rule="paper",
-                                                                   bias_from_bn=True)
-            configs["merge (kernel scale)"] = dict(scale_rule="kernel")
+            configs["merge (lambda rule, authors' S)"] = dict(method="merge", bn_rule="lambda", scale_rule="paper")
+            configs["merge (lambda rule, exact S)"] = dict(method="merge", bn_rule="lambda", scale_rule="exact")
+            configs["merge (lambda, authors' S) + BN bias"] = dict(method="merge", bn_rule="lambda",
+                                                                   scale_rule="paper", bias_from_bn=True)
+            configs["merge (kernel scale)"] = dict(method="merge", scale_rule="kernel")
         rows, params = [], []
         for crit in ("l1-norm", "l2-norm", "l2-GM"):
             for name, kw in configs.items():
-                if crit != "l1-norm" and "l2-path" in name:
+                if crit != "l1-norm" and ("l2-path" in name or "regress" in name):
                     continue
                 kw = {"criterion": crit, **kw}
                 accs = []
@@ -106,7 +108,7 @@ def resnet_section(lines: list[str], plot: dict) -> None:
                   tabulate(ref + rows, headers=["criterion", "method"] + [f"r={r}" for r in ratios], tablefmt="github"),
                   "", "Parameters kept (incl. BN statistics): " + ", ".join(f"{100 * p:.1f} %" for p in params), ""]
         jpeg_rows = []
-        for name in ("prune", "merge (defaults: projection)", "merge (l2-path, exact scale)"):
+        for name in ("prune", "regress (default)", "merge (l2-path, exact scale)"):
             kw = configs[name]
             jpeg_rows.append([name] + [acc(compress(model, CompressOptions(ratio=r, **kw))[0], xj, yj, CIFAR)
                                        for r in ratios[:4]])
@@ -159,7 +161,7 @@ def write_plot(plot: dict, path: Path) -> None:
     for name, (_, accs) in plot["resnet_bn"].items():
         axes[1].plot(params, accs, marker="o", label=f"BN kept: {name}")
     for name, (_, accs) in plot["resnet_folded"].items():
-        if "l2-path" in name or "exact" in name:
+        if "l2-path" in name or "regress" in name:
             axes[1].plot(params, accs, marker="s", linestyle="--", label=f"folded: {name}")
     axes[1].scatter(params, RESNET_REF["merge"], marker="*", s=150, color="k", label="authors' merge", zorder=5)
     axes[1].set(title="ResNet-56, CIFAR-10 x_exact (l1-norm)", xlabel="parameters kept (%)", ylabel="top-1 (%)")

@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="IN.onnx")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
-    c.add_argument("--method", choices=METHODS, default="merge",
-                   help="merge: compensate removed channels in the next layer (default); prune: drop them")
+    c.add_argument("--method", choices=METHODS, default="regress",
+                   help="regress (default): express removed channels by all kept ones, fitted on activations "
+                   "modelled from BatchNormalization statistics (cosine merge where a layer has none); "
+                   "merge: the paper's neuron merging, one partner per removed channel; prune: drop them")
     c.add_argument("--criterion", choices=CRITERIA, default="l1-norm", help="which channels to keep (default l1-norm)")
     c.add_argument("--threshold", type=float, default=0.1, metavar="T",
                    help="minimum cosine similarity for a merge; below it the channel is only pruned (default 0.1)")

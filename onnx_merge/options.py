@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions
 
-METHODS = ("merge", "prune")
+METHODS = ("merge", "prune", "regress")
 
 
 @dataclass
 class CompressOptions:
     ratio: float = 0.5
-    method: str = "merge"
+    method: str = "regress"
     criterion: str = "l1-norm"
     threshold: float = 0.1
     lam: float = 0.85

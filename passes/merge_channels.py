@@ -24,7 +24,17 @@ from onnx_merge.shapes import drop_value_info
 log = logging.getLogger("onnx_merge")
 
 
-def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = False) -> ProducerArrays:
+def _slope(index: GraphIndex, chain: Chain) -> float:
+    for node in chain.path:
+        if node.op_type == "LeakyRelu":
+            return float(attr(node, "alpha", 0.01))
+        if node.op_type == "PRelu":
+            return float(index.array(node.input[1]).reshape(-1)[0])
+    return 0.0
+
+
+def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = False,
+                    consumer_rows: bool = False) -> ProducerArrays:
     p = chain.producer
     w = np.moveaxis(index.array(p.weight), p.out_axis, 0)
     rows = w.reshape(chain.channels, -1)
@@ -37,11 +47,14 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     if chain.bn is not None:
         bn = BatchNorm(*(index.array(n).astype(np.float64) for n in chain.bn.input[1:5]),
                        eps=float(attr(chain.bn, "epsilon", 1e-5)))
-    norms = None
-    if consumer_norms:
+    norms = rows_v = None
+    if consumer_norms or consumer_rows:
         view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
         norms = row_norms(view.reshape(chain.channels, -1))
-    return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms)
+        rows_v = view.reshape(chain.channels, -1) if consumer_rows else None
+    in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
+    return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
+                          in_channels=in_channels, slope=_slope(index, chain))
 
 
 def _take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
@@ -129,10 +142,14 @@ def fix_shapes(index: GraphIndex, chain: Chain, kept_count: int) -> None:
 
 def describe(chain: Chain, comp: Compensation, method: str) -> dict:
     cos = comp.notes.get("cosine")
-    return {"layer": chain.name, "op": chain.producer.node.op_type, "consumer": chain.consumer.name,
-            "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
-            "pruned": int(len(comp.removed) - len(comp.merged)), "method": method,
-            "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
+    regressed = 0 if comp.dense is None else int(np.count_nonzero(np.any(comp.dense != 0, axis=0)))
+    entry = {"layer": chain.name, "op": chain.producer.node.op_type, "consumer": chain.consumer.name,
+             "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
+             "regressed": regressed, "pruned": int(len(comp.removed) - len(comp.merged) - regressed),
+             "method": method, "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
+    if "fallback" in comp.notes:
+        entry["note"] = comp.notes["fallback"]
+    return entry
 
 
 class MergeChannels:
@@ -161,7 +178,8 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            arrays = producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path")
+            arrays = producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path",
+                                     consumer_rows=method == "regress")
             plans.append((chain, method, plan_layer(arrays, n_keep, opts.plan_options(method))))
         ctx.plans = plans
         if getattr(opts, "calibration", None) is not None:

@@ -94,28 +94,25 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
         cross[:f] += np.diag(a - fit.gram)[:f, None] * prior.T
     inv = np.linalg.inv(a)
     beta = inv @ cross
-    alive = list(range(channels))
-    index = {n: np.arange(n * g, (n + 1) * g) for n in range(channels)}
-    active = np.ones(f + 1, dtype=bool)
+    groups = np.arange(channels * g).reshape(channels, g)
+    alive = np.ones(channels, dtype=bool)
     for _ in range(channels - n_keep):
-        best, best_cost = None, np.inf
-        for n in alive:
-            idx = index[n]
-            block = inv[np.ix_(idx, idx)]
-            cost = float(np.sum(beta[idx] * np.linalg.solve(block, beta[idx])))
-            if cost < best_cost:
-                best, best_cost = n, cost
-        idx = index[best]
-        solve_block = np.linalg.solve(inv[np.ix_(idx, idx)], np.eye(len(idx)))
-        cols = inv[:, idx]
-        beta -= cols @ (solve_block @ beta[idx])
+        live = np.flatnonzero(alive)
+        idx = groups[live]  # (G, g)
+        blocks = inv[idx[:, :, None], idx[:, None, :]]  # (G, g, g)
+        sol = np.linalg.solve(blocks, beta[idx])  # (G, g, M)
+        cost = np.einsum("ngm,ngm->n", beta[idx], sol)
+        pick = live[int(np.argmin(cost))]
+        best = groups[pick]
+        solve_block = np.linalg.inv(inv[np.ix_(best, best)])
+        cols = inv[:, best]
+        beta -= cols @ (solve_block @ beta[best])
         inv -= cols @ solve_block @ cols.T
-        active[idx] = False
-        inv[idx, :] = 0.0
-        inv[:, idx] = 0.0
-        beta[idx] = 0.0
-        alive.remove(best)
-    kept = np.array(sorted(alive))
+        inv[best, :] = 0.0
+        inv[:, best] = 0.0
+        beta[best] = 0.0
+        alive[pick] = False
+    kept = np.flatnonzero(alive)
     return (kept,) + refit(fit, kept, channels, ridge, prior)
 
 

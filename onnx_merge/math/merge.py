@@ -104,3 +104,15 @@ def merge_through_bn(
             comp.scale[n] = big_s[p]
     comp.notes["cosine"] = best_cos
     return comp
+
+
+def duplicate_of(rows: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """For each row, the first earlier row it is a positive multiple of (cos >= 1 - tol, loose enough
+    for float32 weights), else -1."""
+    rows = np.asarray(rows)
+    norms = row_norms(rows)
+    unit = rows / np.where(norms > 0, norms, 1.0)[:, None]
+    cos = (unit @ unit.T).astype(np.float64)
+    same = np.tril(cos >= 1.0 - tol, k=-1) & (norms[:, None] > 0) & (norms[None, :] > 0)
+    first = np.where(same.any(axis=1), same.argmax(axis=1), -1)
+    return first

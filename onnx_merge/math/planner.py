@@ -9,7 +9,10 @@ import numpy as np
 from .batchnorm import BatchNorm, expected_relu
 from .compensation import Compensation
 from .criteria import select_kept
-from .merge import merge_by_cosine, merge_through_bn
+from .merge import duplicate_of, merge_by_cosine, merge_through_bn
+from .regress import consumer_metric_root, preactivation_model, regress_plan, sample_activations
+
+MAX_REGRESS_CHANNELS = 2048  # wider layers fall back to cosine merging (an N x N model each)
 
 BN_RULES = ("fold", "lambda")
 
@@ -20,13 +23,19 @@ class ProducerArrays:
 
     weight: (N, D) effective weight rows (Gemm alpha applied); bias: (N,) or None (Gemm beta
     applied); bn: the BatchNormalization that follows, if it was kept in the graph;
-    consumer_norms: (N,) L2 norm of the consumer's weights over each input channel.
+    consumer_norms: (N,) L2 norm of the consumer's weights over each input channel;
+    consumer_rows: (N, F) the consumer's weights per input channel (for ``regress``);
+    in_channels: input channels of the producer (rows are (in_channels, taps) flattened);
+    slope: the negative slope of the activation (0 for ReLU).
     """
 
     weight: np.ndarray
     bias: np.ndarray | None = None
     bn: BatchNorm | None = None
     consumer_norms: np.ndarray | None = None
+    consumer_rows: np.ndarray | None = None
+    in_channels: int = 0
+    slope: float = 0.0
 
     @property
     def n(self) -> int:
@@ -64,6 +73,7 @@ class PlanOptions:
     scale_rule: str = "projection"
     bn_rule: str = "fold"
     bias_from_bn: bool = False
+    ridge: float = 1e-3
 
 
 def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
@@ -72,6 +82,14 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
 
 
 def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
+    if opts.method == "regress":
+        if arrays.bn is not None and arrays.n <= MAX_REGRESS_CHANNELS and arrays.consumer_rows is not None:
+            return plan_regress(arrays, n_keep, opts)
+        comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}))
+        comp.notes["fallback"] = ("merged: no BatchNormalization statistics to model the activations"
+                                  if arrays.bn is None else
+                                  f"merged: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
+        return comp
     rows = arrays.folded_rows() if opts.criterion == "l2-path" else criterion_rows(arrays)
     kept = select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms)
     if opts.method == "prune":
@@ -100,3 +118,28 @@ def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
     merged = partner >= 0
     offset[removed[merged]] -= comp.scale[removed[merged]] * mean_act[comp.kept[partner[merged]]]
     return offset
+
+
+def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
+    """Gaussian-model regression (``regress.py``); exact positive multiples merged exactly.
+
+    Used only where a kept BatchNormalization gives the pre-activation statistics: measured
+    on folded graphs, a white-input model without them does far worse than cosine merging.
+    """
+    mean, cov = preactivation_model(arrays.weight, arrays.bias, arrays.bn, arrays.in_channels or
+                                    arrays.weight.shape[1])
+    acts = sample_activations(mean, cov, arrays.slope)
+    # Exact positive multiples add nothing: they leave first, through their representative.
+    rows = arrays.folded_rows()
+    candidates = np.flatnonzero(duplicate_of(rows) < 0)
+    if len(candidates) < n_keep:
+        candidates = np.arange(arrays.n)
+    comp = regress_plan(acts, n_keep, consumer_metric_root(arrays.consumer_rows), opts.ridge, candidates)
+    exact = merge_by_cosine(rows, comp.kept, 1.0 - 1e-6, "exact")
+    dup = exact.merged
+    if len(dup):  # a channel that is a positive multiple of a kept one: the exact merge, not a fit
+        comp.partner[dup], comp.scale[dup] = exact.partner[dup], exact.scale[dup]
+        column = np.searchsorted(comp.removed, dup)
+        comp.dense[:, column] = 0.0
+        comp.offset[dup] = 0.0
+    return comp

@@ -1,0 +1,55 @@
+"""The data-free regression method: its model on arrays, and what it buys on a real network."""
+
+import numpy as np
+import pytest
+
+from onnx_merge import CompressOptions, compress
+from onnx_merge.math.batchnorm import expected_relu
+from onnx_merge.math.merge import duplicate_of
+from onnx_merge.math.regress import (consumer_metric_root, input_channel_variances, regress_plan,
+                                     sample_activations)
+from tests.test_resnet import CIFAR, paper_weights  # noqa: F401 (fixture)
+
+
+def test_input_channel_variances_recover_a_planted_input_covariance():
+    rng = np.random.default_rng(0)
+    filters = rng.standard_normal((12, 3, 9))
+    s = np.array([0.5, 2.0, 0.0])
+    variances = (filters ** 2).sum(axis=2) @ s
+    assert np.allclose(input_channel_variances(filters, variances), s, atol=1e-8)
+
+
+def test_sampled_activations_have_the_gaussian_relu_mean():
+    mean, std = np.array([0.5, -1.0]), np.array([1.0, 2.0])
+    acts = sample_activations(mean, np.diag(std ** 2), samples=200_000)
+    assert np.allclose(acts.mean(axis=0), expected_relu(mean, std), rtol=2e-2)
+    leaky = sample_activations(mean, np.diag(std ** 2), slope=0.1, samples=1000)
+    assert (leaky < 0).any()
+
+
+def test_duplicates_and_exact_regression():
+    rows = np.array([[1.0, 2.0], [2.0, 4.0], [0.0, 1.0], [-1.0, -2.0]])
+    assert duplicate_of(rows).tolist() == [-1, 0, -1, -1]
+    rng = np.random.default_rng(1)
+    acts = np.maximum(rng.standard_normal((5000, 3)), 0)
+    acts = np.hstack([acts, 3.0 * acts[:, :1]])  # channel 3 = 3 x channel 0
+    consumer = rng.standard_normal((4, 5))
+    comp = regress_plan(acts, 3, consumer_metric_root(consumer), ridge=1e-9, candidates=np.arange(3))
+    assert comp.kept.tolist() == [0, 1, 2]
+    assert np.allclose(comp.dense[:, 0], [3.0, 0.0, 0.0], atol=1e-6) and abs(comp.offset[3]) < 1e-6
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_regress_beats_the_authors_merge_on_bn_kept_resnet(paper_weights, cifar, ratio):  # noqa: F811
+    from onnx_merge.evaluate import evaluate
+    from onnx_merge.models.resnet import resnet_paper
+
+    model = resnet_paper(paper_weights, fold=False)
+    x, y = cifar["x_exact"][:400], cifar["y"][:400]
+
+    def acc(**kw):
+        small = compress(model, CompressOptions(ratio=ratio, **kw))[0]
+        return evaluate(small.SerializeToString(), x, y, CIFAR, progress=False)["top1"]
+
+    authors = acc(method="merge", bn_rule="lambda", scale_rule="paper")
+    assert acc() > authors + 0.02  # the default (regress) clears the authors' formula by 2 points or more
