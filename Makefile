@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: install demo test test-slow fashion reproduce bench clean
+.PHONY: install demo test test-slow fashion reproduce bench fuzz clean
 
 $(BIN)/onnx-merge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ reproduce: install fashion
 
 bench: install
 	$(BIN)/python benchmarks/speed.py
+
+fuzz: install
+	FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/test_fuzz.py
 
 clean:
 	rm -rf out .pytest_cache
