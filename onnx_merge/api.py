@@ -27,12 +27,15 @@ def _progress(iterable, **kw):
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import CalibrateConsumers, FoldBatchNorm, FoldConstantWeights, MergeChannels, NameNodes, RemoveUnused
+    from .passes import (CalibrateConsumers, FoldBatchNorm, FoldConstantWeights, MergeChannels, NameNodes,
+                         PruneCoupled, RemoveUnused)
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
     steps = [NameNodes(), FoldConstantWeights(), MergeChannels()]
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
+    if options.coupled == "prune":
+        steps.append(PruneCoupled())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
     steps.append(RemoveUnused())

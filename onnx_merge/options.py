@@ -24,6 +24,7 @@ class CompressOptions:
     exclude: list[str] = field(default_factory=list)
     round_to: int = 1
     fold_bn: bool = True
+    coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
     calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
     calibration_batch: int = 64
@@ -43,6 +44,8 @@ class CompressOptions:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.coupled not in ("skip", "prune"):
+            raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
         if self.calibration_batch < 1:
             raise UsageError("the calibration batch must be at least 1")
         return self

@@ -6,5 +6,6 @@ from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstantWeights
 from .merge_channels import MergeChannels
 from .name_nodes import NameNodes
+from .prune_coupled import PruneCoupled
 
-__all__ = ["CalibrateConsumers", "FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "RemoveUnused"]
+__all__ = ["CalibrateConsumers", "FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused"]

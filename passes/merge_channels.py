@@ -64,11 +64,19 @@ def _take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis:
     index.set_array(name, np.take(arr, kept, axis=axis))
 
 
+def current_bias(layer: Layer) -> str | None:
+    """The layer's bias now: an earlier rewrite may have given it one (a consumer's offset)."""
+    if layer.node.op_type == "MatMul":
+        return layer.bias
+    return layer.node.input[2] if len(layer.node.input) > 2 and layer.node.input[2] else None
+
+
 def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
     p, n = chain.producer, chain.channels
     _take_channels(index, p.weight, kept, n, p.out_axis)
-    if p.bias is not None:
-        _take_channels(index, p.bias, kept, n, -1)
+    bias = current_bias(p)
+    if bias is not None:
+        _take_channels(index, bias, kept, n, -1)
     for bn in [chain.bn] + [node for node in chain.path if node.op_type == "BatchNormalization"]:
         if bn is not None:
             for name in bn.input[1:5]:
@@ -119,19 +127,25 @@ def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
     return add_consumer_bias(index, c, bias) if bias is not None else ""
 
 
+def shrink_reshape(index: GraphIndex, node: onnx.NodeProto, channels: int, kept_count: int) -> None:
+    """A flattening Reshape that spells out its feature count: channels blocks become kept_count."""
+    shape = index.array(node.input[1]).copy()
+    if shape[1] <= 0 or shape[1] % channels:
+        return  # -1 (inferred) or not a channel-major count: nothing spelled out to fix
+    shape[1] = shape[1] // channels * kept_count
+    if index.shared_with(node.input[1], node):  # another Reshape uses the same constant
+        name = index.unique_name(node.input[1] + "_pruned")
+        index.add_initializer(name, shape)
+        node.input[1] = name
+    else:
+        index.set_array(node.input[1], shape)
+
+
 def fix_shapes(index: GraphIndex, chain: Chain, kept_count: int) -> None:
     """Constants on the path that spell out the channel count, and stale value_info."""
     for node in chain.path:
         if node.op_type == "Reshape":
-            shape = index.array(node.input[1]).copy()
-            if shape[1] == chain.channels * chain.block:
-                shape[1] = kept_count * chain.block
-                if index.shared_with(node.input[1], node):
-                    name = index.unique_name(node.input[1] + "_pruned")
-                    index.add_initializer(name, shape)
-                    node.input[1] = name
-                else:
-                    index.set_array(node.input[1], shape)
+            shrink_reshape(index, node, chain.channels, kept_count)
         if node.op_type in ("Resize", "Upsample") and len(node.input) > 3 and index.is_weight(node.input[3]):
             sizes = index.array(node.input[3]).copy()
             if sizes.size > 1:

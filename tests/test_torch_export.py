@@ -84,3 +84,8 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert got.shape == (2, 10) and np.isfinite(got).all()
     assert main(["verify", str(path), str(out), "--min-cosine", "0.5"]) == 0
+    coupled = tmp_path / "coupled.onnx"
+    assert main(["compress", str(path), "-o", str(coupled), "--ratio", "0.5", "--coupled", "prune"]) == 0
+    dims = {t.name: tuple(t.dims) for t in onnx.load(coupled).graph.initializer}
+    widths = sorted(dims[n.input[1]][0] for n in onnx.load(coupled).graph.node if n.op_type == "Conv")
+    assert widths == sorted(c // 2 for c in orig_channels)  # every conv halves: residual groups too

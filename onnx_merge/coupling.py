@@ -1,0 +1,188 @@
+"""Coupled channel groups: channel spaces tied together across several layers.
+
+Union-find over tensors, keyed by their channel axis. Per-channel ops (BN, activations,
+pools, Dropout, ...) and elementwise ops between feature maps (a residual Add, a gating
+Mul) put their inputs and output in one space; a depthwise conv does too (its channel n
+reads only input channel n). Layers write a space (producers) or read one (consumers).
+A space also read by something whose channel mapping is not provable here (Concat, Split,
+Slice, Transpose, a graph input or output, a subgraph) is *blocked*, with the reason.
+
+A group is every producer, consumer, depthwise conv and per-channel parameter of one
+space; pruning it removes the same channel indices everywhere (DepGraph's idea, on ONNX).
+Merging is not exact across a sum of several producers, so groups are only pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .graph import GraphIndex, attr
+from .groups import Layer, Rejected, describe_layer
+
+PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
+               "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
+               "Identity", "Resize", "Upsample", "LpPool", "BatchNormalization", "InstanceNormalization", "PRelu"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
+
+
+def _rank(index: GraphIndex, tensor: str) -> int | None:
+    for v in list(index.graph.value_info) + list(index.graph.input) + list(index.graph.output):
+        if v.name == tensor and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def _spatial_reduction(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A reduction over spatial axes only (never batch or channel)."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and index.is_weight(node.input[1]):
+        axes = index.array(node.input[1]).tolist()
+    if not axes:
+        return False
+    rank = _rank(index, node.input[0])
+    if any(a < 0 for a in axes):
+        if rank is None:
+            return False
+        axes = [a + rank for a in axes]
+    return all(a >= 2 for a in axes)
+
+
+def _flattening_reshape(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Reshape to (batch, features) with the channel leading in the features."""
+    if len(node.input) < 2 or not index.is_weight(node.input[1]):
+        return False
+    shape = index.array(node.input[1]).tolist()
+    return len(shape) == 2 and shape[1] != 0
+
+
+@dataclass
+class Group:
+    root: str
+    producers: list[Layer] = field(default_factory=list)
+    consumers: list[Layer] = field(default_factory=list)
+    depthwise: list[onnx.NodeProto] = field(default_factory=list)
+    per_channel: list[tuple[onnx.NodeProto, str]] = field(default_factory=list)  # (node, parameter) to slice
+    reshapes: list[onnx.NodeProto] = field(default_factory=list)  # flattening Reshapes spelling out features
+    tensors: set[str] = field(default_factory=set)
+    blocked: str = ""
+
+    @property
+    def coupled(self) -> bool:
+        return len(self.producers) > 1 or bool(self.depthwise)
+
+
+class _Spaces:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, t: str) -> str:
+        self.parent.setdefault(t, t)
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def union(self, *names: str) -> None:
+        roots = [self.find(n) for n in names]
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+
+
+def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Conv" or not index.is_weight(node.input[1]):
+        return False
+    dims = index.initializers[node.input[1]].dims
+    return int(attr(node, "group", 1)) > 1 and dims[1] == 1 and dims[0] == int(attr(node, "group", 1))
+
+
+def find_groups(index: GraphIndex) -> list[Group]:
+    spaces = _Spaces()
+    blocked: dict[str, str] = {}
+    roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
+
+    def block(tensor: str, reason: str) -> None:
+        blocked.setdefault(tensor, reason)
+
+    for node in index.graph.node:
+        op = node.op_type
+        data = [i for i in node.input if i and not index.is_weight(i)]
+        label = f"{op} {node.name!r}"
+        if op in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            if _is_depthwise(index, node):
+                spaces.union(node.input[0], node.output[0])
+                roles.append((node.output[0], "depthwise", node))
+                continue
+            try:
+                layer = describe_layer(index, node)
+            except Rejected as exc:
+                for t in data + [node.output[0]]:
+                    block(t, f"{label}: {exc}")
+                continue
+            if op in ("Conv", "ConvTranspose") and int(attr(node, "group", 1)) != 1:
+                for t in data + [node.output[0]]:
+                    block(t, f"{label} is a grouped conv")
+                continue
+            if layer.bias_node is not None:
+                spaces.union(node.output[0], layer.output)
+            roles.append((layer.output, "producer", layer))
+            roles.append((node.input[0], "consumer", layer))
+        elif op in PER_CHANNEL:
+            if not data:
+                continue
+            spaces.union(data[0], node.output[0])
+            for i, name in enumerate(node.input[1:], 1):
+                if name and index.is_weight(name) and index.array(name).size > 1:
+                    roles.append((node.output[0], "param", (node, name)))
+                elif name and not index.is_weight(name) and op != "Clip":
+                    block(node.output[0], f"{label} takes a computed parameter")
+            if op == "BatchNormalization" and (attr(node, "training_mode", 0) or any(node.output[1:])):
+                block(node.output[0], f"{label} runs in training mode")
+        elif op in ELEMENTWISE:
+            if data:
+                spaces.union(*data, node.output[0])
+            for name in node.input:
+                if name and index.is_weight(name) and index.array(name).size > 1:
+                    roles.append((node.output[0], "param", (node, name)))
+        elif op in REDUCE and data and _spatial_reduction(index, node):
+            spaces.union(data[0], node.output[0])
+        elif (op == "Flatten" and int(attr(node, "axis", 1)) == 1) or (op == "Reshape" and _flattening_reshape(index, node)):
+            spaces.union(node.input[0], node.output[0])
+            roles.append((node.output[0], "flatten", node))
+        else:
+            for t in data + [o for o in node.output if o]:
+                block(t, f"{label} maps channels in a way not handled here")
+    for value in list(index.graph.input) + list(index.graph.output):
+        block(value.name, f"graph {'input' if value in index.graph.input else 'output'} {value.name!r}")
+    for name, readers in index.readers.items():
+        for r in readers:
+            if not isinstance(r, str) and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                              for a in r.attribute):
+                block(name, f"read inside a subgraph of {r.op_type} {r.name!r}")
+
+    groups: dict[str, Group] = {}
+    for tensor in list(spaces.parent):
+        root = spaces.find(tensor)
+        group = groups.setdefault(root, Group(root=root))
+        group.tensors.add(tensor)
+        if tensor in blocked and not group.blocked:
+            group.blocked = blocked[tensor]
+    for tensor, role, payload in roles:
+        group = groups.setdefault(spaces.find(tensor), Group(root=spaces.find(tensor)))
+        if role == "producer":
+            group.producers.append(payload)
+        elif role == "consumer":
+            group.consumers.append(payload)
+        elif role == "depthwise":
+            group.depthwise.append(payload)
+        elif role == "param":
+            group.per_channel.append(payload)
+        elif role == "flatten" and payload.op_type == "Reshape":
+            group.reshapes.append(payload)
+    for tensor, reason in blocked.items():
+        group = groups.get(spaces.find(tensor))
+        if group is not None and not group.blocked:
+            group.blocked = reason
+    return [g for g in groups.values() if g.producers]

@@ -1,0 +1,113 @@
+"""Prune coupled channel groups consistently (``--coupled prune``).
+
+    conv_a -> BN -> \\                      conv_a[kept] -> BN[kept] -> \\
+                      Add -> Relu -> conv_c     becomes                      Add -> Relu -> conv_c[:, kept]
+    conv_b -> BN -> /                      conv_b[kept] -> BN[kept] -> /
+
+Every layer writing the group's channels loses the same output channels, every layer
+reading them the same input channels, depthwise convs the same channels (and group count).
+Channels are ranked by the criterion summed over the producers, each producer's scores
+divided by their mean so that no single layer's scale decides. Not merging: a channel of a
+sum is not a positive multiple of another unless every term is, so the group is pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from onnx_merge.coupling import Group, find_groups
+from onnx_merge.graph import GraphIndex, set_attr
+from onnx_merge.math import importance, keep_count
+from onnx_merge.shapes import drop_value_info
+
+from .merge_channels import _take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
+
+log = logging.getLogger("onnx_merge")
+
+
+def _channels(index: GraphIndex, group: Group) -> int | str:
+    counts = {int(index.initializers[p.weight].dims[p.out_axis]) for p in group.producers}
+    counts |= {int(index.initializers[d.input[1]].dims[0]) for d in group.depthwise}
+    if len(counts) != 1:
+        return f"producers disagree on the channel count ({sorted(counts)})"
+    n = counts.pop()
+    for c in group.consumers:
+        features = int(index.initializers[c.weight].dims[c.in_axis])
+        if features % n:
+            return f"consumer {c.name!r} reads {features} features, not a multiple of {n} channels"
+    for node, name in group.per_channel:
+        if index.array(name).size != n or max(index.array(name).shape) != n:
+            return f"{node.op_type} {node.name!r} parameter {name!r} is not per channel"
+    return n
+
+
+def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarray:
+    total = np.zeros(n)
+    for p in group.producers:
+        rows = np.moveaxis(index.array(p.weight), p.out_axis, 0).reshape(n, -1)
+        s = importance(rows, "l2-norm" if criterion == "l2-path" else criterion)
+        total += s / (s.mean() if s.mean() > 0 else 1.0)
+    return total
+
+
+def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
+    for p in group.producers:
+        _take_channels(index, p.weight, kept, n, p.out_axis)
+        if current_bias(p) is not None:
+            _take_channels(index, current_bias(p), kept, n, -1)
+    for node in group.depthwise:
+        _take_channels(index, node.input[1], kept, n, 0)
+        if len(node.input) > 2 and node.input[2]:
+            _take_channels(index, node.input[2], kept, n, 0)
+        set_attr(node, "group", len(kept))
+    for _, name in group.per_channel:
+        arr = index.array(name)
+        index.set_array(name, np.take(arr, kept, axis=int(np.argmax(arr.shape))))
+    for c in group.consumers:
+        weight = index.array(c.weight)
+        block = int(weight.shape[c.in_axis]) // n
+        view = consumer_view(weight, c, n, block)
+        index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
+    for node in group.reshapes:
+        shrink_reshape(index, node, n, len(kept))
+    drop_value_info(index.model, group.tensors)
+
+
+class PruneCoupled:
+    name = "prune-coupled"
+
+    def run(self, model: onnx.ModelProto, ctx) -> bool:
+        opts = ctx.options
+        index = GraphIndex(model)
+        changed = False
+        for group in find_groups(index):
+            if not group.coupled and len(group.consumers) == 1:
+                continue  # a free chain: the merge pass's business
+            names = [p.name for p in group.producers]
+            if group.blocked:
+                ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
+                continue
+            n = _channels(index, group)
+            if isinstance(n, str):
+                ctx.skip(", ".join(names), f"coupled group left whole: {n}")
+                continue
+            ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
+                      group.producers]
+            if any(r is None for r in ratios):
+                ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
+                continue
+            n_keep = keep_count(n, min(ratios), opts.round_to)
+            if n_keep >= n:
+                continue
+            kept = np.sort(np.argsort(-_scores(index, group, n, opts.criterion), kind="stable")[:n_keep])
+            prune_group(index, group, kept, n)
+            ctx.report.setdefault("layers", []).append({
+                "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in group.consumers),
+                "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
+                "method": "prune (coupled)", "depthwise": [d.name for d in group.depthwise]})
+            log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)
+            changed = True
+        return changed

@@ -1,0 +1,95 @@
+"""Coupled channel groups pruned consistently (--coupled prune)."""
+
+import numpy as np
+import onnx
+
+from onnx_merge import CompressOptions, compress
+from tests.helpers import run
+from tests.test_passes import make, x
+
+RNG = np.random.default_rng(7)
+
+
+def _bn(name, c):
+    return {f"{name}_g": RNG.uniform(0.5, 1.5, c).astype(np.float32), f"{name}_b": RNG.normal(0, .1, c).astype(np.float32),
+            f"{name}_m": RNG.normal(0, .1, c).astype(np.float32), f"{name}_v": RNG.uniform(.5, 1.5, c).astype(np.float32)}
+
+
+def _w(*shape):
+    return (RNG.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def _bnode(inp, out, name):
+    return f"{out} = BatchNormalization ({inp}, {name}_g, {name}_b, {name}_m, {name}_v)"
+
+
+def bottleneck_net(blocks=2, width=16, inner=8):
+    ws = {"stem": _w(width, 3, 3, 3), **_bn("sbn", width), "fc": _w(10, width)}
+    lines = ['s = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, stem)', _bnode("s", "sb", "sbn"),
+             "h0 = Relu (sb)"]
+    for i in range(blocks):
+        ws |= {f"a{i}": _w(inner, width, 1, 1), f"b{i}": _w(inner, inner, 3, 3), f"c{i}": _w(width, inner, 1, 1)}
+        ws |= _bn(f"abn{i}", inner) | _bn(f"bbn{i}", inner) | _bn(f"cbn{i}", width)
+        lines += [f"a{i}o = Conv <kernel_shape = [1, 1]> (h{i}, a{i})", _bnode(f"a{i}o", f"a{i}n", f"abn{i}"),
+                  f"a{i}r = Relu (a{i}n)",
+                  f"b{i}o = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (a{i}r, b{i})",
+                  _bnode(f"b{i}o", f"b{i}n", f"bbn{i}"), f"b{i}r = Relu (b{i}n)",
+                  f"c{i}o = Conv <kernel_shape = [1, 1]> (b{i}r, c{i})", _bnode(f"c{i}o", f"c{i}n", f"cbn{i}"),
+                  f"s{i} = Add (c{i}n, h{i})", f"h{i + 1} = Relu (s{i})"]
+    lines += [f"p = GlobalAveragePool (h{blocks})", "f = Flatten <axis = 1> (p)", "y = Gemm <transB = 1> (f, fc)"]
+    return make("\n".join(lines), "float[2, 3, 8, 8] x", "float[2, 10] y", ws)
+
+
+def _out_channels(model):
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {n.name or n.output[0]: dims[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}, dims
+
+
+def test_bottleneck_residual_group_is_pruned_consistently():
+    model = bottleneck_net()
+    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    onnx.checker.check_model(small, full_check=True)
+    _, dims = _out_channels(small)
+    assert dims["stem"][0] == dims["c0"][0] == dims["c1"][0] == 11  # floor(16 * 0.7)
+    assert dims["a0"][1] == dims["a1"][1] == dims["fc"][1] == 11
+    kept_bn, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", fold_bn=False))
+    bn_dims = {t.name: tuple(t.dims) for t in kept_bn.graph.initializer}
+    assert bn_dims["cbn0_g"] == bn_dims["sbn_v"] == bn_dims["cbn1_m"] == (11,)
+    assert np.allclose(run(kept_bn, x(2, 3, 8, 8))[0].shape, (2, 10))
+    assert dims["a0"][0] == 5 and dims["b0"] == (5, 5, 3, 3)  # inner chains: floor(8 * 0.7)
+    assert rep["params_after"] < rep["params_before"]
+    assert run(small, x(2, 3, 8, 8))[0].shape == (2, 10)
+    skipped, _ = compress(model, CompressOptions(ratio=0.3))
+    assert _out_channels(skipped)[1]["stem"][0] == 16  # default: coupled channels stay whole
+
+
+def test_depthwise_block_prunes_group_count():
+    ws = {"w1": _w(8, 4, 1, 1), **_bn("n1", 8), "dw": _w(8, 1, 3, 3), **_bn("n2", 8), "w3": _w(6, 8, 1, 1)}
+    body = "\n".join(["a = Conv <kernel_shape = [1, 1]> (x, w1)", _bnode("a", "an", "n1"), "ar = Relu (an)",
+                      "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (ar, dw)",
+                      _bnode("d", "dn", "n2"), "dr = Relu (dn)", "y = Conv <kernel_shape = [1, 1]> (dr, w3)"])
+    model = make(body, "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", ws)
+    small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["w1"] == (4, 4, 1, 1) and dims["dw"] == (4, 1, 3, 3) and dims["w3"] == (6, 4, 1, 1)
+    dw = next(n for n in small.graph.node if list(n.input[1:2]) == ["dw"])
+    assert next(a.i for a in dw.attribute if a.name == "group") == 4
+    assert run(small, x(1, 4, 6, 6))[0].shape == (1, 6, 6, 6)
+
+
+def test_option_a_shortcuts_are_refused_with_a_reason():
+    from pathlib import Path
+
+    import pytest
+
+    from onnx_merge.models.resnet import resnet_akamaster
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "weights" / "resnet20_cifar10_akamaster.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    model = resnet_akamaster(dict(np.load(path)), fold=True)
+    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    onnx.checker.check_model(small, full_check=True)
+    reasons = " ".join(s["reason"] for s in rep["skipped"])
+    assert "Slice" in reasons or "Pad" in reasons
+    assert run(small, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
