@@ -93,3 +93,45 @@ def test_option_a_shortcuts_are_refused_with_a_reason():
     reasons = " ".join(s["reason"] for s in rep["skipped"])
     assert "Slice" in reasons or "Pad" in reasons
     assert run(small, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
+
+
+def _compresses(model, shape, **kw):
+    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune", **kw))
+    onnx.checker.check_model(small, full_check=True)
+    assert rep["params_after"] < rep["params_before"]
+    feeds = x(*shape)
+    assert [o.shape for o in run(small, feeds)] == [o.shape for o in run(model, feeds)]
+    return small, rep
+
+
+def test_fire_module_with_concat():
+    ws = {"sq": _w(8, 16, 1, 1), "e1": _w(16, 8, 1, 1), "e3": _w(16, 8, 3, 3), "head": _w(10, 32, 1, 1)}
+    body = """s = Conv <kernel_shape = [1, 1]> (x, sq)
+        sr = Relu (s)
+        a = Conv <kernel_shape = [1, 1]> (sr, e1)
+        b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (sr, e3)
+        ar = Relu (a)
+        br = Relu (b)
+        c = Concat <axis = 1> (ar, br)
+        h = Conv <kernel_shape = [1, 1]> (c, head)
+        p = GlobalAveragePool (h)
+        y = Flatten <axis = 1> (p)"""
+    model = make(body, "float[1, 16, 6, 6] x", "float[1, 10] y", ws)
+    small, rep = _compresses(model, (1, 16, 6, 6))
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["sq"][0] == dims["e1"][1] == dims["e3"][1] == 5  # squeeze channels feed both expands
+    assert dims["e1"][0] == 16 and "Concat" in " ".join(s["reason"] for s in rep["skipped"])
+
+
+def test_dense_block_and_vgg_head_with_dropout_and_softmax():
+    ws = {"b1": _w(16, 8, 1, 1), **_bn("n1", 16), "c1": _w(4, 16, 3, 3), "fc1": _w(12, 12 * 16), "fc2": _w(5, 12)}
+    body = "\n".join([
+        "h = Conv <kernel_shape = [1, 1]> (x, b1)", _bnode("h", "hn", "n1"), "hr = Relu (hn)",
+        "g = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (hr, c1)",
+        "d = Concat <axis = 1> (x, g)",
+        "f = Flatten <axis = 1> (d)", "l = Gemm <transB = 1> (f, fc1)", "lr = Relu (l)", "dr = Dropout (lr)",
+        "o = Gemm <transB = 1> (dr, fc2)", "y = Softmax <axis = 1> (o)"])
+    model = make(body, "float[2, 8, 4, 4] x", "float[2, 5] y", ws)
+    small, rep = _compresses(model, (2, 8, 4, 4))
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["b1"][0] == 11 and dims["fc1"][0] == 8 and dims["fc2"][1] == 8
