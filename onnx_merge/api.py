@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
+from .coupling import describe_group, find_groups
 from .groups import find_chains
 from .graph import GraphIndex
 from .io import load_arrays, load_model, save_model
@@ -64,13 +65,16 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     model = copy.deepcopy(model)
     ctx = Context(options=None)
     PassManager([NameNodes(), FoldConstantWeights()]).run(model, ctx)
-    chains, skips = find_chains(GraphIndex(model))
+    index = GraphIndex(model)
+    chains, skips = find_chains(index)
     return {
         "chains": [{"layer": c.name, "op": c.producer.node.op_type, "channels": c.channels,
                     "bn": c.bn.name if c.bn is not None else None, "path": [n.op_type for n in c.path],
                     "consumer": c.consumer.name, "block": c.block, "mergeable": c.mergeable,
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
+        "groups": [describe_group(index, g) for g in find_groups(index)
+                   if g.coupled or len(g.consumers) != 1],
         "params": count_parameters(model),
         "macs": count_macs(model),
     }

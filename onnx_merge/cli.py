@@ -210,6 +210,12 @@ def cmd_inspect(args) -> int:
     print(tabulate(rows, headers=["layer", "op", "channels", "bn", "path", "consumer", "block", "mergeable"]))
     for s in info["skipped"]:
         print(f"skipped {s['node']}: {s['reason']}")
+    if info["groups"]:
+        print("\ncoupled channel groups (pruned together with --coupled prune):")
+        rows = [[" + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
+                 g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
+        print(tabulate(rows, headers=["producers", "consumers", "depthwise", "channels", "params/channel", "status"],
+                       maxcolwidths=[40, 40, 20, None, None, 50]))
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
     print(f"{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0

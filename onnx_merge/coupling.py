@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .graph import GraphIndex, attr
@@ -186,3 +187,19 @@ def find_groups(index: GraphIndex) -> list[Group]:
         if group is not None and not group.blocked:
             group.blocked = reason
     return [g for g in groups.values() if g.producers]
+
+
+def describe_group(index: GraphIndex, group: Group) -> dict:
+    """A group as ``inspect`` shows it: members, width, parameters tied to each channel."""
+    first = group.producers[0]
+    channels = int(index.initializers[first.weight].dims[first.out_axis])
+
+    def size(name: str) -> int:
+        return int(np.prod(index.initializers[name].dims))
+
+    # every member's weights divide evenly by the channel count (consumers: blocks after a Flatten)
+    per_channel = sum(size(layer.weight) for layer in group.producers + group.consumers) // channels
+    per_channel += sum(size(node.input[1]) for node in group.depthwise) // channels + len(group.per_channel)
+    return {"producers": [p.name for p in group.producers], "consumers": [c.name for c in group.consumers],
+            "depthwise": [d.name for d in group.depthwise], "channels": channels,
+            "params_per_channel": per_channel, "left_whole": group.blocked or None}
