@@ -135,3 +135,13 @@ def test_dense_block_and_vgg_head_with_dropout_and_softmax():
     small, rep = _compresses(model, (2, 8, 4, 4))
     dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
     assert dims["b1"][0] == 11 and dims["fc1"][0] == 8 and dims["fc2"][1] == 8
+
+
+def test_inspect_lists_groups_and_why_they_are_whole():
+    from onnx_merge import inspect_model
+
+    info = inspect_model(bottleneck_net())
+    residual = next(g for g in info["groups"] if "stem" in " ".join(g["producers"]) or len(g["producers"]) == 3)
+    assert len(residual["producers"]) == 3 and residual["channels"] == 16 and residual["left_whole"] is None
+    assert residual["params_per_channel"] > 0
+    assert any(g["left_whole"] for g in info["groups"])  # the logits group: a graph output
