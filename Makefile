@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: install demo test test-slow fashion reproduce bench fuzz clean
+.PHONY: install demo test test-slow fashion reproduce bench large fuzz clean
 
 $(BIN)/onnx-merge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ reproduce: install fashion
 
 bench: install
 	$(BIN)/python benchmarks/speed.py
+
+large: install
+	$(BIN)/python benchmarks/large_model.py
 
 fuzz: install
 	FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/test_fuzz.py

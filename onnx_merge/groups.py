@@ -232,7 +232,11 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
         if nxt is GRAPH_OUTPUT:
             raise Rejected(f"channels of {tensor!r} are a graph output")
         if nxt.input[0] != tensor:
-            raise Rejected(f"{_label(nxt)} reads {tensor!r} as a non-data input")
+            others = [i for i in nxt.input if i and i != tensor and not index.is_weight(i)]
+            if others:
+                raise Rejected(f"channels of {tensor!r} meet {', '.join(map(repr, others))} at {_label(nxt)}: "
+                               "coupled, left whole")
+            raise Rejected(f"{_label(nxt)} reads {tensor!r} as a parameter, not as data")
         if nxt.op_type in LAYERS:
             break
         if nxt.op_type == "BatchNormalization":  # after the activation: per channel, but affine

@@ -29,7 +29,6 @@ class CompressOptions:
     calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
-    calibration_prior: bool = True  # ridge toward the original consumer weights, not toward zero
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
 
     def validate(self) -> "CompressOptions":

@@ -121,13 +121,11 @@ class CalibrateConsumers:
                 entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
                 layers.append(entry)
                 continue
-            fit, prior = fit
-            prior = prior if opts.calibration_prior else None
             candidates = []  # (error on the calibration data, kept, W', b') -- lowest wins
-            chosen = select_channels(fit, chain.channels, len(comp.kept), ridge=opts.calibration_ridge, prior=prior)
+            chosen = select_channels(fit, chain.channels, len(comp.kept), ridge=opts.calibration_ridge)
             if chosen is not None:
                 for kept in (chosen[0], comp.kept):
-                    w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge, prior)
+                    w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge)
                     candidates.append((objective(fit, self._embed(w_new, kept, chain), b_new), kept, w_new, b_new))
             best = min(candidates, key=lambda c: c[0]) if candidates else None
             if best is None or best[0] >= _data_free_objective(fit, index, chain, comp):
@@ -154,8 +152,8 @@ class CalibrateConsumers:
 
     @staticmethod
     def _statistics(model, index, orig_index, orig_nodes, chain, feeds, total, batch,
-                    opts) -> tuple[LeastSquaresFit, np.ndarray] | None:
-        """Least-squares statistics of the consumer, and its original weights (M, F)."""
+                    opts) -> LeastSquaresFit | None:
+        """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
         layer = chain.consumer
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
         w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
@@ -179,7 +177,7 @@ class CalibrateConsumers:
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
                 f_new, f_orig = f_new[pick], f_orig[pick]
             fit.add(f_new, f_orig @ w_orig.T + b_orig)
-        return (fit, w_orig) if fit.rows else None
+        return fit if fit.rows else None
 
     @staticmethod
     def _rewrite(index: GraphIndex, chain: Chain, kept: np.ndarray, w_new: np.ndarray, b_new: np.ndarray) -> None:

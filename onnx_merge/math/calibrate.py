@@ -70,8 +70,7 @@ def objective(fit: LeastSquaresFit, w: np.ndarray, b: np.ndarray) -> float:
 
 
 def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
-                    max_condition: float = 1e10, prior: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                    max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Greedy backward elimination of whole channels (groups of features) by the group
     Optimal-Brain-Surgeon cost, then the least-squares consumer on what is kept.
 
@@ -79,9 +78,6 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
     Removing group G from the ridge solution beta = A^-1 C raises the error by
     tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated after
     each removal (Schur complement), so only one F x F inverse is ever formed.
-    With ``prior`` (M, F), the ridge pulls the weights toward it instead of toward zero
-    (the original consumer weights: with few samples the fit then stays near the layer
-    it replaces); the elimination cost stays exact, the objective being quadratic.
     Returns (kept channels, W' (M, P * g), b' (M,)), or None when A is ill-conditioned.
     """
     f = fit.gram.shape[0] - 1
@@ -89,11 +85,8 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
     a = regularized(fit, ridge)
     if not np.isfinite(a).all() or np.linalg.cond(a) > max_condition:
         return None
-    cross = fit.cross.copy()
-    if prior is not None:
-        cross[:f] += np.diag(a - fit.gram)[:f, None] * prior.T
     inv = np.linalg.inv(a)
-    beta = inv @ cross
+    beta = inv @ fit.cross
     groups = np.arange(channels * g).reshape(channels, g)
     alive = np.ones(channels, dtype=bool)
     for _ in range(channels - n_keep):
@@ -113,18 +106,14 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
         beta[best] = 0.0
         alive[pick] = False
     kept = np.flatnonzero(alive)
-    return (kept,) + refit(fit, kept, channels, ridge, prior)
+    return (kept,) + refit(fit, kept, channels, ridge)
 
 
-def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 1e-3,
-          prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """The regularised least-squares consumer (W' (M, P * g), b' (M,)) on the kept channels."""
     f = fit.gram.shape[0] - 1
     g = f // channels
     a = regularized(fit, ridge)
-    cross = fit.cross.copy()
-    if prior is not None:
-        cross[:f] += np.diag(a - fit.gram)[:f, None] * prior.T
     rows = np.r_[(np.asarray(kept)[:, None] * g + np.arange(g)).ravel(), f]
-    sol = np.linalg.solve(a[np.ix_(rows, rows)], cross[rows])
+    sol = np.linalg.solve(a[np.ix_(rows, rows)], fit.cross[rows])
     return sol[:-1].T, sol[-1]
