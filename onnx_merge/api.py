@@ -27,12 +27,18 @@ def _progress(iterable, **kw):
     return tqdm(iterable, leave=False, disable=None, **kw)
 
 
+def canonicalize() -> PassManager:
+    """Name nodes and turn computed weights into initializers: what every later step expects."""
+    from .passes import FoldConstantWeights, NameNodes
+
+    return PassManager([NameNodes(), FoldConstantWeights()])
+
+
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import (CalibrateConsumers, FoldBatchNorm, FoldConstantWeights, MergeChannels, NameNodes,
-                         PruneCoupled, RemoveUnused)
+    from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
-    steps = [NameNodes(), FoldConstantWeights(), MergeChannels()]
+    steps = [MergeChannels()]
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
     if options.coupled == "prune":
@@ -51,8 +57,10 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
         model = copy.deepcopy(model)
     report = {"options": {k: v for k, v in vars(options).items() if k != "calibration"}}
     report["options"]["calibrated"] = options.calibration is not None
-    report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
     ctx = Context(options=options, report=report, progress=_progress)
+    canonicalize().run(model, ctx)
+    # counted after canonicalizing: weights computed by constant subgraphs count too
+    report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), count_macs(model)
     return model, report
@@ -60,11 +68,8 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
 
 def inspect_model(model: onnx.ModelProto) -> dict:
     """Chains that can be compressed, and why every other layer cannot."""
-    from .passes import FoldConstantWeights, NameNodes
-
     model = copy.deepcopy(model)
-    ctx = Context(options=None)
-    PassManager([NameNodes(), FoldConstantWeights()]).run(model, ctx)
+    canonicalize().run(model, Context(options=None))
     index = GraphIndex(model)
     chains, skips = find_chains(index)
     return {

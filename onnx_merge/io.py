@@ -127,6 +127,14 @@ def weights_size(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
+def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR versions before 4 require every initializer to be a graph input too."""
+    listed = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in listed:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool, source: Path | None = None) -> Path:
     """Write ``model`` to ``out`` atomically, checked, with a runtime-loadable IR version.
 
@@ -138,6 +146,8 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool
     if not out.parent.is_dir():
         raise UsageError(f"{out}: output folder {out.parent} does not exist")
     model.ir_version = runtime_ir_version(model)
+    if model.ir_version < 4:
+        list_initializers_as_inputs(model)
     external = external or weights_size(model) >= _TWO_GB - (64 << 20)
     data_name = out.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-merge-", dir=out.parent))

@@ -46,7 +46,8 @@ def preactivation_model(weight: np.ndarray, bias: np.ndarray | None, bn: BatchNo
         return mean, w @ w.T
     f = w.reshape(n, in_channels, -1)
     s = input_channel_variances(f, bn.var)
-    cov_in = np.einsum("ict,c,jct->ij", f, s, f) if s.any() else w @ w.T
+    scaled = (f * np.sqrt(s)[None, :, None]).reshape(n, -1)
+    cov_in = scaled @ scaled.T if s.any() else w @ w.T
     d = np.sqrt(np.maximum(np.diag(cov_in), 1e-30))
     corr = cov_in / np.outer(d, d)
     gamma = np.asarray(bn.gamma, np.float64)
@@ -56,18 +57,29 @@ def preactivation_model(weight: np.ndarray, bias: np.ndarray | None, bn: BatchNo
 def sample_activations(mean: np.ndarray, cov: np.ndarray, slope: float = 0.0, samples: int = SAMPLES,
                        seed: int = 0) -> np.ndarray:
     """(samples, N) draws of f(z), z ~ N(mean, cov), f a ReLU with negative ``slope``."""
-    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
-    root = vecs * np.sqrt(np.clip(vals, 0.0, None))
-    z = mean + np.random.default_rng(seed).standard_normal((samples, len(mean))) @ root.T
+    z = mean + np.random.default_rng(seed).standard_normal((samples, len(mean))) @ psd_root(cov).T
     return np.where(z > 0, z, slope * z)
+
+
+def psd_root(matrix: np.ndarray) -> np.ndarray:
+    """L with L L^T ~= matrix (symmetric PSD): Cholesky with a little jitter, which is
+    much cheaper than an eigendecomposition on wide layers."""
+    m = (np.asarray(matrix, np.float64) + np.asarray(matrix, np.float64).T) / 2
+    jitter = 1e-10 * max(np.trace(m) / max(len(m), 1), 1e-30)
+    for _ in range(6):
+        try:
+            return np.linalg.cholesky(m + jitter * np.eye(len(m)))
+        except np.linalg.LinAlgError:
+            jitter *= 100
+    vals, vecs = np.linalg.eigh(m)
+    return vecs * np.sqrt(np.clip(vals, 0.0, None))
 
 
 def consumer_metric_root(consumer_rows: np.ndarray) -> np.ndarray:
     """L with L L^T = V V^T for the consumer's (N, F) rows: errors in activation space
     weighted by how much the consumer reads each channel."""
     v = np.asarray(consumer_rows, np.float64)
-    vals, vecs = np.linalg.eigh(v @ v.T)
-    return vecs * np.sqrt(np.clip(vals, 0.0, None))
+    return psd_root(v @ v.T)
 
 
 def regress_plan(acts: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: float = 1e-3,
@@ -76,16 +88,26 @@ def regress_plan(acts: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: 
     elimination; the removed ones regressed on the kept ones plus a constant."""
     n = acts.shape[1]
     candidates = np.arange(n) if candidates is None else np.asarray(candidates)
-    fit = LeastSquaresFit(len(candidates), metric_root.shape[1])
-    fit.add(acts[:, candidates], acts @ metric_root)
-    chosen = select_channels(fit, len(candidates), n_keep, ridge=ridge)
+    # One Gram matrix of [acts, 1] serves every least-squares problem below.
+    aug = np.hstack([acts, np.ones((len(acts), 1))])
+    gram = aug.T @ aug
+    ones = n
+
+    def problem(features: np.ndarray, targets: np.ndarray) -> LeastSquaresFit:
+        rows = np.r_[features, ones]
+        fit = LeastSquaresFit(len(features), targets.shape[1])
+        fit.gram, fit.rows = gram[np.ix_(rows, rows)], len(acts)
+        fit.cross = targets[rows]
+        return fit
+
+    select = problem(candidates, gram[:, :n] @ metric_root)  # targets: acts @ L
+    chosen = select_channels(select, len(candidates), n_keep, ridge=ridge)
     if chosen is None:
         raise np.linalg.LinAlgError("activation model is ill-conditioned")
     comp = Compensation.prune(n, candidates[chosen[0]])
     removed = comp.removed
     if len(removed):
-        target = LeastSquaresFit(len(comp.kept), len(removed))
-        target.add(acts[:, comp.kept], acts[:, removed])
+        target = problem(comp.kept, gram[:, removed])
         coef, intercept = refit(target, np.arange(len(comp.kept)), len(comp.kept), ridge)
         comp.dense = coef.T
         comp.offset = np.zeros(n)
