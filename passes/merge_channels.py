@@ -57,7 +57,7 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
                           in_channels=in_channels, slope=_slope(index, chain))
 
 
-def _take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
+def take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
     arr = index.array(name)
     if arr.ndim == 0 or arr.shape[axis] != n:
         return  # a broadcast (per-layer) value: nothing per channel to remove
@@ -73,14 +73,14 @@ def current_bias(layer: Layer) -> str | None:
 
 def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
     p, n = chain.producer, chain.channels
-    _take_channels(index, p.weight, kept, n, p.out_axis)
+    take_channels(index, p.weight, kept, n, p.out_axis)
     bias = current_bias(p)
     if bias is not None:
-        _take_channels(index, bias, kept, n, -1)
+        take_channels(index, bias, kept, n, -1)
     for bn in [chain.bn] + [node for node in chain.path if node.op_type == "BatchNormalization"]:
         if bn is not None:
             for name in bn.input[1:5]:
-                _take_channels(index, name, kept, n, 0)
+                take_channels(index, name, kept, n, 0)
 
 
 def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.math import importance, keep_count
 from onnx_merge.shapes import drop_value_info
 
-from .merge_channels import _take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
+from .merge_channels import take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
 
 log = logging.getLogger("onnx_merge")
 
@@ -55,13 +55,13 @@ def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarr
 
 def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
     for p in group.producers:
-        _take_channels(index, p.weight, kept, n, p.out_axis)
+        take_channels(index, p.weight, kept, n, p.out_axis)
         if current_bias(p) is not None:
-            _take_channels(index, current_bias(p), kept, n, -1)
+            take_channels(index, current_bias(p), kept, n, -1)
     for node in group.depthwise:
-        _take_channels(index, node.input[1], kept, n, 0)
+        take_channels(index, node.input[1], kept, n, 0)
         if len(node.input) > 2 and node.input[2]:
-            _take_channels(index, node.input[2], kept, n, 0)
+            take_channels(index, node.input[2], kept, n, 0)
         set_attr(node, "group", len(kept))
     for _, name in group.per_channel:
         arr = index.array(name)
