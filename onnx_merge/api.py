@@ -78,8 +78,7 @@ def inspect_model(model: onnx.ModelProto) -> dict:
                     "consumer": c.consumer.name, "block": c.block, "mergeable": c.mergeable,
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
-        "groups": [describe_group(index, g) for g in find_groups(index)
-                   if g.coupled or len(g.consumers) != 1],
+        "groups": [describe_group(index, g) for g in find_groups(index) if g.coupled or len(g.consumers) > 1],
         "params": count_parameters(model),
         "macs": count_macs(model),
     }

@@ -160,7 +160,7 @@ def describe(chain: Chain, comp: Compensation, method: str) -> dict:
     entry = {"layer": chain.name, "op": chain.producer.node.op_type, "consumer": chain.consumer.name,
              "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
              "regressed": regressed, "pruned": int(len(comp.removed) - len(comp.merged) - regressed),
-             "method": method, "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
+             "method": comp.notes.get("method", method), "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
     if "fallback" in comp.notes:
         entry["note"] = comp.notes["fallback"]
     return entry

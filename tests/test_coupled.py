@@ -144,4 +144,20 @@ def test_inspect_lists_groups_and_why_they_are_whole():
     residual = next(g for g in info["groups"] if "stem" in " ".join(g["producers"]) or len(g["producers"]) == 3)
     assert len(residual["producers"]) == 3 and residual["channels"] == 16 and residual["left_whole"] is None
     assert residual["params_per_channel"] > 0
-    assert any(g["left_whole"] for g in info["groups"])  # the logits group: a graph output
+    assert all(len(g["consumers"]) > 0 for g in info["groups"])  # a lone output layer is no group
+
+
+def test_inspect_says_why_option_a_groups_stay_whole():
+    from pathlib import Path
+
+    import pytest
+
+    from onnx_merge import inspect_model
+    from onnx_merge.models.resnet import resnet_akamaster
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "weights" / "resnet20_cifar10_akamaster.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    info = inspect_model(resnet_akamaster(dict(np.load(path)), fold=True))
+    reasons = [g["left_whole"] for g in info["groups"] if g["left_whole"]]
+    assert reasons and all("Slice" in r or "Pad" in r or "graph" in r for r in reasons)

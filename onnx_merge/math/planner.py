@@ -86,6 +86,7 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compen
         if arrays.bn is not None and arrays.n <= MAX_REGRESS_CHANNELS and arrays.consumer_rows is not None:
             return plan_regress(arrays, n_keep, opts)
         comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}))
+        comp.notes["method"] = "merge"
         comp.notes["fallback"] = ("merged: no BatchNormalization statistics to model the activations"
                                   if arrays.bn is None else
                                   f"merged: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
