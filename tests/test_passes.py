@@ -251,3 +251,20 @@ def test_depthwise_consumer_and_subgraph_reader_are_left_alone():
     assert rep["layers"] == [] and initializer_shapes(small) == initializer_shapes(model)
     feeds = x(2, 3) | {"cond": np.array(True)}
     assert all(np.allclose(a, b) for a, b in zip(run(small, feeds), run(model, feeds)))
+
+
+@pytest.mark.parametrize("spatial", [1, 3], ids=["conv1d", "conv3d"])
+def test_conv1d_and_conv3d_chains_merge_exactly(spatial):
+    k = [3] * spatial
+    ws = rng_weights(RNG, w1=(6, 2, *k), b1=(6,), w2=(3, 6, *k))
+    ws["w1"][5], ws["b1"][5] = 0.05 * ws["w1"][1], 0.05 * ws["b1"][1]
+    pads = ", ".join(["1"] * (2 * spatial))
+    ks = ", ".join(map(str, k))
+    body = f"""c = Conv <kernel_shape = [{ks}], pads = [{pads}]> (x, w1, b1)
+        r = Relu (c)
+        y = Conv <kernel_shape = [{ks}], pads = [{pads}]> (r, w2)"""
+    shape = [1, 2] + [5] * spatial
+    model = make(body, f"float[{', '.join(map(str, shape))}] x", f"float[1, 3, {', '.join(['5'] * spatial)}] y", ws)
+    small, rep = compress(model, ratio=1 / 6)
+    assert initializer_shapes(small)["w2"][1] == 5 and rep["layers"][0]["merged"] == 1
+    assert _outputs_match(model, small, x(*shape))
