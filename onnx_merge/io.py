@@ -100,8 +100,9 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 @functools.cache
 def max_runtime_ir_version() -> int:
     """The highest IR version the installed onnxruntime loads, found by trying a tiny model."""
-    import onnxruntime as ort
+    from .runtime import require_runtime
 
+    ort = require_runtime()
     for ir in range(onnx.IR_VERSION, 6, -1):
         graph = onnx.helper.make_graph(
             [onnx.helper.make_node("Identity", ["x"], ["y"])],

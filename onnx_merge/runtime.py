@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import ModelError, UsageError
+
+try:
+    import onnxruntime as ort
+except ImportError:  # onnxruntime comes with the [cpu] or [gpu] extra, never both
+    ort = None
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -15,8 +19,17 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(
              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
+def require_runtime():
+    """onnxruntime, or a usage error saying how to install it."""
+    if ort is None:
+        raise UsageError("onnxruntime is not installed: pip install 'onnx-merge[cpu]' "
+                         "(or 'onnx-merge[gpu]' on a CUDA machine)")
+    return ort
+
+
 def parse_providers(text: str | list[str] | None) -> list[str]:
     """'cpu,cuda' -> provider keys, refusing CUDA clearly when onnxruntime does not offer it."""
+    require_runtime()
     if text is None:
         return ["cpu"]
     items = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
@@ -30,12 +43,9 @@ def parse_providers(text: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(items)) or ["cpu"]
 
 
-def cuda_available() -> bool:
-    return PROVIDERS["cuda"] in ort.get_available_providers()
-
-
 def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool = False,
                  threads: int | None = None) -> ort.InferenceSession:
+    require_runtime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

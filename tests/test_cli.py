@@ -137,3 +137,14 @@ def test_broken_graphs_exit_3(tmp_path, edit, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid ONNX model" in err[0]
     assert not (tmp_path / "o.onnx").exists() and open(path, "rb").read() == before
+
+
+def test_missing_onnxruntime_is_one_clear_line(tmp_path, lenet_file, monkeypatch, capsys):
+    import onnx_merge.runtime
+
+    monkeypatch.setattr(onnx_merge.runtime, "ort", None)
+    assert main(["compress", str(lenet_file), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnx-merge: error: onnxruntime is not installed: pip install 'onnx-merge[cpu]' "
+                   "(or 'onnx-merge[gpu]' on a CUDA machine)"]
+    assert not (tmp_path / "o.onnx").exists()
