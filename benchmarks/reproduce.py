@@ -101,12 +101,18 @@ def resnet_section(lines: list[str], plot: dict) -> None:
                 if crit == "l1-norm":
                     plot.setdefault("resnet_folded" if fold else "resnet_bn", {})[name] = (None, accs)
         plot["resnet_params"] = params
+        best = max(rows, key=lambda row: sum(row[2:6]))  # mean over ratios 0.2-0.5
+        verdict = (f"Best data-free setting measured on this export (mean over r = 0.2-0.5): criterion "
+                   f"{best[0]}, {best[1]} ({' / '.join(f'{a:.2f}' for a in best[2:6])}).")
+        if fold:
+            verdict += (" Folded graphs carry no BatchNormalization statistics, so `regress` falls back to cosine "
+                        "merging here and the authors' lambda rule cannot be applied.")
         ref = [["l1-norm", "authors' code: prune"] + RESNET_REF["prune"], ["l1-norm", "authors' code: merge"] + RESNET_REF["merge"]]
         lines += [f"## ResNet-56 (paper checkpoint), {form}", "",
                   f"Original: {acc(model, xe, ye, CIFAR):.2f} % on x_exact. Inner conv of each block, int(C (1 - r)) kept.",
                   "Accuracy on the 1,017 exact CIFAR-10 test images (`x_exact`):", "",
                   tabulate(ref + rows, headers=["criterion", "method"] + [f"r={r}" for r in ratios], tablefmt="github"),
-                  "", "Parameters kept (incl. BN statistics): " + ", ".join(f"{100 * p:.1f} %" for p in params), ""]
+                  "", verdict, "", "Parameters kept (incl. BN statistics): " + ", ".join(f"{100 * p:.1f} %" for p in params), ""]
         jpeg_rows = []
         for name in ("prune", "regress (default)", "merge (l2-path, exact scale)"):
             kw = configs[name]
