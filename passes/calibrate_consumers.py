@@ -23,7 +23,7 @@ from onnx_merge.math import Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
-from .merge_channels import (add_consumer_bias, apply_plan, consumer_view, describe, fix_shapes,
+from .merge_channels import (add_consumer_bias, apply_plan, consumer_view, current_bias, describe, fix_shapes,
                              from_consumer_view, shrink_producer)
 
 log = logging.getLogger("onnx_merge")
@@ -75,8 +75,9 @@ def _from_matrix(layer: Layer, m: np.ndarray, like_shape) -> np.ndarray:
 
 
 def _bias(index: GraphIndex, layer: Layer, outputs: int) -> np.ndarray:
-    name = layer.bias if layer.node.op_type == "MatMul" else (layer.node.input[2] if len(layer.node.input) > 2 else "")
-    if not name:
+    """The layer's bias values as (outputs,), Gemm beta applied; zeros when it has none."""
+    name = current_bias(layer)
+    if name is None:
         return np.zeros(outputs)
     return np.broadcast_to(index.array(name).reshape(-1).astype(np.float64), (outputs,)) * layer.beta
 
