@@ -74,6 +74,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     opset = default_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise ModelError(f"{path}: opset {opset} is not supported (need {MIN_OPSET} or later)")
+    if opset > max_runtime_opset():
+        raise ModelError(f"{path}: opset {opset} is newer than the installed onnxruntime supports "
+                         f"({max_runtime_opset()}); results could not be run or verified")
     external = _external_tensors(model)
     for tensor in external:
         _check_external_location(path, tensor)
@@ -97,26 +100,35 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-@functools.cache
-def max_runtime_ir_version() -> int:
-    """The highest IR version the installed onnxruntime loads, found by trying a tiny model."""
+def _runtime_loads(ir: int, opset: int) -> bool:
+    """Whether the installed onnxruntime loads a one-node model stamped with ``ir`` and ``opset``."""
     from .runtime import require_runtime
 
     ort = require_runtime()
-    for ir in range(onnx.IR_VERSION, 6, -1):
-        graph = onnx.helper.make_graph(
-            [onnx.helper.make_node("Identity", ["x"], ["y"])],
-            "probe",
-            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-        )
-        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir)
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            return ir
-        except Exception:  # onnxruntime raises its own exception types for unsupported IR
-            continue
-    return 7
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=ir)
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # onnxruntime raises its own exception types for what it refuses
+        return False
+
+
+@functools.cache
+def max_runtime_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads."""
+    ir = max_runtime_ir_version()
+    return next((v for v in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1) if _runtime_loads(ir, v)),
+                MIN_OPSET)
+
+
+@functools.cache
+def max_runtime_ir_version() -> int:
+    """The highest IR version the installed onnxruntime loads, found by trying a tiny model."""
+    return next((ir for ir in range(onnx.IR_VERSION, 6, -1) if _runtime_loads(ir, 13)), 7)
 
 
 def runtime_ir_version(model: onnx.ModelProto) -> int:

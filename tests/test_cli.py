@@ -148,3 +148,15 @@ def test_missing_onnxruntime_is_one_clear_line(tmp_path, lenet_file, monkeypatch
     assert err == ["onnx-merge: error: onnxruntime is not installed: pip install 'onnx-merge[cpu]' "
                    "(or 'onnx-merge[gpu]' on a CUDA machine)"]
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("offset", [1, -1])
+def test_opsets_outside_what_can_run_exit_3(tmp_path, lenet_file, offset, capsys):
+    from onnx_merge.io import MIN_OPSET, max_runtime_opset
+
+    model = onnx.load(lenet_file)
+    model.opset_import[0].version = max_runtime_opset() + 1 if offset > 0 else MIN_OPSET - 1
+    path = tmp_path / "opset.onnx"
+    onnx.save(model, path)
+    assert main(["compress", str(path), "-o", str(tmp_path / "o.onnx")]) == 3
+    assert "opset" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
