@@ -21,7 +21,6 @@ import onnx
 from onnx_merge import compress
 from onnx_merge.bench import bench_models
 from onnx_merge.models.resnet import resnet_paper
-from onnx_merge.models.vgg import vgg16_imagenet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -88,12 +88,16 @@ def _data_free_objective(fit: LeastSquaresFit, index: GraphIndex, chain: Chain, 
     weight = index.array(c.weight)
     new_view, delta = compensate_consumer(consumer_view(weight, c, chain.channels, chain.block), comp)
     w_kept = _matrix(c, from_consumer_view(new_view, weight, c)).astype(np.float64) * c.alpha
-    g = w_kept.shape[1] // len(comp.kept)
-    full = np.zeros((w_kept.shape[0], chain.channels * g))
-    cols = (comp.kept[:, None] * g + np.arange(g)).ravel()
-    full[:, cols] = w_kept
-    b = _bias(index, c, full.shape[0]) + (0.0 if delta is None else delta)
-    return objective(fit, full, b)
+    b = _bias(index, c, w_kept.shape[0]) + (0.0 if delta is None else delta)
+    return objective(fit, _embed(w_kept, comp.kept, chain.channels), b)
+
+
+def _embed(w: np.ndarray, kept: np.ndarray, channels: int) -> np.ndarray:
+    """Weights on the kept channels placed in the full (M, channels * g) feature space."""
+    g = w.shape[1] // len(kept)
+    full = np.zeros((w.shape[0], channels * g))
+    full[:, (kept[:, None] * g + np.arange(g)).ravel()] = w
+    return full
 
 
 class CalibrateConsumers:
@@ -116,7 +120,7 @@ class CalibrateConsumers:
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
         for chain, method, comp in steps:
             index = GraphIndex(model)
-            fit = self._statistics(model, index, orig_index, orig_nodes, chain, feeds, total, batch, opts)
+            fit = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts)
             if fit is None:
                 entry = apply_plan(index, chain, comp, method)
                 entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
@@ -127,7 +131,7 @@ class CalibrateConsumers:
             if chosen is not None:
                 for kept in (chosen[0], comp.kept):
                     w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge)
-                    candidates.append((objective(fit, self._embed(w_new, kept, chain), b_new), kept, w_new, b_new))
+                    candidates.append((objective(fit, _embed(w_new, kept, chain.channels), b_new), kept, w_new, b_new))
             best = min(candidates, key=lambda c: c[0]) if candidates else None
             if best is None or best[0] >= _data_free_objective(fit, index, chain, comp):
                 entry = apply_plan(index, chain, comp, method)
@@ -144,16 +148,7 @@ class CalibrateConsumers:
         return True
 
     @staticmethod
-    def _embed(w: np.ndarray, kept: np.ndarray, chain: Chain) -> np.ndarray:
-        """Weights on the kept channels placed in the full (M, N * g) feature space."""
-        g = w.shape[1] // len(kept)
-        full = np.zeros((w.shape[0], chain.channels * g))
-        full[:, (kept[:, None] * g + np.arange(g)).ravel()] = w
-        return full
-
-    @staticmethod
-    def _statistics(model, index, orig_index, orig_nodes, chain, feeds, total, batch,
-                    opts) -> LeastSquaresFit | None:
+    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts) -> LeastSquaresFit | None:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
         layer = chain.consumer
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
@@ -163,7 +158,7 @@ class CalibrateConsumers:
             return None
         tap = layer.node.input[0]
         orig_session = make_session(truncated(orig_index.model, tap), optimize=True)
-        session = make_session(truncated(model, tap), optimize=True)
+        session = make_session(truncated(index.model, tap), optimize=True)
         fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
         rng = np.random.default_rng(0)
         for start in range(0, total, batch):

@@ -7,12 +7,27 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared (weights, data), or a skip that says it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the shared folder must sit beside the checkout")
+    return path
+
+
 @pytest.fixture(scope="session")
 def lenet_weights():
-    path = SHARED / "weights" / "lenet_300_100_fashionmnist.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found: the shared weights folder must sit beside the checkout")
-    return dict(np.load(path))
+    return dict(np.load(shared_file("weights", "lenet_300_100_fashionmnist.npz")))
+
+
+@pytest.fixture(scope="session")
+def paper_weights():
+    return dict(np.load(shared_file("weights", "resnet56_cifar10.npz")))
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights():
+    return dict(np.load(shared_file("weights", "resnet20_cifar10_akamaster.npz")))
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +41,4 @@ def fashion_test():
 
 @pytest.fixture(scope="session")
 def cifar():
-    path = SHARED / "data" / "cifar10_test.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return dict(np.load(path))
+    return dict(np.load(shared_file("data", "cifar10_test.npz")))

@@ -77,17 +77,10 @@ def test_depthwise_block_prunes_group_count():
     assert run(small, x(1, 4, 6, 6))[0].shape == (1, 6, 6, 6)
 
 
-def test_option_a_shortcuts_are_refused_with_a_reason():
-    from pathlib import Path
-
-    import pytest
-
+def test_option_a_shortcuts_are_refused_with_a_reason(resnet20_weights):
     from onnx_merge.models.resnet import resnet_akamaster
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "weights" / "resnet20_cifar10_akamaster.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    model = resnet_akamaster(dict(np.load(path)), fold=True)
+    model = resnet_akamaster(resnet20_weights, fold=True)
     small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
     onnx.checker.check_model(small, full_check=True)
     reasons = " ".join(s["reason"] for s in rep["skipped"])
@@ -147,17 +140,10 @@ def test_inspect_lists_groups_and_why_they_are_whole():
     assert all(len(g["consumers"]) > 0 for g in info["groups"])  # a lone output layer is no group
 
 
-def test_inspect_says_why_option_a_groups_stay_whole():
-    from pathlib import Path
-
-    import pytest
-
+def test_inspect_says_why_option_a_groups_stay_whole(resnet20_weights):
     from onnx_merge import inspect_model
     from onnx_merge.models.resnet import resnet_akamaster
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "weights" / "resnet20_cifar10_akamaster.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    info = inspect_model(resnet_akamaster(dict(np.load(path)), fold=True))
+    info = inspect_model(resnet_akamaster(resnet20_weights, fold=True))
     reasons = [g["left_whole"] for g in info["groups"] if g["left_whole"]]
     assert reasons and all("Slice" in r or "Pad" in r or "graph" in r for r in reasons)

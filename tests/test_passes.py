@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_merge import CompressOptions, compress, inspect_model
+from onnx_merge import compress, inspect_model
 from tests.helpers import build, header, initializer_shapes, run, rng_weights
 
 RNG = np.random.default_rng(0)

@@ -8,7 +8,7 @@ from onnx_merge.math.batchnorm import expected_relu
 from onnx_merge.math.merge import duplicate_of
 from onnx_merge.math.regress import (consumer_metric_root, input_channel_variances, regress_plan,
                                      sample_activations)
-from tests.test_resnet import CIFAR, paper_weights  # noqa: F401 (fixture)
+from tests.test_resnet import CIFAR
 
 
 def test_input_channel_variances_recover_a_planted_input_covariance():
@@ -40,7 +40,7 @@ def test_duplicates_and_exact_regression():
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_regress_beats_the_authors_merge_on_bn_kept_resnet(paper_weights, cifar, ratio):  # noqa: F811
+def test_regress_beats_the_authors_merge_on_bn_kept_resnet(paper_weights, cifar, ratio):
     from onnx_merge.evaluate import evaluate
     from onnx_merge.models.resnet import resnet_paper
 

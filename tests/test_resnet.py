@@ -1,8 +1,5 @@
 """The paper's ResNet-56 built from its checkpoint: accuracy, and what compresses."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from onnx_merge import compress
@@ -10,16 +7,7 @@ from onnx_merge.data import Preprocess
 from onnx_merge.evaluate import evaluate
 from onnx_merge.models.resnet import resnet_akamaster, resnet_paper
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 CIFAR = Preprocess(255, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "nhwc")
-
-
-@pytest.fixture(scope="module")
-def paper_weights():
-    path = WEIGHTS / "resnet56_cifar10.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return dict(np.load(path))
 
 
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "bn"])
@@ -39,10 +27,7 @@ def test_only_inner_convs_shrink(paper_weights):
     assert not any(n.op_type == "BatchNormalization" for n in small.graph.node)
 
 
-def test_option_a_resnet_compresses():
-    path = WEIGHTS / "resnet20_cifar10_akamaster.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    model = resnet_akamaster(dict(np.load(path)), fold=True)
+def test_option_a_resnet_compresses(resnet20_weights):
+    model = resnet_akamaster(resnet20_weights, fold=True)
     small, report = compress(model, ratio=0.3)
     assert len(report["layers"]) == 9 and report["params_after"] < report["params_before"]

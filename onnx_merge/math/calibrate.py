@@ -52,9 +52,6 @@ class LeastSquaresFit:
         return sol[:f].T, sol[f]
 
 
-def reconstruction_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean((x @ w.T + b - y) ** 2))
-
 
 def regularized(fit: LeastSquaresFit, ridge: float) -> np.ndarray:
     """The Gram matrix with ridge on the weights (not on the bias column)."""

@@ -127,8 +127,7 @@ def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Comp
     Used only where a kept BatchNormalization gives the pre-activation statistics: measured
     on folded graphs, a white-input model without them does far worse than cosine merging.
     """
-    mean, cov = preactivation_model(arrays.weight, arrays.bias, arrays.bn, arrays.in_channels or
-                                    arrays.weight.shape[1])
+    mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
     acts = sample_activations(mean, cov, arrays.slope)
     # Exact positive multiples add nothing: they leave first, through their representative.
     rows = arrays.folded_rows()

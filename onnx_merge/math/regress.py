@@ -5,10 +5,10 @@ Each removed channel's activation is expressed by *all* kept ones plus a constan
 from a model of the layer's pre-activations (the idea behind LBYL, "Leave Before You Leave",
 realised by sampling rather than closed-form moments):
 
-- after a BatchNormalization (inference), channel n has mean beta_n and std |gamma_n|; the
-  correlations follow from the filters and an input covariance: diagonal per input channel,
-  fitted (non-negative least squares) so that Var(F_n . x) matches the BN running variances;
-- without BN, a white unit-variance input: mean b, covariance W W^T.
+after a BatchNormalization (inference), channel n has mean beta_n and std |gamma_n|; the
+correlations follow from the filters and an input covariance, diagonal per input channel and
+fitted (non-negative least squares) so that Var(F_n . x) matches the BN running variances.
+Layers without BN statistics are not modelled (the planner merges them instead).
 
 The kept channels are chosen by greedy backward elimination of the consumer's reconstruction
 error on those samples (``select_channels``), weighted by the consumer's weights, so a
@@ -36,14 +36,10 @@ def input_channel_variances(filters: np.ndarray, variances: np.ndarray) -> np.nd
     return s
 
 
-def preactivation_model(weight: np.ndarray, bias: np.ndarray | None, bn: BatchNorm | None,
-                        in_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (N,) and covariance (N, N) of the pre-activations."""
+def preactivation_model(weight: np.ndarray, bn: BatchNorm, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (N,) and covariance (N, N) of the pre-activations that ``bn`` normalises."""
     w = np.asarray(weight, np.float64)
     n = len(w)
-    if bn is None:
-        mean = np.zeros(n) if bias is None else np.asarray(bias, np.float64)
-        return mean, w @ w.T
     f = w.reshape(n, in_channels, -1)
     s = input_channel_variances(f, bn.var)
     scaled = (f * np.sqrt(s)[None, :, None]).reshape(n, -1)
