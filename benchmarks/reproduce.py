@@ -41,7 +41,11 @@ def lenet_section(lines: list[str], plot: dict) -> None:
     ratios = [0.5, 0.6, 0.7, 0.8]
     configs = {
         "prune (l1)": dict(method="prune"),
-        "merge, paper config (exact scale, t=0.45)": dict(method="merge", scale_rule="exact", threshold=0.45),
+        "merge, paper config (exact scale, t=0.45, independent layers)":
+            dict(method="merge", scale_rule="exact", threshold=0.45, independent_layers=True),
+        "merge, exact scale, t=0.45 (partners on compensated weights)":
+            dict(method="merge", scale_rule="exact", threshold=0.45),
+        "merge, projection scale, independent layers": dict(method="merge", independent_layers=True),
         "merge (projection scale, t=0.1)": dict(method="merge"),
         "merge, kernel scale": dict(method="merge", scale_rule="kernel"),
         "regress (default; no BN here: cosine merge)": dict(method="regress"),

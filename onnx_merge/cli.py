@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bias-from-bn", action="store_true",
                    help="with BatchNormalization in the graph: add the expected ReLU output that removed channels "
                    "carried (beyond their merge partner) to the consumer's bias (METHOD.md 7)")
+    c.add_argument("--independent-layers", action="store_true",
+                   help="plan every layer's merge from the original weights, as the paper does (reproduces its "
+                   "figures exactly); by default a layer's partners and scales are computed on its weights as "
+                   "already compensated by the layer before it")
     c.add_argument("--coupled", choices=("skip", "prune"), default="skip",
                    help="channels tied across layers (residual adds, depthwise convs, branches): leave them whole "
                    "(skip, default; as in the paper) or prune them consistently in every member (prune)")
@@ -162,6 +166,7 @@ def cmd_compress(args) -> int:
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
+                              independent_layers=args.independent_layers,
                               coupled=args.coupled,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,

@@ -26,6 +26,7 @@ class CompressOptions:
     fold_bn: bool = True
     coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
+    independent_layers: bool = False  # plan every layer from the original weights (the paper's procedure)
     calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix

@@ -17,7 +17,8 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
-from onnx_merge.math import BatchNorm, Compensation, ProducerArrays, compensate_consumer, keep_count, plan_layer
+from onnx_merge.math import (BatchNorm, Compensation, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+                             rank_kept, ranks_by_criterion)
 from onnx_merge.math.criteria import row_norms
 from onnx_merge.shapes import drop_value_info
 
@@ -176,10 +177,12 @@ class MergeChannels:
         for skip in skips:
             ctx.skip(skip.node, skip.reason)
         layers = ctx.report.setdefault("layers", [])
-        # Plan every chain from the original weights first, then rewrite: a layer that is
-        # both a consumer and a producer is judged on its own weights (as in the paper),
-        # and row slicing commutes with column compensation, so the order of rewrites is free.
-        plans = []
+        # The criterion ranks every layer on its weights as trained. Partners and scales are
+        # then computed layer by layer on the weights as already compensated by the layer
+        # before (they describe the network that will run), or, with independent_layers,
+        # all from the original weights as the paper does; calibration re-plans layer by
+        # layer itself, so there the plans are only its fallback.
+        jobs = []
         for chain in chains:
             ratio = opts.ratio_for(chain.match_names())
             if ratio is None:
@@ -192,18 +195,33 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            arrays = producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path",
-                                     consumer_rows=method == "regress")
-            plans.append((chain, method, plan_layer(arrays, n_keep, opts.plan_options(method))))
+            arrays = self._arrays(index, chain, opts, method)
+            plan_opts = opts.plan_options(method)
+            kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
+            jobs.append((chain, method, n_keep, kept))
+        calibrating = getattr(opts, "calibration", None) is not None
+        sequential = not (opts.independent_layers or calibrating)
+        plans = []
+        todo = jobs if ctx.progress is None else ctx.progress(jobs, desc="rewriting", unit="layer")
+        for chain, method, n_keep, kept in todo:
+            comp = plan_layer(self._arrays(index, chain, opts, method), n_keep, opts.plan_options(method), kept)
+            plans.append((chain, method, comp))
+            if sequential:
+                layers.append(apply_plan(index, chain, comp, method))
         ctx.plans = plans
-        if getattr(opts, "calibration", None) is not None:
+        if calibrating:
             # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
             ctx.original = model.SerializeToString()
             return False
-        todo = plans if ctx.progress is None else ctx.progress(plans, desc="rewriting", unit="layer")
-        for chain, method, comp in todo:
-            layers.append(apply_plan(index, chain, comp, method))
+        if not sequential:
+            for chain, method, comp in plans:
+                layers.append(apply_plan(index, chain, comp, method))
         return bool(plans)
+
+    @staticmethod
+    def _arrays(index: GraphIndex, chain: Chain, opts, method: str) -> ProducerArrays:
+        return producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path",
+                               consumer_rows=method == "regress")
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, method: str) -> dict:

@@ -103,6 +103,30 @@ def test_matmul_add_linear_layers():
     assert run(small, x(4, 10))[0].shape == (4, 3)
 
 
+def test_second_layer_merges_on_the_weights_the_first_merge_left():
+    """fc2's rows a and b differ only where fc1's removed channel 2 (= 2 x channel 0) feeds
+    them: after fc1's merge they are equal, so b merges into a exactly, but only when
+    partners are computed on the compensated weights (the default), not the original ones."""
+    w1 = np.array([[1.0, 0.5], [-1.0, 2.0], [2.0, 1.0]], np.float32)  # (in 2, out 3): col 2 = 2 x col 0
+    ws = {"w1": w1, "b1": np.array([0.1, 0.2, 0.2], np.float32),
+          "w2": np.array([[1.0, 3.0], [1.0, 1.0], [0.0, -1.0]], np.float32),  # rows a, b as columns
+          "b2": np.array([0.3, 0.3], np.float32), "w3": np.array([[1.0], [-2.0]], np.float32)}
+    ws["w1"] = ws["w1"].T.copy()
+    body = """h = Gemm (x, w1, b1)
+        r = Relu (h)
+        g = Gemm (r, w2, b2)
+        s = Relu (g)
+        y = MatMul (s, w3)"""
+    model = make(body, "float[5, 2] x", "float[5, 1] y", ws)
+    feeds = x(5, 2)
+    expected = run(model, feeds)[0]
+    for independent, exact in ((False, True), (True, False)):
+        small, _ = compress(model, ratio=0.3, method="merge", scale_rule="exact", independent_layers=independent)
+        assert initializer_shapes(small)["w2"] == (2, 1)
+        got = run(small, feeds)[0]
+        assert np.allclose(got, expected, atol=1e-5) == exact
+
+
 def test_residual_is_left_whole_with_reason():
     ws = rng_weights(RNG, w1=(4, 4, 3, 3), w2=(4, 4, 3, 3))
     body = """c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)

@@ -81,18 +81,35 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
     return arrays.weight if arrays.bn is not None else arrays.rows()
 
 
-def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
+def regress_applies(arrays: ProducerArrays) -> bool:
+    """``regress`` models a layer only where a kept BatchNormalization gives its statistics."""
+    return arrays.bn is not None and arrays.n <= MAX_REGRESS_CHANNELS and arrays.consumer_rows is not None
+
+
+def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
+    """Whether plan_layer keeps the channels the criterion ranks highest (regress selects its own)."""
+    return opts.method != "regress" or not regress_applies(arrays)
+
+
+def rank_kept(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> np.ndarray:
+    """The ``n_keep`` channels the criterion ranks highest."""
+    rows = arrays.folded_rows() if opts.criterion == "l2-path" else criterion_rows(arrays)
+    return select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms)
+
+
+def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.ndarray | None = None) -> Compensation:
+    """The layer's Compensation. ``kept``, when given, is the criterion's choice made on other
+    arrays (the layer as trained); partners and scales always come from ``arrays``."""
     if opts.method == "regress":
-        if arrays.bn is not None and arrays.n <= MAX_REGRESS_CHANNELS and arrays.consumer_rows is not None:
+        if regress_applies(arrays):
             return plan_regress(arrays, n_keep, opts)
-        comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}))
+        comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}), kept)
         comp.notes["method"] = "merge"
         comp.notes["fallback"] = ("merged: no BatchNormalization statistics to model the activations"
                                   if arrays.bn is None else
                                   f"merged: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
         return comp
-    rows = arrays.folded_rows() if opts.criterion == "l2-path" else criterion_rows(arrays)
-    kept = select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms)
+    kept = rank_kept(arrays, n_keep, opts) if kept is None else kept
     if opts.method == "prune":
         return Compensation.prune(arrays.n, kept)
     if arrays.bn is not None and opts.bn_rule == "lambda":
