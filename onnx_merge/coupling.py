@@ -4,8 +4,11 @@ Union-find over tensors, keyed by their channel axis. Per-channel ops (BN, activ
 pools, Dropout, ...) and elementwise ops between feature maps (a residual Add, a gating
 Mul) put their inputs and output in one space; a depthwise conv does too (its channel n
 reads only input channel n). Layers write a space (producers) or read one (consumers).
-A space also read by something whose channel mapping is not provable here (Concat, Split,
-Slice, Transpose, a graph input or output, a subgraph) is *blocked*, with the reason.
+A Concat along the channel axis is an index map, not a union: each input space owns a
+contiguous range of the output space (its *view*), so pruning an input prunes the same
+range's members downstream. A space also read by something whose channel mapping is not
+provable here (Split, a channel Pad, Transpose, a graph input or output, a subgraph) is
+*blocked*, with the reason; so is a Concat input whose output space is blocked.
 
 A group is every producer, consumer, depthwise conv and per-channel parameter of one
 space; pruning it removes the same channel indices everywhere (DepGraph's idea, on ONNX).
@@ -21,6 +24,7 @@ import onnx
 
 from .graph import GraphIndex, attr
 from .groups import Layer, Rejected, describe_layer
+from .shapes import inferred_dims
 
 PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
                "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
@@ -29,21 +33,37 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
 REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
 
 
-def _rank(index: GraphIndex, tensor: str) -> int | None:
-    for v in list(index.graph.value_info) + list(index.graph.input) + list(index.graph.output):
-        if v.name == tensor and v.type.tensor_type.HasField("shape"):
-            return len(v.type.tensor_type.shape.dim)
-    return None
+class _Dims:
+    """Tensor dims from shape inference, computed once on first use."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self._dims = model, None
+
+    def get(self, tensor: str) -> list[int | None] | None:
+        if self._dims is None:
+            try:
+                self._dims = inferred_dims(self.model)
+            except Exception:  # foreign models can defeat inference: use what the file lists
+                self._dims = inferred_dims(self.model, infer=False)
+        return self._dims.get(tensor)
+
+    def rank(self, tensor: str) -> int | None:
+        dims = self.get(tensor)
+        return None if dims is None else len(dims)
+
+    def channels(self, tensor: str) -> int | None:
+        dims = self.get(tensor)
+        return dims[1] if dims is not None and len(dims) > 1 else None
 
 
-def _spatial_reduction(index: GraphIndex, node: onnx.NodeProto) -> bool:
+def _spatial_reduction(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
     """A reduction over spatial axes only (never batch or channel)."""
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and index.is_weight(node.input[1]):
         axes = index.array(node.input[1]).tolist()
     if not axes:
         return False
-    rank = _rank(index, node.input[0])
+    rank = dims.rank(node.input[0])
     if any(a < 0 for a in axes):
         if rank is None:
             return False
@@ -69,10 +89,13 @@ class Group:
     reshapes: list[onnx.NodeProto] = field(default_factory=list)  # flattening Reshapes spelling out features
     tensors: set[str] = field(default_factory=set)
     blocked: str = ""
+    views: list[tuple["Group", int]] = field(default_factory=list)  # (Concat output space, input position)
+    parts: list["Group"] = field(default_factory=list)  # for a Concat output space: its inputs, in order
+    static_width: int | None = None  # channels of a space nothing here writes (a graph input)
 
     @property
     def coupled(self) -> bool:
-        return len(self.producers) > 1 or bool(self.depthwise)
+        return len(self.producers) > 1 or bool(self.depthwise) or bool(self.views)
 
 
 class _Spaces:
@@ -92,6 +115,15 @@ class _Spaces:
             self.parent[r] = roots[0]
 
 
+def _channel_concat(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
+    """A Concat of feature maps along axis 1 (the channel axis)."""
+    axis = int(attr(node, "axis", 1))
+    if axis < 0:
+        rank = dims.rank(node.output[0])
+        axis = axis + rank if rank is not None else axis
+    return axis == 1 and all(i and not index.is_weight(i) for i in node.input)
+
+
 def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type != "Conv" or not index.is_weight(node.input[1]):
         return False
@@ -103,6 +135,8 @@ def find_groups(index: GraphIndex) -> list[Group]:
     spaces = _Spaces()
     blocked: dict[str, str] = {}
     roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
+    concats: list[onnx.NodeProto] = []
+    dims = _Dims(index.model)
 
     def block(tensor: str, reason: str) -> None:
         blocked.setdefault(tensor, reason)
@@ -147,8 +181,13 @@ def find_groups(index: GraphIndex) -> list[Group]:
             for name in node.input:
                 if name and index.is_weight(name) and index.array(name).size > 1:
                     roles.append((node.output[0], "param", (node, name)))
-        elif op in REDUCE and data and _spatial_reduction(index, node):
+        elif op in REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
+        elif op == "Concat" and _channel_concat(index, dims, node):
+            concats.append(node)
+            for t in node.input:
+                spaces.find(t)
+            spaces.find(node.output[0])
         elif (op == "Flatten" and int(attr(node, "axis", 1)) == 1) or (op == "Reshape" and _flattening_reshape(index, node)):
             spaces.union(node.input[0], node.output[0])
             roles.append((node.output[0], "flatten", node))
@@ -186,7 +225,41 @@ def find_groups(index: GraphIndex) -> list[Group]:
         group = groups.get(spaces.find(tensor))
         if group is not None and not group.blocked:
             group.blocked = reason
+    _link_concats(dims, concats, [groups[spaces.find(t)] for n in concats for t in [n.output[0]]],
+                  lambda t: groups[spaces.find(t)])
     return [g for g in groups.values() if g.producers]
+
+
+def _link_concats(dims: _Dims, concats, outputs, group_of) -> None:
+    """Give each Concat input space a view into the output space; block what cannot be mapped."""
+    for node, out in zip(concats, outputs):
+        parts = [group_of(t) for t in node.input]
+        label = f"Concat {node.name!r}"
+        reason = ""
+        if out.producers or out.depthwise:
+            reason = f"{label}'s output channels are also written by other layers"
+        elif len({id(p) for p in parts}) < len(parts) or any(p is out for p in parts):
+            reason = f"{label} reads the same channels more than once"
+        for part, tensor in zip(parts, node.input):
+            if not (part.producers or part.depthwise or part.parts):
+                part.static_width = dims.channels(tensor)
+                if part.static_width is None:
+                    reason = reason or f"{label}: the channel count of {tensor!r} is unknown"
+        if reason:
+            for g in parts + [out]:
+                g.blocked = g.blocked or reason
+            continue
+        out.parts = parts
+        for position, part in enumerate(parts):
+            part.views.append((out, position))
+    changed = True
+    while changed:  # an input is only as prunable as every space its channels reach
+        changed = False
+        for node, out in zip(concats, outputs):
+            for part in out.parts:
+                if out.blocked and not part.blocked:
+                    part.blocked = f"its channels reach Concat {node.name!r}, whose output is left whole: {out.blocked}"
+                    changed = True
 
 
 def describe_group(index: GraphIndex, group: Group) -> dict:

@@ -42,3 +42,16 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
         list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large],
         model.graph.output, small, value_info=model.graph.value_info)
     return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def inferred_dims(model: onnx.ModelProto, infer: bool = True) -> dict[str, list[int | None]]:
+    """Tensor name -> dims from shape inference (None where a dim is not a known number);
+    tensors whose rank is unknown are absent. With ``infer`` False, only what the file lists."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True) if infer else model
+    shapes = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes

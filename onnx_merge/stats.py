@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from .graph import attr
-from .shapes import skeleton
+from .shapes import inferred_dims
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
@@ -16,14 +16,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
-    shapes = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
-        shapes[v.name] = dims
-    for t in model.graph.initializer:
-        shapes[t.name] = list(t.dims)
-    return shapes
+    return {name: [d or 1 for d in dims] for name, dims in inferred_dims(model).items()}
 
 
 def count_macs(model: onnx.ModelProto) -> int | None:

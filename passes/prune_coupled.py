@@ -29,11 +29,22 @@ log = logging.getLogger("onnx_merge")
 
 
 def _channels(index: GraphIndex, group: Group) -> int | str:
-    counts = {int(index.initializers[p.weight].dims[p.out_axis]) for p in group.producers}
-    counts |= {int(index.initializers[d.input[1]].dims[0]) for d in group.depthwise}
-    if len(counts) != 1:
-        return f"producers disagree on the channel count ({sorted(counts)})"
-    n = counts.pop()
+    """The group's channel count, or why its members disagree on it."""
+    if group.parts:  # a Concat output space: the sum of its inputs' counts
+        widths = [_channels(index, part) for part in group.parts]
+        n = next((w for w in widths if isinstance(w, str)), None) or sum(widths)
+    elif not (group.producers or group.depthwise):
+        n = group.static_width
+    else:
+        counts = {int(index.initializers[p.weight].dims[p.out_axis]) for p in group.producers}
+        counts |= {int(index.initializers[d.input[1]].dims[0]) for d in group.depthwise}
+        if len(counts) != 1:
+            return f"producers disagree on the channel count ({sorted(counts)})"
+        n = counts.pop()
+    return n if isinstance(n, str) else _members_disagree(index, group, n) or n
+
+
+def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
     for c in group.consumers:
         features = int(index.initializers[c.weight].dims[c.in_axis])
         if features % n:
@@ -41,7 +52,27 @@ def _channels(index: GraphIndex, group: Group) -> int | str:
     for node, name in group.per_channel:
         if index.array(name).size != n or max(index.array(name).shape) != n:
             return f"{node.op_type} {node.name!r} parameter {name!r} is not per channel"
-    return n
+    return ""
+
+
+def _views(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> list[tuple[Group, np.ndarray, int]] | str:
+    """For every Concat output space the group's channels reach (recursively): which of its
+    channels stay when the group keeps ``kept`` of ``n``, and its width now."""
+    found = []
+    for target, position in group.views:
+        widths = [n if part is group else _channels(index, part) for part in target.parts]
+        bad = next((w for w in widths if isinstance(w, str)), None)
+        if bad:
+            return bad
+        total, offset = sum(widths), sum(widths[:position])
+        if _members_disagree(index, target, total):
+            return _members_disagree(index, target, total)
+        full = np.r_[np.arange(offset), offset + kept, np.arange(offset + n, total)]
+        deeper = _views(index, target, full, total)
+        if isinstance(deeper, str):
+            return deeper
+        found += [(target, full, total)] + deeper
+    return found
 
 
 def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarray:
@@ -53,11 +84,19 @@ def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarr
     return total
 
 
-def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
+def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
+                views: list[tuple[Group, np.ndarray, int]] = ()) -> None:
     for p in group.producers:
         take_channels(index, p.weight, kept, n, p.out_axis)
         if current_bias(p) is not None:
             take_channels(index, current_bias(p), kept, n, -1)
+    for target, full, total in [(group, kept, n)] + list(views):
+        _prune_readers(index, target, full, total)
+
+
+def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
+    """Everything in the space but its producers: depthwise convs, per-channel parameters,
+    consumers (blocks of columns after a Flatten), Reshape constants."""
     for node in group.depthwise:
         take_channels(index, node.input[1], kept, n, 0)
         if len(node.input) > 2 and node.input[2]:
@@ -103,9 +142,14 @@ class PruneCoupled:
             if n_keep >= n:
                 continue
             kept = np.sort(np.argsort(-_scores(index, group, n, opts.criterion), kind="stable")[:n_keep])
-            prune_group(index, group, kept, n)
+            views = _views(index, group, kept, n)
+            if isinstance(views, str):
+                ctx.skip(", ".join(names), f"coupled group left whole: {views}")
+                continue
+            prune_group(index, group, kept, n, views)
+            readers = group.consumers + [c for target, _, _ in views for c in target.consumers]
             ctx.report.setdefault("layers", []).append({
-                "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in group.consumers),
+                "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in readers),
                 "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
                 "method": "prune (coupled)", "depthwise": [d.name for d in group.depthwise]})
             log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)

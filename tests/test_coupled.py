@@ -97,7 +97,23 @@ def _compresses(model, shape, **kw):
     return small, rep
 
 
-def test_fire_module_with_concat():
+def _as_zeroed_rows(model, small, names):
+    """The original model with the output rows that ``small`` dropped from ``names`` set to
+    zero: for bias-free convs followed by ReLU, the same function as removing them."""
+    new = {t.name: onnx.numpy_helper.to_array(t) for t in small.graph.initializer}
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    for t in zeroed.graph.initializer:
+        if t.name in names:
+            w = onnx.numpy_helper.to_array(t).copy()
+            kept = [i for i, row in enumerate(w) if any(np.array_equal(row, k) for k in new[t.name])]
+            assert len(kept) == len(new[t.name])
+            w[np.setdiff1d(np.arange(len(w)), kept)] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    return zeroed
+
+
+def test_fire_module_with_concat_prunes_each_branch_and_its_column_range():
     ws = {"sq": _w(8, 16, 1, 1), "e1": _w(16, 8, 1, 1), "e3": _w(16, 8, 3, 3), "head": _w(10, 32, 1, 1)}
     body = """s = Conv <kernel_shape = [1, 1]> (x, sq)
         sr = Relu (s)
@@ -110,10 +126,14 @@ def test_fire_module_with_concat():
         p = GlobalAveragePool (h)
         y = Flatten <axis = 1> (p)"""
     model = make(body, "float[1, 16, 6, 6] x", "float[1, 10] y", ws)
-    small, rep = _compresses(model, (1, 16, 6, 6))
+    small, rep = _compresses(model, (1, 16, 6, 6), exclude=["sq"])
     dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
-    assert dims["sq"][0] == dims["e1"][1] == dims["e3"][1] == 5  # squeeze channels feed both expands
-    assert dims["e1"][0] == 16 and "Concat" in " ".join(s["reason"] for s in rep["skipped"])
+    assert dims["e1"][0] == dims["e3"][0] == 11 and dims["head"][1] == 22
+    # head lost exactly the columns of the branch channels that went: same function as
+    # zeroing those channels in the original
+    feeds = x(1, 16, 6, 6)
+    expected = run(_as_zeroed_rows(model, small, {"e1", "e3"}), feeds)[0]
+    assert np.allclose(run(small, feeds)[0], expected, atol=1e-5)
 
 
 def test_dense_block_and_vgg_head_with_dropout_and_softmax():
@@ -128,6 +148,13 @@ def test_dense_block_and_vgg_head_with_dropout_and_softmax():
     small, rep = _compresses(model, (2, 8, 4, 4))
     dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
     assert dims["b1"][0] == 11 and dims["fc1"][0] == 8 and dims["fc2"][1] == 8
+    # the new layer's channels sit after the 8 input channels in the concat: fc1 loses
+    # their blocks of 16 flattened features, at that offset
+    assert dims["c1"][0] == 2 and dims["fc1"][1] == (8 + 2) * 16
+    only_c1, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", exclude=["b1", "fc1"]))
+    feeds = x(2, 8, 4, 4)
+    expected = run(_as_zeroed_rows(model, only_c1, {"c1"}), feeds)[0]
+    assert np.allclose(run(only_c1, feeds)[0], expected, atol=1e-5)
 
 
 def test_inspect_lists_groups_and_why_they_are_whole():
@@ -147,3 +174,31 @@ def test_inspect_says_why_option_a_groups_stay_whole(resnet20_weights):
     info = inspect_model(resnet_akamaster(resnet20_weights, fold=True))
     reasons = [g["left_whole"] for g in info["groups"] if g["left_whole"]]
     assert reasons and all("Slice" in r or "Pad" in r or "graph" in r for r in reasons)
+
+
+def _two_layer_dense_block(concat_is_output: bool):
+    ws = {"c1": _w(4, 8, 3, 3), "c2": _w(4, 12, 3, 3), "head": _w(10, 16, 1, 1)}
+    body = "\n".join([
+        "g1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, c1)", "d1 = Concat <axis = 1> (x, g1)",
+        "g2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (d1, c2)", "d2 = Concat <axis = -3> (d1, g2)",
+        "h = Conv <kernel_shape = [1, 1]> (d2, head)", "p = GlobalAveragePool (h)", "y = Flatten <axis = 1> (p)"])
+    outputs = "float[1, 10] y" + (", float[1, 16, 5, 5] d2" if concat_is_output else "")
+    return make(body, "float[1, 8, 5, 5] x", outputs, ws)
+
+
+def test_nested_concats_map_ranges_through_both_levels():
+    model = _two_layer_dense_block(concat_is_output=False)
+    small, rep = _compresses(model, (1, 8, 5, 5), exclude=["c2"])
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["c1"][0] == 2 and dims["c2"] == (4, 10, 3, 3) and dims["head"] == (10, 14, 1, 1)
+    feeds = x(1, 8, 5, 5)
+    assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"c1"}), feeds)[0], atol=1e-5)
+
+
+def test_concat_whose_output_is_left_whole_keeps_its_inputs_whole():
+    model = _two_layer_dense_block(concat_is_output=True)
+    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["c1"] == (4, 8, 3, 3) and dims["c2"] == (4, 12, 3, 3)
+    reasons = " ".join(s["reason"] for s in rep["skipped"])
+    assert "reach Concat" in reasons and "graph output 'd2'" in reasons
