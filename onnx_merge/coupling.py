@@ -4,11 +4,12 @@ Union-find over tensors, keyed by their channel axis. Per-channel ops (BN, activ
 pools, Dropout, ...) and elementwise ops between feature maps (a residual Add, a gating
 Mul) put their inputs and output in one space; a depthwise conv does too (its channel n
 reads only input channel n). Layers write a space (producers) or read one (consumers).
-A Concat along the channel axis is an index map, not a union: each input space owns a
-contiguous range of the output space (its *view*), so pruning an input prunes the same
-range's members downstream. A space also read by something whose channel mapping is not
-provable here (Split, a channel Pad, Transpose, a graph input or output, a subgraph) is
-*blocked*, with the reason; so is a Concat input whose output space is blocked.
+A Concat or Split along the channel axis is an index map, not a union: each Concat input
+owns a contiguous range of the output space (its *view*), each Split output a range of the
+input space; pruning a space prunes the same ranges' members downstream (and a Split's
+sizes). A space also read by something whose channel mapping is not provable here (a
+channel Pad, Transpose, a graph input or output, a subgraph) is *blocked*, with the reason;
+so is a space whose channels reach a blocked Concat output or Split output.
 
 A group is every producer, consumer, depthwise conv and per-channel parameter of one
 space; pruning it removes the same channel indices everywhere (DepGraph's idea, on ONNX).
@@ -92,10 +93,19 @@ class Group:
     views: list[tuple["Group", int]] = field(default_factory=list)  # (Concat output space, input position)
     parts: list["Group"] = field(default_factory=list)  # for a Concat output space: its inputs, in order
     static_width: int | None = None  # channels of a space nothing here writes (a graph input)
+    splits: list["SplitView"] = field(default_factory=list)  # Splits of this space along channels
+    split_of: tuple["SplitView", int] | None = None  # for a Split output space: the Split, output position
 
     @property
     def coupled(self) -> bool:
         return len(self.producers) > 1 or bool(self.depthwise) or bool(self.views)
+
+
+@dataclass
+class SplitView:
+    node: onnx.NodeProto
+    outputs: list[Group]
+    sizes: list[int]
 
 
 class _Spaces:
@@ -124,6 +134,23 @@ def _channel_concat(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> boo
     return axis == 1 and all(i and not index.is_weight(i) for i in node.input)
 
 
+def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list[int] | None:
+    """The sizes of a Split along axis 1 (the channel axis), or None."""
+    axis = int(attr(node, "axis", 0))
+    if axis < 0 and dims.rank(node.input[0]) is not None:
+        axis += dims.rank(node.input[0])
+    if axis != 1 or not all(node.output):
+        return None
+    if len(node.input) > 1 and node.input[1]:
+        sizes = index.array(node.input[1]).tolist() if index.is_weight(node.input[1]) else None
+    elif attr(node, "split") is not None:
+        sizes = list(attr(node, "split"))
+    else:  # equal parts
+        c, parts = dims.channels(node.input[0]), len(node.output)
+        sizes = [c // parts] * parts if c and c % parts == 0 else None
+    return [int(v) for v in sizes] if sizes and len(sizes) == len(node.output) else None
+
+
 def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type != "Conv" or not index.is_weight(node.input[1]):
         return False
@@ -136,6 +163,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
     blocked: dict[str, str] = {}
     roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
     concats: list[onnx.NodeProto] = []
+    splits: list[tuple[onnx.NodeProto, list[int]]] = []
     dims = _Dims(index.model)
 
     def block(tensor: str, reason: str) -> None:
@@ -188,6 +216,10 @@ def find_groups(index: GraphIndex) -> list[Group]:
             for t in node.input:
                 spaces.find(t)
             spaces.find(node.output[0])
+        elif op == "Split" and data and _channel_split(index, dims, node):
+            splits.append((node, _channel_split(index, dims, node)))
+            for t in [node.input[0]] + list(node.output):
+                spaces.find(t)
         elif (op == "Flatten" and int(attr(node, "axis", 1)) == 1) or (op == "Reshape" and _flattening_reshape(index, node)):
             spaces.union(node.input[0], node.output[0])
             roles.append((node.output[0], "flatten", node))
@@ -203,6 +235,10 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 block(name, f"read inside a subgraph of {r.op_type} {r.name!r}")
 
     groups: dict[str, Group] = {}
+
+    def group_of(tensor: str) -> Group:
+        return groups.setdefault(spaces.find(tensor), Group(root=spaces.find(tensor)))
+
     for tensor in list(spaces.parent):
         root = spaces.find(tensor)
         group = groups.setdefault(root, Group(root=root))
@@ -210,7 +246,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
         if tensor in blocked and not group.blocked:
             group.blocked = blocked[tensor]
     for tensor, role, payload in roles:
-        group = groups.setdefault(spaces.find(tensor), Group(root=spaces.find(tensor)))
+        group = group_of(tensor)
         if role == "producer":
             group.producers.append(payload)
         elif role == "consumer":
@@ -225,13 +261,15 @@ def find_groups(index: GraphIndex) -> list[Group]:
         group = groups.get(spaces.find(tensor))
         if group is not None and not group.blocked:
             group.blocked = reason
-    _link_concats(dims, concats, [groups[spaces.find(t)] for n in concats for t in [n.output[0]]],
-                  lambda t: groups[spaces.find(t)])
+    links = _link_splits(splits, group_of)
+    links += _link_concats(dims, concats, [group_of(n.output[0]) for n in concats], group_of)
+    _propagate_blocks(links)
     return [g for g in groups.values() if g.producers]
 
 
-def _link_concats(dims: _Dims, concats, outputs, group_of) -> None:
-    """Give each Concat input space a view into the output space; block what cannot be mapped."""
+def _link_concats(dims: _Dims, concats, outputs, group_of) -> list:
+    """Give each Concat input space a view into the output space; block what cannot be mapped.
+    Returns the (input space, output space, via) links."""
     for node, out in zip(concats, outputs):
         parts = [group_of(t) for t in node.input]
         label = f"Concat {node.name!r}"
@@ -241,7 +279,7 @@ def _link_concats(dims: _Dims, concats, outputs, group_of) -> None:
         elif len({id(p) for p in parts}) < len(parts) or any(p is out for p in parts):
             reason = f"{label} reads the same channels more than once"
         for part, tensor in zip(parts, node.input):
-            if not (part.producers or part.depthwise or part.parts):
+            if not (part.producers or part.depthwise or part.parts or part.split_of):
                 part.static_width = dims.channels(tensor)
                 if part.static_width is None:
                     reason = reason or f"{label}: the channel count of {tensor!r} is unknown"
@@ -252,14 +290,41 @@ def _link_concats(dims: _Dims, concats, outputs, group_of) -> None:
         out.parts = parts
         for position, part in enumerate(parts):
             part.views.append((out, position))
+    return [(part, out, f"Concat {node.name!r}") for node, out in zip(concats, outputs) for part in out.parts]
+
+
+def _link_splits(splits, group_of) -> list:
+    """Give each channel Split's input space its output spaces, with their sizes.
+    Returns the (input space, output space, via) links."""
+    links = []
+    for node, sizes in splits:
+        source, outputs = group_of(node.input[0]), [group_of(t) for t in node.output]
+        reason = ""
+        if any(o.producers or o.depthwise for o in outputs):
+            reason = f"Split {node.name!r}: an output's channels are also written by other layers"
+        elif len({id(o) for o in outputs}) < len(outputs) or any(o is source for o in outputs):
+            reason = f"Split {node.name!r}: its outputs meet again"
+        if reason:
+            for g in [source] + outputs:
+                g.blocked = g.blocked or reason
+            continue
+        view = SplitView(node, outputs, sizes)
+        source.splits.append(view)
+        for position, out in enumerate(outputs):
+            out.split_of = (view, position)
+            links.append((source, out, f"Split {node.name!r}"))
+    return links
+
+
+def _propagate_blocks(links) -> None:
+    """(source, target, via): a source space is only as prunable as every space it reaches."""
     changed = True
-    while changed:  # an input is only as prunable as every space its channels reach
+    while changed:
         changed = False
-        for node, out in zip(concats, outputs):
-            for part in out.parts:
-                if out.blocked and not part.blocked:
-                    part.blocked = f"its channels reach Concat {node.name!r}, whose output is left whole: {out.blocked}"
-                    changed = True
+        for source, target, via in links:
+            if target.blocked and not source.blocked:
+                source.blocked = f"its channels reach {via}, whose output is left whole: {target.blocked}"
+                changed = True
 
 
 def describe_group(index: GraphIndex, group: Group) -> dict:

@@ -33,6 +33,9 @@ def _channels(index: GraphIndex, group: Group) -> int | str:
     if group.parts:  # a Concat output space: the sum of its inputs' counts
         widths = [_channels(index, part) for part in group.parts]
         n = next((w for w in widths if isinstance(w, str)), None) or sum(widths)
+    elif group.split_of is not None:  # a Split output space: its current size
+        view, position = group.split_of
+        n = view.sizes[position]
     elif not (group.producers or group.depthwise):
         n = group.static_width
     else:
@@ -56,23 +59,58 @@ def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
 
 
 def _views(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> list[tuple[Group, np.ndarray, int]] | str:
-    """For every Concat output space the group's channels reach (recursively): which of its
-    channels stay when the group keeps ``kept`` of ``n``, and its width now."""
+    """For every space the group's channels reach through channel Concats and Splits
+    (recursively): which of its channels stay when the group keeps ``kept`` of ``n``, and
+    its width now; or why that cannot be done."""
     found = []
-    for target, position in group.views:
+    for target, position in group.views:  # a range of a Concat's output
         widths = [n if part is group else _channels(index, part) for part in target.parts]
         bad = next((w for w in widths if isinstance(w, str)), None)
         if bad:
             return bad
         total, offset = sum(widths), sum(widths[:position])
-        if _members_disagree(index, target, total):
-            return _members_disagree(index, target, total)
-        full = np.r_[np.arange(offset), offset + kept, np.arange(offset + n, total)]
-        deeper = _views(index, target, full, total)
-        if isinstance(deeper, str):
-            return deeper
-        found += [(target, full, total)] + deeper
-    return found
+        found.append((target, np.r_[np.arange(offset), offset + kept, np.arange(offset + n, total)], total))
+    for split in group.splits:  # each output of a Split is a range of this space
+        offsets = np.cumsum([0] + split.sizes)
+        for out, start, stop in zip(split.outputs, offsets[:-1], offsets[1:]):
+            part = kept[(kept >= start) & (kept < stop)] - start
+            if not len(part):
+                return f"Split {split.node.name!r} would lose a whole output"
+            found.append((out, part, int(stop - start)))
+    deeper = []
+    for target, target_kept, total in found:
+        problem = _members_disagree(index, target, total)
+        more = problem or _views(index, target, target_kept, total)
+        if isinstance(more, str):
+            return more
+        deeper += more
+    return found + deeper
+
+
+def _write_split_sizes(index: GraphIndex, views: list[tuple[Group, np.ndarray, int]]) -> None:
+    """Every Split whose outputs shrank gets its new sizes (an input from opset 13, else the attribute)."""
+    touched = {}
+    for target, kept, _ in views:
+        if target.split_of is not None:
+            split, position = target.split_of
+            split.sizes[position] = len(kept)
+            touched[id(split)] = split
+    opset = next((o.version for o in index.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for split in touched.values():
+        node, sizes = split.node, np.asarray(split.sizes, np.int64)
+        if opset < 13:
+            set_attr(node, "split", split.sizes)
+            continue
+        name = index.unique_name(node.name + "_split")
+        index.add_initializer(name, sizes)
+        if len(node.input) > 1:
+            node.input[1] = name
+        else:
+            node.input.append(name)
+        index.readers[name].append(node)
+        kept_attrs = [a for a in node.attribute if a.name != "num_outputs"]  # exclusive with the sizes input
+        del node.attribute[:]
+        node.attribute.extend(kept_attrs)
 
 
 def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarray:
@@ -92,6 +130,7 @@ def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
             take_channels(index, current_bias(p), kept, n, -1)
     for target, full, total in [(group, kept, n)] + list(views):
         _prune_readers(index, target, full, total)
+    _write_split_sizes(index, list(views))
 
 
 def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:

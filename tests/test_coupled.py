@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import pytest
 
 from onnx_merge import CompressOptions, compress
 from tests.helpers import run
@@ -202,3 +203,26 @@ def test_concat_whose_output_is_left_whole_keeps_its_inputs_whole():
     assert dims["c1"] == (4, 8, 3, 3) and dims["c2"] == (4, 12, 3, 3)
     reasons = " ".join(s["reason"] for s in rep["skipped"])
     assert "reach Concat" in reasons and "graph output 'd2'" in reasons
+
+
+@pytest.mark.parametrize("opset, sizes", [(17, None), (17, [4, 8]), (11, [4, 8])])
+def test_channel_split_prunes_each_output_range_and_rewrites_sizes(opset, sizes):
+    ws = {"w0": _w(12, 3, 3, 3), "wa": _w(5, 6 if sizes is None else 4, 1, 1),
+          "wb": _w(5, 6 if sizes is None else 8, 1, 1), "fc": _w(3, 5)}
+    if sizes is None:
+        split = "s0, s1 = Split <axis = 1> (r)"
+    elif opset >= 13:
+        ws["sz"] = np.array(sizes, np.int64)
+        split = "s0, s1 = Split <axis = 1> (r, sz)"
+    else:
+        split = f"s0, s1 = Split <axis = 1, split = {sizes}> (r)"
+    body = "\n".join(["c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w0)", "r = Relu (c)", split,
+                      "a = Conv <kernel_shape = [1, 1]> (s0, wa)", "b = Conv <kernel_shape = [1, 1]> (s1, wb)",
+                      "t = Add (a, b)", "p = GlobalAveragePool (t)", "f = Flatten <axis = 1> (p)",
+                      "y = Gemm <transB = 1> (f, fc)"])
+    model = make(body, "float[1, 3, 6, 6] x", "float[1, 3] y", ws, opset=opset)
+    small, rep = _compresses(model, (1, 3, 6, 6), exclude=["wa", "wb"])
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["w0"][0] == 8 and dims["wa"][1] + dims["wb"][1] == 8
+    feeds = x(1, 3, 6, 6)
+    assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"w0"}), feeds)[0], atol=1e-5)
