@@ -92,6 +92,7 @@ class Group:
     blocked: str = ""
     views: list[tuple["Group", int]] = field(default_factory=list)  # (Concat output space, input position)
     parts: list["Group"] = field(default_factory=list)  # for a Concat output space: its inputs, in order
+    concat: onnx.NodeProto | None = None  # for a Concat output space: the Concat
     static_width: int | None = None  # channels of a space nothing here writes (a graph input)
     splits: list["SplitView"] = field(default_factory=list)  # Splits of this space along channels
     split_of: tuple["SplitView", int] | None = None  # for a Split output space: the Split, output position
@@ -287,7 +288,7 @@ def _link_concats(dims: _Dims, concats, outputs, group_of) -> list:
             for g in parts + [out]:
                 g.blocked = g.blocked or reason
             continue
-        out.parts = parts
+        out.parts, out.concat = parts, node
         for position, part in enumerate(parts):
             part.views.append((out, position))
     return [(part, out, f"Concat {node.name!r}") for node, out in zip(concats, outputs) for part in out.parts]
@@ -338,6 +339,22 @@ def describe_group(index: GraphIndex, group: Group) -> dict:
     # every member's weights divide evenly by the channel count (consumers: blocks after a Flatten)
     per_channel = sum(size(layer.weight) for layer in group.producers + group.consumers) // channels
     per_channel += sum(size(node.input[1]) for node in group.depthwise) // channels + len(group.per_channel)
-    return {"producers": [p.name for p in group.producers], "consumers": [c.name for c in group.consumers],
+    # readers through Concat/Split ranges read one block of columns per channel too
+    reached = list(reached_spaces(group))
+    per_channel += sum(size(c.weight) // int(index.initializers[c.weight].dims[c.in_axis]) for g, _ in reached
+                       for c in g.consumers)
+    consumers = [c.name for c in group.consumers] + [f"{c.name} (via {via})" for g, via in reached for c in g.consumers]
+    return {"producers": [p.name for p in group.producers], "consumers": consumers,
             "depthwise": [d.name for d in group.depthwise], "channels": channels,
             "params_per_channel": per_channel, "left_whole": group.blocked or None}
+
+
+def reached_spaces(group: Group):
+    """(space, via) for every space the group's channels reach through channel Concats and Splits."""
+    for target, _ in group.views:
+        yield target, f"Concat {target.concat.name!r}"
+        yield from reached_spaces(target)
+    for split in group.splits:
+        for out in split.outputs:
+            yield out, f"Split {split.node.name!r}"
+            yield from reached_spaces(out)

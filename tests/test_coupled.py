@@ -194,6 +194,10 @@ def test_nested_concats_map_ranges_through_both_levels():
     assert dims["c1"][0] == 2 and dims["c2"] == (4, 10, 3, 3) and dims["head"] == (10, 14, 1, 1)
     feeds = x(1, 8, 5, 5)
     assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"c1"}), feeds)[0], atol=1e-5)
+    from onnx_merge import inspect_model
+
+    first = inspect_model(model)["groups"][0]
+    assert len(first["consumers"]) == 2 and all("via Concat" in c for c in first["consumers"])
 
 
 def test_concat_whose_output_is_left_whole_keeps_its_inputs_whole():
