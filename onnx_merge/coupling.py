@@ -7,9 +7,10 @@ reads only input channel n). Layers write a space (producers) or read one (consu
 A Concat or Split along the channel axis is an index map, not a union: each Concat input
 owns a contiguous range of the output space (its *view*), each Split output a range of the
 input space; pruning a space prunes the same ranges' members downstream (and a Split's
-sizes). A space also read by something whose channel mapping is not provable here (a
-channel Pad, Transpose, a graph input or output, a subgraph) is *blocked*, with the reason;
-so is a space whose channels reach a blocked Concat output or Split output.
+sizes). Slice and Pad over spatial axes act per channel. A space also read by something
+whose channel mapping is not provable here (a channel Pad such as an option-A shortcut, a
+channel Slice, Transpose, a graph input or output, a subgraph) is *blocked*, with the
+reason; so is a space whose channels reach a blocked Concat output or Split output.
 
 A group is every producer, consumer, depthwise conv and per-channel parameter of one
 space; pruning it removes the same channel indices everywhere (DepGraph's idea, on ONNX).
@@ -152,6 +153,31 @@ def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list
     return [int(v) for v in sizes] if sizes and len(sizes) == len(node.output) else None
 
 
+def _spatial_only(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> str:
+    """'' when a Slice or Pad touches only axes from 2 on (it then acts per channel), else why not."""
+    label = f"{node.op_type} {node.name!r}"
+    rank = dims.rank(node.input[0])
+    if node.op_type == "Slice":
+        axes = attr(node, "axes")
+        if len(node.input) > 3 and node.input[3]:
+            axes = index.array(node.input[3]).tolist() if index.is_weight(node.input[3]) else None
+        elif len(node.input) > 1 and axes is None:  # opset 10+: no axes input means every axis
+            axes = list(range(len(index.array(node.input[1])))) if index.is_weight(node.input[1]) else None
+        if axes is None or (rank is None and any(a < 0 for a in axes)):
+            return f"{label} slices axes that are not known here"
+        return "" if all((a + rank if a < 0 else a) >= 2 for a in axes) else f"{label} slices the channel axis"
+    pads = attr(node, "pads")
+    if pads is None and len(node.input) > 1 and index.is_weight(node.input[1]):
+        pads = index.array(node.input[1]).tolist()
+    if pads is None or (len(node.input) > 3 and node.input[3]):
+        return f"{label} pads axes that are not known here"
+    half = len(pads) // 2
+    if half < 2 or pads[1] or pads[1 + half]:
+        return (f"{label} pads the channel axis (as an option-A shortcut does): the padded channels belong to "
+                "another space, a mapping not handled here")
+    return ""
+
+
 def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type != "Conv" or not index.is_weight(node.input[1]):
         return False
@@ -212,6 +238,13 @@ def find_groups(index: GraphIndex) -> list[Group]:
                     roles.append((node.output[0], "param", (node, name)))
         elif op in REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
+        elif op in ("Slice", "Pad") and data:
+            reason = _spatial_only(index, dims, node)
+            if reason:
+                for t in data + [node.output[0]]:
+                    block(t, reason)
+            else:
+                spaces.union(data[0], node.output[0])
         elif op == "Concat" and _channel_concat(index, dims, node):
             concats.append(node)
             for t in node.input:

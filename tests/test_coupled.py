@@ -175,6 +175,7 @@ def test_inspect_says_why_option_a_groups_stay_whole(resnet20_weights):
     info = inspect_model(resnet_akamaster(resnet20_weights, fold=True))
     reasons = [g["left_whole"] for g in info["groups"] if g["left_whole"]]
     assert reasons and all("Slice" in r or "Pad" in r or "graph" in r for r in reasons)
+    assert any("pads the channel axis" in r for r in reasons)  # the spatial Slice acts per channel
 
 
 def _two_layer_dense_block(concat_is_output: bool):
@@ -230,3 +231,18 @@ def test_channel_split_prunes_each_output_range_and_rewrites_sizes(opset, sizes)
     assert dims["w0"][0] == 8 and dims["wa"][1] + dims["wb"][1] == 8
     feeds = x(1, 3, 6, 6)
     assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"w0"}), feeds)[0], atol=1e-5)
+
+
+def test_spatial_slice_shortcut_joins_the_residual_group():
+    ws = {"stem": _w(8, 3, 3, 3), "down": _w(8, 8, 3, 3), "fc": _w(4, 8),
+          "st": np.array([0, 0], np.int64), "en": np.array([8, 8], np.int64), "ax": np.array([2, 3], np.int64),
+          "sp": np.array([2, 2], np.int64)}
+    body = "\n".join([
+        "s = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, stem)", "r = Relu (s)",
+        "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (r, down)",
+        "k = Slice (r, st, en, ax, sp)", "a = Add (d, k)", "h = Relu (a)", "p = GlobalAveragePool (h)",
+        "f = Flatten <axis = 1> (p)", "y = Gemm <transB = 1> (f, fc)"])
+    model = make(body, "float[1, 3, 8, 8] x", "float[1, 4] y", ws)
+    small, rep = _compresses(model, (1, 3, 8, 8))
+    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert dims["stem"][0] == dims["down"][0] == dims["down"][1] == dims["fc"][1] == 5
