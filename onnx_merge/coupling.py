@@ -58,19 +58,20 @@ class _Dims:
         return dims[1] if dims is not None and len(dims) > 1 else None
 
 
+def _nonnegative(axes: list[int], rank: int | None) -> list[int] | None:
+    """Axes with negative ones counted from ``rank``; None when that is needed and unknown."""
+    if any(a < 0 for a in axes) and rank is None:
+        return None
+    return [a + rank if a < 0 else a for a in axes]
+
+
 def _spatial_reduction(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
     """A reduction over spatial axes only (never batch or channel)."""
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and index.is_weight(node.input[1]):
         axes = index.array(node.input[1]).tolist()
-    if not axes:
-        return False
-    rank = dims.rank(node.input[0])
-    if any(a < 0 for a in axes):
-        if rank is None:
-            return False
-        axes = [a + rank for a in axes]
-    return all(a >= 2 for a in axes)
+    axes = _nonnegative(axes, dims.rank(node.input[0])) if axes else None
+    return axes is not None and all(a >= 2 for a in axes)
 
 
 def _flattening_reshape(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -129,19 +130,13 @@ class _Spaces:
 
 def _channel_concat(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
     """A Concat of feature maps along axis 1 (the channel axis)."""
-    axis = int(attr(node, "axis", 1))
-    if axis < 0:
-        rank = dims.rank(node.output[0])
-        axis = axis + rank if rank is not None else axis
-    return axis == 1 and all(i and not index.is_weight(i) for i in node.input)
+    axis = _nonnegative([int(attr(node, "axis", 1))], dims.rank(node.output[0]))
+    return axis == [1] and all(i and not index.is_weight(i) for i in node.input)
 
 
 def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list[int] | None:
     """The sizes of a Split along axis 1 (the channel axis), or None."""
-    axis = int(attr(node, "axis", 0))
-    if axis < 0 and dims.rank(node.input[0]) is not None:
-        axis += dims.rank(node.input[0])
-    if axis != 1 or not all(node.output):
+    if _nonnegative([int(attr(node, "axis", 0))], dims.rank(node.input[0])) != [1] or not all(node.output):
         return None
     if len(node.input) > 1 and node.input[1]:
         sizes = index.array(node.input[1]).tolist() if index.is_weight(node.input[1]) else None
@@ -156,16 +151,16 @@ def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list
 def _spatial_only(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> str:
     """'' when a Slice or Pad touches only axes from 2 on (it then acts per channel), else why not."""
     label = f"{node.op_type} {node.name!r}"
-    rank = dims.rank(node.input[0])
     if node.op_type == "Slice":
         axes = attr(node, "axes")
         if len(node.input) > 3 and node.input[3]:
             axes = index.array(node.input[3]).tolist() if index.is_weight(node.input[3]) else None
         elif len(node.input) > 1 and axes is None:  # opset 10+: no axes input means every axis
             axes = list(range(len(index.array(node.input[1])))) if index.is_weight(node.input[1]) else None
-        if axes is None or (rank is None and any(a < 0 for a in axes)):
+        axes = None if axes is None else _nonnegative(axes, dims.rank(node.input[0]))
+        if axes is None:
             return f"{label} slices axes that are not known here"
-        return "" if all((a + rank if a < 0 else a) >= 2 for a in axes) else f"{label} slices the channel axis"
+        return "" if all(a >= 2 for a in axes) else f"{label} slices the channel axis"
     pads = attr(node, "pads")
     if pads is None and len(node.input) > 1 and index.is_weight(node.input[1]):
         pads = index.array(node.input[1]).tolist()
@@ -250,8 +245,8 @@ def find_groups(index: GraphIndex) -> list[Group]:
             for t in node.input:
                 spaces.find(t)
             spaces.find(node.output[0])
-        elif op == "Split" and data and _channel_split(index, dims, node):
-            splits.append((node, _channel_split(index, dims, node)))
+        elif op == "Split" and data and (sizes := _channel_split(index, dims, node)):
+            splits.append((node, sizes))
             for t in [node.input[0]] + list(node.output):
                 spaces.find(t)
         elif (op == "Flatten" and int(attr(node, "axis", 1)) == 1) or (op == "Reshape" and _flattening_reshape(index, node)):
@@ -274,11 +269,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
         return groups.setdefault(spaces.find(tensor), Group(root=spaces.find(tensor)))
 
     for tensor in list(spaces.parent):
-        root = spaces.find(tensor)
-        group = groups.setdefault(root, Group(root=root))
-        group.tensors.add(tensor)
-        if tensor in blocked and not group.blocked:
-            group.blocked = blocked[tensor]
+        group_of(tensor).tensors.add(tensor)
     for tensor, role, payload in roles:
         group = group_of(tensor)
         if role == "producer":
@@ -296,16 +287,17 @@ def find_groups(index: GraphIndex) -> list[Group]:
         if group is not None and not group.blocked:
             group.blocked = reason
     links = _link_splits(splits, group_of)
-    links += _link_concats(dims, concats, [group_of(n.output[0]) for n in concats], group_of)
+    links += _link_concats(dims, concats, group_of)
     _propagate_blocks(links)
     return [g for g in groups.values() if g.producers]
 
 
-def _link_concats(dims: _Dims, concats, outputs, group_of) -> list:
+def _link_concats(dims: _Dims, concats, group_of) -> list:
     """Give each Concat input space a view into the output space; block what cannot be mapped.
     Returns the (input space, output space, via) links."""
-    for node, out in zip(concats, outputs):
-        parts = [group_of(t) for t in node.input]
+    links = []
+    for node in concats:
+        out, parts = group_of(node.output[0]), [group_of(t) for t in node.input]
         label = f"Concat {node.name!r}"
         reason = ""
         if out.producers or out.depthwise:
@@ -324,7 +316,8 @@ def _link_concats(dims: _Dims, concats, outputs, group_of) -> list:
         out.parts, out.concat = parts, node
         for position, part in enumerate(parts):
             part.views.append((out, position))
-    return [(part, out, f"Concat {node.name!r}") for node, out in zip(concats, outputs) for part in out.parts]
+            links.append((part, out, label))
+    return links
 
 
 def _link_splits(splits, group_of) -> list:

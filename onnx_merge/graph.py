@@ -69,7 +69,9 @@ class GraphIndex:
         """Replace an initializer's contents (dtype kept), and its graph-input shape if listed."""
         old = self.initializers[name]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        value = np.asarray(value, dtype=dtype)  # tobytes() below writes C order itself
+        # Kept C-contiguous: a later reader reshapes it (a strided copy each time otherwise),
+        # and tobytes() below is then a plain memory copy.
+        value = np.ascontiguousarray(value, dtype=dtype)
         if old.data_type in (onnx.TensorProto.STRING,):
             old.CopyFrom(numpy_helper.from_array(value, name))
         else:  # write the bytes once instead of building a tensor and copying it

@@ -78,7 +78,6 @@ def verify_models(original: str | os.PathLike, candidate: str | os.PathLike, *, 
     ``tolerance=None`` reports the figures without judging them (a compressed model is
     meant to move; only missing outputs or changed shapes fail then).
     """
-    tol = tolerance
     result = Verification(ok=True, inputs="random" if inputs is None else input_source)
     for provider in providers:
         ref_session = make_session(original, provider)
@@ -96,7 +95,7 @@ def verify_models(original: str | os.PathLike, candidate: str | os.PathLike, *, 
         for name, ref_out in ref.items():
             figures = compare_arrays(ref_out, cand[name])
             result.providers[provider][name] = figures
-            reason = check_output(name, ref_out, cand[name], figures, tol)
+            reason = check_output(name, ref_out, cand[name], figures, tolerance)
             if reason:
                 result.failures.append(f"[{provider}] {reason}")
                 result.ok = False

@@ -51,8 +51,8 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     norms = rows_v = None
     if consumer_norms or consumer_rows:
         view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
-        norms = row_norms(view.reshape(chain.channels, -1))
-        rows_v = view.reshape(chain.channels, -1) if consumer_rows else None
+        rows_v = view.reshape(chain.channels, -1)
+        norms = row_norms(rows_v) if consumer_norms else None
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=_slope(index, chain))
@@ -182,7 +182,9 @@ class MergeChannels:
         # before (they describe the network that will run), or, with independent_layers,
         # all from the original weights as the paper does; calibration re-plans layer by
         # layer itself, so there the plans are only its fallback.
-        jobs = []
+        calibrating = getattr(opts, "calibration", None) is not None
+        sequential = not (opts.independent_layers or calibrating)
+        plans, waiting = [], []
         for chain in chains:
             ratio = opts.ratio_for(chain.match_names())
             if ratio is None:
@@ -195,33 +197,35 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            arrays = self._arrays(index, chain, opts, method)
-            plan_opts = opts.plan_options(method)
-            kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
-            jobs.append((chain, method, n_keep, kept))
-        calibrating = getattr(opts, "calibration", None) is not None
-        sequential = not (opts.independent_layers or calibrating)
-        plans = []
-        todo = jobs if ctx.progress is None else ctx.progress(jobs, desc="rewriting", unit="layer")
-        for chain, method, n_keep, kept in todo:
-            comp = plan_layer(self._arrays(index, chain, opts, method), n_keep, opts.plan_options(method), kept)
-            plans.append((chain, method, comp))
+            arrays, plan_opts = self._arrays(index, chain, opts, method), opts.plan_options(method)
             if sequential:
-                layers.append(apply_plan(index, chain, comp, method))
-        ctx.plans = plans
+                kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
+                waiting.append((chain, method, n_keep, kept))
+            else:
+                plans.append((chain, method, plan_layer(arrays, n_keep, plan_opts)))
         if calibrating:
             # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
-            ctx.original = model.SerializeToString()
+            ctx.plans, ctx.original = plans, model.SerializeToString()
             return False
-        if not sequential:
-            for chain, method, comp in plans:
+        rewrites = waiting or plans
+        if ctx.progress is not None:
+            rewrites = ctx.progress(rewrites, desc="rewriting", unit="layer")
+        if sequential:
+            for chain, method, n_keep, kept in rewrites:
+                comp = plan_layer(self._arrays(index, chain, opts, method), n_keep, opts.plan_options(method), kept)
+                plans.append((chain, method, comp))
                 layers.append(apply_plan(index, chain, comp, method))
+        else:
+            for chain, method, comp in rewrites:
+                layers.append(apply_plan(index, chain, comp, method))
+        ctx.plans = plans
         return bool(plans)
 
     @staticmethod
     def _arrays(index: GraphIndex, chain: Chain, opts, method: str) -> ProducerArrays:
+        # regress reads the consumer's rows, and only where a BatchNormalization gives it statistics
         return producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path",
-                               consumer_rows=method == "regress")
+                               consumer_rows=method == "regress" and chain.bn is not None)
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, method: str) -> dict:

@@ -20,6 +20,7 @@ import onnx
 
 from onnx_merge.coupling import Group, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
+from onnx_merge.io import default_opset
 from onnx_merge.math import importance, keep_count
 from onnx_merge.shapes import drop_value_info
 
@@ -95,7 +96,7 @@ def _write_split_sizes(index: GraphIndex, views: list[tuple[Group, np.ndarray, i
             split, position = target.split_of
             split.sizes[position] = len(kept)
             touched[id(split)] = split
-    opset = next((o.version for o in index.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(index.model) or 13
     for split in touched.values():
         node, sizes = split.node, np.asarray(split.sizes, np.int64)
         if opset < 13:

@@ -107,11 +107,10 @@ def test_second_layer_merges_on_the_weights_the_first_merge_left():
     """fc2's rows a and b differ only where fc1's removed channel 2 (= 2 x channel 0) feeds
     them: after fc1's merge they are equal, so b merges into a exactly, but only when
     partners are computed on the compensated weights (the default), not the original ones."""
-    w1 = np.array([[1.0, 0.5], [-1.0, 2.0], [2.0, 1.0]], np.float32)  # (in 2, out 3): col 2 = 2 x col 0
+    w1 = np.array([[1.0, -1.0, 2.0], [0.5, 2.0, 1.0]], np.float32)  # (in 2, out 3): column 2 = 2 x column 0
     ws = {"w1": w1, "b1": np.array([0.1, 0.2, 0.2], np.float32),
           "w2": np.array([[1.0, 3.0], [1.0, 1.0], [0.0, -1.0]], np.float32),  # rows a, b as columns
           "b2": np.array([0.3, 0.3], np.float32), "w3": np.array([[1.0], [-2.0]], np.float32)}
-    ws["w1"] = ws["w1"].T.copy()
     body = """h = Gemm (x, w1, b1)
         r = Relu (h)
         g = Gemm (r, w2, b2)
