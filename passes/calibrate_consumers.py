@@ -4,7 +4,9 @@
     compressed: ... -> x' (P channels) -> C(W', b') -> y'      kept, W', b' = argmin ||y' - y||^2 (+ ridge)
 
 Chains are handled in graph order, each on activations of the model as already compressed,
-so later layers correct what earlier ones left. The kept channels come from greedy backward
+so later layers correct what earlier ones left. A consumer whose output (or its BN's) is added
+to a residual stream is fitted to the original sum minus the compressed stream, so it also
+cancels the drift that earlier blocks left there. The kept channels come from greedy backward
 elimination on the consumer's least-squares problem (``select_channels``). The result is used
 only where it beats the data-free plan on the same statistics; an ill-conditioned or
 unsupported layer falls back to the data-free plan with a note.
@@ -19,7 +21,7 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, describe_layer
-from onnx_merge.math import Compensation, compensate_consumer
+from onnx_merge.math import BatchNorm, Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
@@ -30,10 +32,10 @@ log = logging.getLogger("onnx_merge")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
 
 
-def truncated(model: onnx.ModelProto, tap: str) -> bytes:
-    """A model computing only ``tap``: the nodes it depends on, their weights, the graph inputs."""
+def truncated(model: onnx.ModelProto, taps: list[str]) -> bytes:
+    """A model computing only ``taps``: the nodes they depend on, their weights, the graph inputs."""
     index = GraphIndex(model)
-    needed, stack = set(), [tap]
+    needed, stack = set(), list(taps)
     while stack:
         node = index.producer.get(stack.pop())
         if node is not None and id(node) not in needed:
@@ -43,9 +45,37 @@ def truncated(model: onnx.ModelProto, tap: str) -> bytes:
     used = {i for n in nodes for i in n.input}
     graph = onnx.helper.make_graph(
         nodes, model.graph.name, [i for i in model.graph.input if i.name in used or i.name not in index.initializers],
-        [onnx.helper.make_tensor_value_info(tap, onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps],
         [t for t in model.graph.initializer if t.name in used])
     return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
+
+
+def residual_operand(index: GraphIndex, layer: Layer) -> tuple[str, np.ndarray | None] | None:
+    """The other operand of the Add that the consumer's output alone feeds (directly or through
+    a BatchNormalization, whose per-channel scale is returned too), when that operand is computed.
+
+    Fitting the consumer to (original sum - compressed operand) instead of its own original
+    output lets it also cancel the error that earlier layers left in the residual stream.
+    """
+    out, scale = layer.node.output[0], None
+    add = index.sole_reader(out)
+    if isinstance(add, onnx.NodeProto) and add.op_type == "BatchNormalization" and all(
+            index.is_weight(n) for n in add.input[1:5]):
+        scale = BatchNorm(*(index.array(n).astype(np.float64) for n in add.input[1:5]),
+                          eps=float(attr(add, "epsilon", 1e-5))).multiplier
+        out = add.output[0]
+        add = index.sole_reader(out)
+        if np.any(np.abs(scale) < 1e-12):
+            return None
+    if not isinstance(add, onnx.NodeProto) or add.op_type != "Add" or len(add.input) != 2 or add.input[0] == add.input[1]:
+        return None
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    return None if index.is_weight(other) else (other, scale)
+
+
+def _output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
+    """A consumer-shaped output (B, M, ...) as rows in the order of _features."""
+    return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if layer.node.op_type == "Conv" else y.reshape(-1, y.shape[-1])
 
 
 def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
@@ -157,22 +187,30 @@ class CalibrateConsumers:
         if w_orig.shape[1] > MAX_FEATURES:
             return None
         tap = layer.node.input[0]
-        orig_session = make_session(truncated(orig_index.model, tap), optimize=True)
-        session = make_session(truncated(index.model, tap), optimize=True)
+        residual = residual_operand(index, layer)
+        taps = [tap] if residual is None else [tap, residual[0]]
+        orig_session = make_session(truncated(orig_index.model, taps), optimize=True)
+        session = make_session(truncated(index.model, taps), optimize=True)
         fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
         rng = np.random.default_rng(0)
         for start in range(0, total, batch):
             part = {k: v[start:start + batch] for k, v in feeds.items()}
-            x_orig = orig_session.run([tap], {i.name: part[i.name] for i in orig_session.get_inputs()})[0]
-            x_new = session.run([tap], {i.name: part[i.name] for i in session.get_inputs()})[0]
+            x_orig, *skip_orig = orig_session.run(taps, {i.name: part[i.name] for i in orig_session.get_inputs()})
+            x_new, *skip_new = session.run(taps, {i.name: part[i.name] for i in session.get_inputs()})
             f_orig = _features(orig_layer, x_orig, orig_index.initializers[orig_layer.weight].dims)
             f_new = _features(layer, x_new, index.initializers[layer.weight].dims)
             if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
                 return None
+            target = f_orig @ w_orig.T + b_orig
+            if residual is not None:
+                drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
+                if drift.shape != target.shape:
+                    return None
+                target += drift if residual[1] is None else drift / residual[1]
             if len(f_new) > opts.calibration_rows:  # conv patches: a fixed random subset per batch
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
-                f_new, f_orig = f_new[pick], f_orig[pick]
-            fit.add(f_new, f_orig @ w_orig.T + b_orig)
+                f_new, target = f_new[pick], target[pick]
+            fit.add(f_new, target)
         return fit if fit.rows else None
 
     @staticmethod
