@@ -202,11 +202,10 @@ class CalibrateConsumers:
             if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
                 return None
             target = f_orig @ w_orig.T + b_orig
-            if residual is not None:
+            if residual is not None and skip_orig[0].shape == skip_new[0].shape:
                 drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
-                if drift.shape != target.shape:
-                    return None
-                target += drift if residual[1] is None else drift / residual[1]
+                if drift.shape == target.shape:  # a broadcast operand is left uncorrected
+                    target += drift if residual[1] is None else drift / residual[1]
             if len(f_new) > opts.calibration_rows:  # conv patches: a fixed random subset per batch
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
                 f_new, target = f_new[pick], target[pick]
