@@ -135,7 +135,7 @@ def calibrated_section(lines: list[str]) -> None:
     row = [acc(compress(lenet, CompressOptions(ratio=r, calibration=calib))[0], fashion["x"], fashion["y"], FASHION)
            for r in (0.5, 0.6, 0.7, 0.8)]
     lines += ["## Calibrated compensation (least-squares refit of each consumer, layer by layer)", "",
-              "Kept channels chosen by greedy elimination on the calibration data, consumers refitted.", "",
+              "Kept channels chosen by greedy elimination on the calibration data, consumers refitted; a consumer before a residual Add is fitted to the original sum minus the compressed stream.", "",
               "LeNet-300-100, calibrated on the first 512 FashionMNIST *training* images:", "",
               tabulate([["calibrated"] + row], headers=["method", "r=0.5", "r=0.6", "r=0.7", "r=0.8"],
                        tablefmt="github"), ""]
