@@ -48,6 +48,8 @@ def lenet_section(lines: list[str], plot: dict) -> None:
         "merge, projection scale, independent layers": dict(method="merge", independent_layers=True),
         "merge (projection scale, t=0.1)": dict(method="merge"),
         "merge, kernel scale": dict(method="merge", scale_rule="kernel"),
+        "merge, l2-path, exact scale (auto's choice for BN-less convs)":
+            dict(method="merge", criterion="l2-path", scale_rule="exact"),
         "regress (default; no BN here: cosine merge)": dict(method="regress"),
     }
     rows, params = [], []
@@ -81,7 +83,7 @@ def resnet_section(lines: list[str], plot: dict) -> None:
         configs = {"prune": dict(method="prune"),
                    "regress (default)": dict(),
                    "merge (fold rule, exact scale)": dict(method="merge", scale_rule="exact"),
-                   "merge (projection scale)": dict(method="merge"),
+                   "merge (projection scale)": dict(method="merge", scale_rule="projection"),
                    "merge (l2-path, exact scale)": dict(method="merge", criterion="l2-path", scale_rule="exact")}
         if not fold:
             configs["merge (lambda rule, authors' S)"] = dict(method="merge", bn_rule="lambda", scale_rule="paper")
@@ -94,14 +96,14 @@ def resnet_section(lines: list[str], plot: dict) -> None:
             for name, kw in configs.items():
                 if crit != "l1-norm" and ("l2-path" in name or "regress" in name):
                     continue
-                kw = {"criterion": crit, **kw}
+                kw = kw if "default" in name else {"criterion": crit, **kw}
                 accs = []
                 for r in ratios:
                     small, rep = compress(model, CompressOptions(ratio=r, **kw))
                     accs.append(acc(small, xe, ye, CIFAR))
                     if name == "prune" and crit == "l1-norm":
                         params.append(rep["params_after"] / rep["params_before"])
-                rows.append([kw["criterion"], name] + accs)
+                rows.append([kw.get("criterion", "auto"), name] + accs)
                 if crit == "l1-norm":
                     plot.setdefault("resnet_folded" if fold else "resnet_bn", {})[name] = (None, accs)
         plot["resnet_params"] = params
@@ -110,7 +112,8 @@ def resnet_section(lines: list[str], plot: dict) -> None:
                    f"{best[0]}, {best[1]} ({' / '.join(f'{a:.2f}' for a in best[2:6])}).")
         if fold:
             verdict += (" Folded graphs carry no BatchNormalization statistics, so `regress` falls back to cosine "
-                        "merging here and the authors' lambda rule cannot be applied.")
+                        "merging here and the authors' lambda rule cannot be applied; the `auto` defaults rank these "
+                        "BN-less convs by l2-path and merge with the norm-ratio scale (see Defaults below).")
         ref = [["l1-norm", "authors' code: prune"] + RESNET_REF["prune"], ["l1-norm", "authors' code: merge"] + RESNET_REF["merge"]]
         lines += [f"## ResNet-56 (paper checkpoint), {form}", "",
                   f"Original: {acc(model, xe, ye, CIFAR):.2f} % on x_exact. Inner conv of each block, int(C (1 - r)) kept.",
@@ -124,6 +127,35 @@ def resnet_section(lines: list[str], plot: dict) -> None:
                                        for r in ratios[:4]])
         lines += [f"Same model on the full JPEG test copy (`x`, 10,000 images; original {acc(model, xj, yj, CIFAR):.2f} %):", "",
                   tabulate(jpeg_rows, headers=["method (l1-norm)"] + [f"r={r}" for r in ratios[:4]], tablefmt="github"), ""]
+
+
+def defaults_section(lines: list[str]) -> None:
+    """Why `auto` ranks BN-less convs by l2-path with the exact scale: every CIFAR checkpoint, BN folded."""
+    from onnx_merge.models.resnet import resnet_akamaster
+
+    cifar = dict(np.load(SHARED / "data" / "cifar10_test.npz"))
+    xe, ye, ratios = cifar["x_exact"], cifar["y"][:1017], [0.2, 0.3, 0.4, 0.5]
+    configs = {"l1-norm, projection (the default before auto)": dict(criterion="l1-norm", scale_rule="projection"),
+               "l1-norm, exact": dict(criterion="l1-norm", scale_rule="exact"),
+               "l2-path, projection": dict(criterion="l2-path", scale_rule="projection"),
+               "auto (default: l2-path, exact here)": dict()}
+    rows = []
+    for label, build, file in (("ResNet-56 (paper)", resnet_paper, "resnet56_cifar10.npz"),
+                               ("ResNet-20 (akamaster, option A)", resnet_akamaster, "resnet20_cifar10_akamaster.npz"),
+                               ("ResNet-56 (akamaster, option A)", resnet_akamaster, "resnet56_cifar10_akamaster.npz")):
+        model = build(dict(np.load(SHARED / "weights" / file)), fold=True)
+        for name, kw in configs.items():
+            rows.append([label, name] + [acc(compress(model, CompressOptions(ratio=r, **kw))[0], xe, ye, CIFAR)
+                                         for r in ratios])
+    lines += ["## Defaults: criterion and scale on BN-folded convs", "",
+              "A Conv that reaches its ReLU with no BatchNormalization between almost always had its BN folded in at "
+              "export: its rows carry gamma / sigma, so their norms rank channels badly. `--criterion auto` and "
+              "`--scale-rule auto` (the defaults) use l2-path and the exact scale for such layers, l1-norm and the "
+              "projection scale elsewhere (layers with BN, Gemm/MatMul layers: LeNet's table above has the l2-path row "
+              "that keeps Gemm layers on l1-norm). Every CIFAR checkpoint here, BN folded, default method, "
+              "accuracy on `x_exact`:", "",
+              tabulate(rows, headers=["checkpoint", "criterion, scale"] + [f"r={r}" for r in ratios], tablefmt="github"),
+              ""]
 
 
 def calibrated_section(lines: list[str]) -> None:
@@ -190,6 +222,7 @@ def main() -> None:
     plot: dict = {}
     lenet_section(lines, plot)
     resnet_section(lines, plot)
+    defaults_section(lines)
     calibrated_section(lines)
     write_plot(plot, ROOT / "benchmarks" / "accuracy_vs_params.png")
     lines += ["![accuracy vs parameters](benchmarks/accuracy_vs_params.png)", "",

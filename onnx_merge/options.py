@@ -9,16 +9,17 @@ from .errors import UsageError
 from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions
 
 METHODS = ("merge", "prune", "regress")
+AUTO = "auto"
 
 
 @dataclass
 class CompressOptions:
     ratio: float = 0.5
     method: str = "regress"
-    criterion: str = "l1-norm"
+    criterion: str = AUTO  # per layer: see plan_options
     threshold: float = 0.1
     lam: float = 0.85
-    scale_rule: str = "projection"
+    scale_rule: str = AUTO
     bn_rule: str = "fold"
     layer_ratios: list[tuple[str, float]] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
@@ -36,8 +37,8 @@ class CompressOptions:
         ratios = [self.ratio] + [r for _, r in self.layer_ratios]
         if any(not 0.0 <= r < 1.0 for r in ratios):
             raise UsageError(f"ratios must lie in [0, 1): got {', '.join(map(str, ratios))}")
-        for value, allowed, what in ((self.method, METHODS, "method"), (self.criterion, CRITERIA, "criterion"),
-                                     (self.scale_rule, SCALE_RULES, "scale rule"), (self.bn_rule, BN_RULES, "BN rule")):
+        for value, allowed, what in ((self.method, METHODS, "method"), (self.criterion, CRITERIA + (AUTO,), "criterion"),
+                                     (self.scale_rule, SCALE_RULES + (AUTO,), "scale rule"), (self.bn_rule, BN_RULES, "BN rule")):
             if value not in allowed:
                 raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 <= self.lam <= 1.0:
@@ -50,9 +51,19 @@ class CompressOptions:
             raise UsageError("the calibration batch must be at least 1")
         return self
 
-    def plan_options(self, method: str) -> PlanOptions:
-        return PlanOptions(method=method, criterion=self.criterion, threshold=self.threshold, lam=self.lam,
-                           scale_rule=self.scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
+    def plan_options(self, method: str, bn_hidden: bool = False) -> PlanOptions:
+        """The plan's options for one layer, ``auto`` resolved.
+
+        ``bn_hidden``: a Conv reaching its activation with no BatchNormalization in between. In a
+        trained conv net that almost always means BN was folded into the conv at export, so each
+        row carries gamma / sigma and its norm says little; there ``auto`` ranks by the
+        rescaling-invariant l2-path and merges with the norm-ratio scale, elsewhere by l1-norm with
+        the projection scale (BENCHMARKS.md, "Defaults", measures both on four checkpoints).
+        """
+        criterion = self.criterion if self.criterion != AUTO else "l2-path" if bn_hidden else "l1-norm"
+        scale_rule = self.scale_rule if self.scale_rule != AUTO else "exact" if bn_hidden else "projection"
+        return PlanOptions(method=method, criterion=criterion, threshold=self.threshold, lam=self.lam,
+                           scale_rule=scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
 
     def ratio_for(self, names: list[str]) -> float | None:
         """The ratio for a layer known by ``names``; None when it is excluded. Last match wins."""

@@ -148,11 +148,11 @@ class CalibrateConsumers:
             batch, total = fixed, total - total % fixed
         layers = ctx.report.setdefault("layers", [])
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
-        for chain, method, comp in steps:
+        for chain, plan_opts, comp in steps:
             index = GraphIndex(model)
             fit = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts)
             if fit is None:
-                entry = apply_plan(index, chain, comp, method)
+                entry = apply_plan(index, chain, comp, plan_opts)
                 entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
                 layers.append(entry)
                 continue
@@ -164,7 +164,7 @@ class CalibrateConsumers:
                     candidates.append((objective(fit, _embed(w_new, kept, chain.channels), b_new), kept, w_new, b_new))
             best = min(candidates, key=lambda c: c[0]) if candidates else None
             if best is None or best[0] >= _data_free_objective(fit, index, chain, comp):
-                entry = apply_plan(index, chain, comp, method)
+                entry = apply_plan(index, chain, comp, plan_opts)
                 entry["calibration"] = ("fell back to the data-free plan (ill-conditioned)" if best is None else
                                         "kept the data-free plan (lower error on the calibration data)")
                 layers.append(entry)

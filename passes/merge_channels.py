@@ -17,7 +17,7 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
-from onnx_merge.math import (BatchNorm, Compensation, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+from onnx_merge.math import (BatchNorm, Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
                              rank_kept, ranks_by_criterion)
 from onnx_merge.math.criteria import row_norms
 from onnx_merge.shapes import drop_value_info
@@ -197,12 +197,13 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            arrays, plan_opts = self._arrays(index, chain, opts, method), opts.plan_options(method)
+            plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and chain.producer.node.op_type == "Conv")
+            arrays = self._arrays(index, chain, plan_opts)
             if sequential:
                 kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
-                waiting.append((chain, method, n_keep, kept))
+                waiting.append((chain, plan_opts, n_keep, kept))
             else:
-                plans.append((chain, method, plan_layer(arrays, n_keep, plan_opts)))
+                plans.append((chain, plan_opts, plan_layer(arrays, n_keep, plan_opts)))
         if calibrating:
             # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
             ctx.plans, ctx.original = plans, model.SerializeToString()
@@ -211,29 +212,33 @@ class MergeChannels:
         if ctx.progress is not None:
             rewrites = ctx.progress(rewrites, desc="rewriting", unit="layer")
         if sequential:
-            for chain, method, n_keep, kept in rewrites:
-                comp = plan_layer(self._arrays(index, chain, opts, method), n_keep, opts.plan_options(method), kept)
-                plans.append((chain, method, comp))
-                layers.append(apply_plan(index, chain, comp, method))
+            for chain, plan_opts, n_keep, kept in rewrites:
+                comp = plan_layer(self._arrays(index, chain, plan_opts), n_keep, plan_opts, kept)
+                plans.append((chain, plan_opts, comp))
+                layers.append(apply_plan(index, chain, comp, plan_opts))
         else:
-            for chain, method, comp in rewrites:
-                layers.append(apply_plan(index, chain, comp, method))
+            for chain, plan_opts, comp in rewrites:
+                layers.append(apply_plan(index, chain, comp, plan_opts))
         ctx.plans = plans
         return bool(plans)
 
     @staticmethod
-    def _arrays(index: GraphIndex, chain: Chain, opts, method: str) -> ProducerArrays:
+    def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions) -> ProducerArrays:
         # regress reads the consumer's rows, and only where a BatchNormalization gives it statistics
-        return producer_arrays(index, chain, consumer_norms=opts.criterion == "l2-path",
-                               consumer_rows=method == "regress" and chain.bn is not None)
+        return producer_arrays(index, chain, consumer_norms=plan_opts.criterion == "l2-path",
+                               consumer_rows=plan_opts.method == "regress" and chain.bn is not None)
 
 
-def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, method: str) -> dict:
+def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: PlanOptions) -> dict:
     """Shrink the producer, compensate the consumer, fix shapes; returns the report entry."""
     shrink_producer(index, chain, comp.kept)
     note = compensate(index, chain, comp)
     fix_shapes(index, chain, len(comp.kept))
-    entry = describe(chain, comp, method)
+    entry = describe(chain, comp, plan_opts.method)
+    if entry["method"] != "regress":  # regress selects by its own elimination, not the criterion
+        entry["criterion"] = plan_opts.criterion
+    if entry["merged"]:
+        entry["scale_rule"] = plan_opts.scale_rule
     if note or chain.why_not_merge:
         entry["note"] = "; ".join(x for x in (chain.why_not_merge, note) if x)
     log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,

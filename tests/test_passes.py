@@ -291,3 +291,18 @@ def test_conv1d_and_conv3d_chains_merge_exactly(spatial):
     small, rep = compress(model, ratio=1 / 6)
     assert initializer_shapes(small)["w2"][1] == 5 and rep["layers"][0]["merged"] == 1
     assert _outputs_match(model, small, x(*shape))
+
+
+def test_auto_defaults_resolve_per_layer_and_explicit_options_win():
+    """A Conv reaching its ReLU without BN (BN folded at export) is ranked by l2-path and merged with
+    the norm-ratio scale; a Conv with BN (merge method) and a MatMul layer keep l1-norm."""
+    folded = conv_bn_relu_pool_conv(with_bn=False)
+    layer = compress(folded, ratio=0.5)[1]["layers"][0]
+    assert layer["merged"] and (layer["criterion"], layer["scale_rule"]) == ("l2-path", "exact")
+    layer = compress(folded, ratio=0.5, criterion="l1-norm", scale_rule="projection")[1]["layers"][0]
+    assert layer["merged"] and (layer["criterion"], layer["scale_rule"]) == ("l1-norm", "projection")
+    assert compress(conv_bn_relu_pool_conv(with_bn=True), ratio=0.5, method="merge")[1]["layers"][0]["criterion"] == "l1-norm"
+    assert "criterion" not in compress(conv_bn_relu_pool_conv(with_bn=True), ratio=0.5)[1]["layers"][0]  # regress
+    ws = rng_weights(RNG, w1=(10, 8), b1=(8,), w2=(8, 3))
+    mlp = make("m = MatMul (x, w1)\n a = Add (m, b1)\n r = Relu (a)\n y = MatMul (r, w2)", "float[4, 10] x", "float[4, 3] y", ws)
+    assert compress(mlp, ratio=0.5)[1]["layers"][0]["criterion"] == "l1-norm"
