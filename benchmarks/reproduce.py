@@ -126,7 +126,7 @@ def resnet_section(lines: list[str], plot: dict) -> None:
             jpeg_rows.append([name] + [acc(compress(model, CompressOptions(ratio=r, **kw))[0], xj, yj, CIFAR)
                                        for r in ratios[:4]])
         lines += [f"Same model on the full JPEG test copy (`x`, 10,000 images; original {acc(model, xj, yj, CIFAR):.2f} %):", "",
-                  tabulate(jpeg_rows, headers=["method (l1-norm)"] + [f"r={r}" for r in ratios[:4]], tablefmt="github"), ""]
+                  tabulate(jpeg_rows, headers=["method (default criterion: auto)"] + [f"r={r}" for r in ratios[:4]], tablefmt="github"), ""]
 
 
 def defaults_section(lines: list[str]) -> None:
