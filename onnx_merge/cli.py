@@ -14,7 +14,7 @@ from . import api
 from .errors import OnnxMergeError, UsageError
 from .io import load_arrays, load_model, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
-from .options import METHODS, CompressOptions
+from .options import AUTO, METHODS, CompressOptions
 from .runtime import parse_providers
 from .verify import Tolerance, verify_models
 
@@ -75,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
                    "modelled from BatchNormalization statistics (cosine merge where a layer has none); "
                    "merge: the paper's neuron merging, one partner per removed channel; prune: drop them")
-    c.add_argument("--criterion", choices=CRITERIA + ("auto",), default="auto",
+    c.add_argument("--criterion", choices=CRITERIA + (AUTO,), default=AUTO,
                    help="which channels to keep. auto (default): l2-path for a Conv with no BatchNormalization "
                    "before its activation (BN folded at export, as a rule), l1-norm elsewhere")
     c.add_argument("--threshold", type=float, default=0.1, metavar="T",
                    help="minimum cosine similarity for a merge; below it the channel is only pruned (default 0.1)")
     c.add_argument("--lambda", dest="lam", type=float, default=0.85, metavar="L",
                    help="with --bn-rule lambda: weight of direction vs bias residual in partner choice (default 0.85)")
-    c.add_argument("--scale-rule", choices=SCALE_RULES + ("auto",), default="auto",
+    c.add_argument("--scale-rule", choices=SCALE_RULES + (AUTO,), default=AUTO,
                    help="merge scale: projection (least squares), exact (norm ratio, METHOD.md), kernel (Gaussian "
                    "input model), paper (the authors' released BN formula); auto (default): exact where --criterion "
                    "auto picks l2-path, projection elsewhere")

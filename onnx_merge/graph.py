@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .math.batchnorm import BatchNorm
+
 GRAPH_OUTPUT = "<graph output>"
 
 
@@ -64,6 +66,11 @@ class GraphIndex:
         if name not in self._arrays:
             self._arrays[name] = numpy_helper.to_array(self.initializers[name])
         return self._arrays[name]
+
+    def batchnorm(self, node: onnx.NodeProto) -> BatchNorm:
+        """A BatchNormalization node's parameters (initializers) in float64."""
+        return BatchNorm(*(self.array(n).astype(np.float64) for n in node.input[1:5]),
+                         eps=float(attr(node, "epsilon", 1e-5)))
 
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents (dtype kept), and its graph-input shape if listed."""

@@ -21,7 +21,7 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, describe_layer
-from onnx_merge.math import BatchNorm, Compensation, compensate_consumer
+from onnx_merge.math import Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
@@ -61,8 +61,7 @@ def residual_operand(index: GraphIndex, layer: Layer) -> tuple[str, np.ndarray |
     add = index.sole_reader(out)
     if isinstance(add, onnx.NodeProto) and add.op_type == "BatchNormalization" and all(
             index.is_weight(n) for n in add.input[1:5]):
-        scale = BatchNorm(*(index.array(n).astype(np.float64) for n in add.input[1:5]),
-                          eps=float(attr(add, "epsilon", 1e-5))).multiplier
+        scale = index.batchnorm(add).multiplier
         out = add.output[0]
         add = index.sole_reader(out)
         if np.any(np.abs(scale) < 1e-12):

@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 
 from onnx_merge.graph import GraphIndex, attr
-from onnx_merge.math import BatchNorm
 from onnx_merge.shapes import drop_value_info
 
 
@@ -51,7 +50,7 @@ class FoldBatchNorm:
             trans_b = layer.op_type == "Gemm" and attr(layer, "transB", 0)
             w = index.array(layer.input[1])
             w_rows = w if layer.op_type == "Conv" or trans_b else w.T
-            params = BatchNorm(*(index.array(n) for n in bn.input[1:5]), eps=float(attr(bn, "epsilon", 1e-5)))
+            params = index.batchnorm(bn)
             bias = index.array(layer.input[2]) if len(layer.input) > 2 and layer.input[2] else None
             n = w_rows.shape[0]
             if bias is not None:

@@ -17,7 +17,7 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
-from onnx_merge.math import (BatchNorm, Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
                              rank_kept, ranks_by_criterion)
 from onnx_merge.math.criteria import row_norms
 from onnx_merge.shapes import drop_value_info
@@ -46,8 +46,7 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
         bias = np.broadcast_to(np.reshape(index.array(p.bias), -1), (chain.channels,)).astype(np.float64) * p.beta
     bn = None
     if chain.bn is not None:
-        bn = BatchNorm(*(index.array(n).astype(np.float64) for n in chain.bn.input[1:5]),
-                       eps=float(attr(chain.bn, "epsilon", 1e-5)))
+        bn = index.batchnorm(chain.bn)
     norms = rows_v = None
     if consumer_norms or consumer_rows:
         view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)

@@ -118,7 +118,7 @@ def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarr
     total = np.zeros(n)
     for p in group.producers:
         rows = np.moveaxis(index.array(p.weight), p.out_axis, 0).reshape(n, -1)
-        s = importance(rows, {"l2-path": "l2-norm", "auto": "l1-norm"}.get(criterion, criterion))
+        s = importance(rows, "l2-norm" if criterion == "l2-path" else criterion)
         total += s / (s.mean() if s.mean() > 0 else 1.0)
     return total
 
@@ -181,7 +181,7 @@ class PruneCoupled:
             n_keep = keep_count(n, min(ratios), opts.round_to)
             if n_keep >= n:
                 continue
-            kept = np.sort(np.argsort(-_scores(index, group, n, opts.criterion), kind="stable")[:n_keep])
+            kept = np.sort(np.argsort(-_scores(index, group, n, opts.plan_options("prune").criterion), kind="stable")[:n_keep])
             views = _views(index, group, kept, n)
             if isinstance(views, str):
                 ctx.skip(", ".join(names), f"coupled group left whole: {views}")
