@@ -19,7 +19,6 @@ from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
 from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
                              rank_kept, ranks_by_criterion)
-from onnx_merge.math.criteria import row_norms
 from onnx_merge.shapes import drop_value_info
 
 log = logging.getLogger("onnx_merge")
@@ -48,10 +47,11 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     if chain.bn is not None:
         bn = index.batchnorm(chain.bn)
     norms = rows_v = None
-    if consumer_norms or consumer_rows:
+    if consumer_rows:
         view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
         rows_v = view.reshape(chain.channels, -1)
-        norms = row_norms(rows_v) if consumer_norms else None
+    if consumer_norms:
+        norms = input_channel_norms(index.array(chain.consumer.weight), chain.consumer.in_axis, chain.channels)
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=_slope(index, chain))
@@ -81,6 +81,18 @@ def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
         if bn is not None:
             for name in bn.input[1:5]:
                 take_channels(index, name, kept, n, 0)
+
+
+def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int) -> np.ndarray:
+    """|V[:, n]|: the consumer's L2 norm over each input channel (its block of features after a
+    Flatten), summed a slab at a time in the weight's own layout: a Gemm after a Flatten can be
+    hundreds of MB, and flattening it channel-first would copy it whole."""
+    moved = np.moveaxis(weight, in_axis, -1)
+    total = np.zeros(moved.shape[-1])
+    for i in range(0, len(moved), 256):
+        slab = moved[i:i + 256].reshape(-1, moved.shape[-1])
+        total += np.einsum("rf,rf->f", slab, slab, dtype=np.float64)
+    return np.sqrt(total.reshape(channels, -1).sum(axis=1))
 
 
 def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int) -> np.ndarray:
@@ -197,7 +209,7 @@ class MergeChannels:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
             plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and chain.producer.node.op_type == "Conv")
-            arrays = self._arrays(index, chain, plan_opts)
+            arrays = self._arrays(index, chain, plan_opts, ranking=True)
             if sequential:
                 kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
                 waiting.append((chain, plan_opts, n_keep, kept))
@@ -212,7 +224,7 @@ class MergeChannels:
             rewrites = ctx.progress(rewrites, desc="rewriting", unit="layer")
         if sequential:
             for chain, plan_opts, n_keep, kept in rewrites:
-                comp = plan_layer(self._arrays(index, chain, plan_opts), n_keep, plan_opts, kept)
+                comp = plan_layer(self._arrays(index, chain, plan_opts, ranking=False), n_keep, plan_opts, kept)
                 plans.append((chain, plan_opts, comp))
                 layers.append(apply_plan(index, chain, comp, plan_opts))
         else:
@@ -222,9 +234,10 @@ class MergeChannels:
         return bool(plans)
 
     @staticmethod
-    def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions) -> ProducerArrays:
+    def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions, ranking: bool) -> ProducerArrays:
+        # l2-path ranks by the consumer's column norms (a re-plan with the ranking given does not);
         # regress reads the consumer's rows, and only where a BatchNormalization gives it statistics
-        return producer_arrays(index, chain, consumer_norms=plan_opts.criterion == "l2-path",
+        return producer_arrays(index, chain, consumer_norms=ranking and plan_opts.criterion == "l2-path",
                                consumer_rows=plan_opts.method == "regress" and chain.bn is not None)
 
 

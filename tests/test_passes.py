@@ -306,3 +306,12 @@ def test_auto_defaults_resolve_per_layer_and_explicit_options_win():
     ws = rng_weights(RNG, w1=(10, 8), b1=(8,), w2=(8, 3))
     mlp = make("m = MatMul (x, w1)\n a = Add (m, b1)\n r = Relu (a)\n y = MatMul (r, w2)", "float[4, 10] x", "float[4, 3] y", ws)
     assert compress(mlp, ratio=0.5)[1]["layers"][0]["criterion"] == "l1-norm"
+
+
+@pytest.mark.parametrize("shape, in_axis, block", [((5, 6, 3, 3), 1, 1), ((7, 6 * 4), 1, 4), ((6 * 4, 7), 0, 4)])
+def test_input_channel_norms_match_the_channel_first_view(shape, in_axis, block):
+    from onnx_merge.passes.merge_channels import input_channel_norms
+
+    w = RNG.standard_normal(shape).astype(np.float32)
+    view = np.moveaxis(w, in_axis, 0).reshape(6, -1)  # channel n owns features n * block ... (n + 1) * block - 1
+    assert np.allclose(input_channel_norms(w, in_axis, 6), np.linalg.norm(view.astype(np.float64), axis=1))
