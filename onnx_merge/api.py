@@ -28,10 +28,11 @@ def _progress(iterable, **kw):
 
 
 def canonicalize() -> PassManager:
-    """Name nodes and turn computed weights into initializers: what every later step expects."""
-    from .passes import FoldConstantWeights, NameNodes
+    """Name nodes, turn computed weights into initializers and batch-keeping reshapes into
+    Flatten: what every later step expects."""
+    from .passes import FlattenBatchReshape, FoldConstantWeights, NameNodes
 
-    return PassManager([NameNodes(), FoldConstantWeights()])
+    return PassManager([NameNodes(), FoldConstantWeights(), FlattenBatchReshape()])
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:

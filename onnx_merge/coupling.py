@@ -25,14 +25,13 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex, attr
-from .groups import Layer, Rejected, describe_layer
+from .groups import REDUCE, Layer, Rejected, describe_layer, nonnegative_axes, reduction_axes
 from .shapes import inferred_dims
 
 PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
                "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
                "Identity", "Resize", "Upsample", "LpPool", "BatchNormalization", "InstanceNormalization", "PRelu"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
-REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
 
 
 class _Dims:
@@ -58,19 +57,10 @@ class _Dims:
         return dims[1] if dims is not None and len(dims) > 1 else None
 
 
-def _nonnegative(axes: list[int], rank: int | None) -> list[int] | None:
-    """Axes with negative ones counted from ``rank``; None when that is needed and unknown."""
-    if any(a < 0 for a in axes) and rank is None:
-        return None
-    return [a + rank if a < 0 else a for a in axes]
-
-
 def _spatial_reduction(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
     """A reduction over spatial axes only (never batch or channel)."""
-    axes = attr(node, "axes")
-    if axes is None and len(node.input) > 1 and index.is_weight(node.input[1]):
-        axes = index.array(node.input[1]).tolist()
-    axes = _nonnegative(axes, dims.rank(node.input[0])) if axes else None
+    axes = reduction_axes(index, node)
+    axes = nonnegative_axes(axes, dims.rank(node.input[0])) if axes else None
     return axes is not None and all(a >= 2 for a in axes)
 
 
@@ -130,13 +120,13 @@ class _Spaces:
 
 def _channel_concat(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
     """A Concat of feature maps along axis 1 (the channel axis)."""
-    axis = _nonnegative([int(attr(node, "axis", 1))], dims.rank(node.output[0]))
+    axis = nonnegative_axes([int(attr(node, "axis", 1))], dims.rank(node.output[0]))
     return axis == [1] and all(i and not index.is_weight(i) for i in node.input)
 
 
 def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list[int] | None:
     """The sizes of a Split along axis 1 (the channel axis), or None."""
-    if _nonnegative([int(attr(node, "axis", 0))], dims.rank(node.input[0])) != [1] or not all(node.output):
+    if nonnegative_axes([int(attr(node, "axis", 0))], dims.rank(node.input[0])) != [1] or not all(node.output):
         return None
     if len(node.input) > 1 and node.input[1]:
         sizes = index.array(node.input[1]).tolist() if index.is_weight(node.input[1]) else None
@@ -157,7 +147,7 @@ def _spatial_only(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> str:
             axes = index.array(node.input[3]).tolist() if index.is_weight(node.input[3]) else None
         elif len(node.input) > 1 and axes is None:  # opset 10+: no axes input means every axis
             axes = list(range(len(index.array(node.input[1])))) if index.is_weight(node.input[1]) else None
-        axes = None if axes is None else _nonnegative(axes, dims.rank(node.input[0]))
+        axes = None if axes is None else nonnegative_axes(axes, dims.rank(node.input[0]))
         if axes is None:
             return f"{label} slices axes that are not known here"
         return "" if all(a >= 2 for a in axes) else f"{label} slices the channel axis"

@@ -73,7 +73,7 @@ class GraphIndex:
                          eps=float(attr(node, "epsilon", 1e-5)))
 
     def set_array(self, name: str, value: np.ndarray) -> None:
-        """Replace an initializer's contents (dtype kept), and its graph-input shape if listed."""
+        """Replace an initializer's contents (dtype kept), and every declaration of its shape."""
         old = self.initializers[name]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
         # Kept C-contiguous: a later reader reshapes it (a strided copy each time otherwise),
@@ -88,8 +88,12 @@ class GraphIndex:
             old.dims.extend(value.shape)
             old.raw_data = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
         self._arrays[name] = value
-        if name in self.graph_inputs:
-            shape = self.graph_inputs[name].type.tensor_type.shape
+        # Exporters may declare an initializer's shape as a graph input (old IR) or in
+        # value_info (the torch dynamo exporter does): both must follow the new shape.
+        declared = [self.graph_inputs[name]] if name in self.graph_inputs else []
+        declared += [v for v in self.graph.value_info if v.name == name]
+        for info in declared:
+            shape = info.type.tensor_type.shape
             shape.ClearField("dim")
             for d in value.shape:
                 shape.dim.add().dim_value = d

@@ -29,6 +29,8 @@ TRANSPARENT = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "
 OTHER_ACTIVATIONS = {"Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu",
                      "Mish", "Clip", "Celu", "ThresholdedRelu", "Erf", "Abs", "Neg", "Exp", "Sqrt"}
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad", "Resize", "Upsample"}
+# Over spatial axes only, each acts per channel and commutes with a merge scale (x.mean((2, 3)) in torch).
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
 LAYERS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 
 
@@ -150,10 +152,32 @@ def _layer_channels(index: GraphIndex, layer: Layer, role: str) -> int:
     return int(dims[axis])
 
 
-def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, flattened: bool) -> None:
+def reduction_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """The axes a Reduce* node reduces (attribute before opset 18, constant input after);
+    None when they are computed or empty (empty means every axis)."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = index.array(node.input[1]).tolist() if index.is_weight(node.input[1]) else None
+    return list(axes) if axes else None
+
+
+def nonnegative_axes(axes: list[int], rank: int | None) -> list[int] | None:
+    """Axes with negative ones counted from ``rank``; None when that is needed and unknown."""
+    if any(a < 0 for a in axes) and rank is None:
+        return None
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, flattened: bool,
+                   rank: int | None) -> None:
     op = node.op_type
-    if op in SPATIAL and (channel_last or flattened):
+    if op in SPATIAL | REDUCE and (channel_last or flattened):
         raise Rejected(f"{_label(node)} pools over a layout whose channel axis is not axis 1")
+    if op in REDUCE:
+        axes = reduction_axes(index, node)
+        axes = None if axes is None else nonnegative_axes(axes, rank)
+        if axes is None or any(a < 2 for a in axes):
+            raise Rejected(f"{_label(node)} reduces over axes that are not provably spatial")
     if op == "Flatten" and int(attr(node, "axis", 1)) != 1:
         raise Rejected(f"{_label(node)} flattens at axis {attr(node, 'axis')} (channel block layout unknown)")
     if op == "Reshape":
@@ -217,6 +241,8 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
     producer = describe_layer(index, node)
     channels = _layer_channels(index, producer, "out")
     channel_last = node.op_type == "MatMul"
+    # A Conv's output has its weight's rank; the rank resolves negative reduction axes.
+    rank = len(index.initializers[producer.weight].dims) if node.op_type == "Conv" else None
     tensor = producer.output
     path, flattened = [], False
     mergeable, why = True, ""
@@ -247,13 +273,15 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             tensor = nxt.output[0]
             continue
         kind = _activation_kind(index, nxt)
-        if kind is None and nxt.op_type not in TRANSPARENT:
+        if kind is None and nxt.op_type not in TRANSPARENT | REDUCE:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")
         if kind == "other" and mergeable:
             mergeable, why = False, f"{_label(nxt)} is not positively homogeneous (prune only)"
         if kind is None:  # activations are elementwise: any layout will do
-            _check_path_op(index, nxt, channel_last, flattened)
+            _check_path_op(index, nxt, channel_last, flattened, rank)
             flattened |= nxt.op_type in ("Flatten", "Reshape")
+            if nxt.op_type in REDUCE and not attr(nxt, "keepdims", 1):
+                rank -= len(reduction_axes(index, nxt))
         path.append(nxt)
         tensor = nxt.output[0]
     if nxt.op_type == "MatMul" and nxt.input[1] == tensor:

@@ -315,3 +315,76 @@ def test_input_channel_norms_match_the_channel_first_view(shape, in_axis, block)
     w = RNG.standard_normal(shape).astype(np.float32)
     view = np.moveaxis(w, in_axis, 0).reshape(6, -1)  # channel n owns features n * block ... (n + 1) * block - 1
     assert np.allclose(input_channel_norms(w, in_axis, 6), np.linalg.norm(view.astype(np.float64), axis=1))
+
+
+def _head_model(head: str) -> tuple[onnx.ModelProto, dict]:
+    """Conv -> Relu -> <head> -> Gemm with a planted duplicate (channel 4 = 0.05 * channel 1)."""
+    features = 6 if head.startswith("reduce") else 6 * 16
+    ws = rng_weights(RNG, w1=(6, 3, 3, 3), b1=(6,), w2=(5, features), b2=(5,))
+    ws["w1"][4], ws["b1"][4] = 0.05 * ws["w1"][1], 0.05 * ws["b1"][1]
+    heads = {
+        "reduce-input": "h = ReduceMean <keepdims = 0> (r, axes)",  # opset 18: axes as an input
+        "reduce-negative": "m = ReduceMax <axes = [-2, -1]> (r)\n f = Flatten <axis = 1> (m)",
+        "reduce-channels": "h = ReduceMean <keepdims = 0> (r, axes)",
+        "shape-gather": """s = Shape (r)
+            n = Gather <axis = 0> (s, zero)
+            u = Unsqueeze (n, zero1)
+            shape = Concat <axis = 0> (u, minus1)
+            h = Reshape (r, shape)""",
+        "shape-slice": """s = Shape (r)
+            n = Slice (s, zero1, one1)
+            shape = Concat <axis = 0> (n, minus1)
+            h = Reshape (r, shape)""",
+        "shape-of-input": """s = Shape (x)
+            n = Gather <axis = 0> (s, zero)
+            u = Unsqueeze (n, zero1)
+            shape = Concat <axis = 0> (u, minus1)
+            h = Reshape (r, shape)""",
+    }
+    body = "c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n" + heads[head]
+    body += "\n y = Gemm <transB = 1> (" + ("f" if head == "reduce-negative" else "h") + ", w2, b2)"
+    consts = {"axes": np.array([1, 2] if head == "reduce-channels" else [2, 3], np.int64), "zero": np.array(0, np.int64), "zero1": np.array([0], np.int64), "one1": np.array([1], np.int64),
+              "minus1": np.array([-1], np.int64)}
+    used = {k: v for k, v in consts.items() if any(f"{k})" in line or f"{k}," in line for line in body.splitlines())}
+    if head == "reduce-channels":
+        ws["w2"] = rng_weights(RNG, w2=(5, 4))["w2"]
+    sig = ", ".join(f"int64[{','.join(map(str, v.shape))}] {k}" for k, v in used.items())
+    opset = 17 if head == "reduce-negative" else 18  # Reduce* axes: an attribute before opset 18
+    model = build(header(opset) + f"\ng (float[N, 3, 4, 4] x, {signature(ws)}{', ' + sig if sig else ''}) => "
+                  f"(float[N, 5] y) {{\n{body}\n}}", ws | used)
+    return model, ws
+
+
+@pytest.mark.parametrize("head", ["reduce-input", "reduce-negative", "shape-gather", "shape-slice"])
+def test_heads_that_keep_channels_apart_merge_exactly(head):
+    """A spatial reduction, or a reshape to (x.shape[0], -1) computed from Shape(x), reads each
+    channel on its own: the conv before it is compressed and the planted duplicate merges exactly."""
+    model, _ = _head_model(head)
+    small, rep = compress(model, ratio=1 / 6)
+    assert [(entry["channels"], entry["kept"], entry["merged"]) for entry in rep["layers"]] == [(6, 5, 1)]
+    feeds = x(3, 3, 4, 4)
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+    if head.startswith("shape"):  # the shape arithmetic is gone, the batch stays free
+        assert [n.op_type for n in small.graph.node] == ["Conv", "Relu", "Flatten", "Gemm"]
+        assert run(small, x(1, 3, 4, 4))[0].shape == (1, 5)
+
+
+@pytest.mark.parametrize("head, reason", [("reduce-channels", "not provably spatial"), ("shape-of-input", "computed shape")])
+def test_heads_that_mix_channels_are_left_whole(head, reason):
+    model, _ = _head_model(head)
+    small, rep = compress(model, ratio=0.5)
+    assert not rep.get("layers")
+    assert any(reason in s["reason"] for s in rep["skipped"])
+    feeds = x(2, 3, 4, 4)
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0])
+
+
+def test_value_info_of_a_shrunk_initializer_follows_it():
+    """The torch dynamo exporter lists initializers in value_info; stale entries fail the checker."""
+    model = conv_bn_relu_pool_conv(with_bn=False)
+    for t in model.graph.initializer:
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    small, _ = compress(model, ratio=0.5)
+    onnx.checker.check_model(small, full_check=True)
+    declared = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in small.graph.value_info}
+    assert declared["w1"] == (4, 3, 3, 3) and declared["w2"] == (4, 4, 3, 3)

@@ -89,3 +89,53 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
     dims = {t.name: tuple(t.dims) for t in onnx.load(coupled).graph.initializer}
     widths = sorted(dims[n.input[1]][0] for n in onnx.load(coupled).graph.node if n.op_type == "Conv")
     assert widths == sorted(c // 2 for c in orig_channels)  # every conv halves: residual groups too
+
+
+class PlainNet(nn.Module):
+    """Conv-BN-ReLU twice, then a head read through ``x.mean((2, 3))`` or ``x.view(x.size(0), -1)``."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head = head
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(16 if head == "mean" else 16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.mean((2, 3)) if self.head == "mean" else x.view(x.size(0), -1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("head", ["mean", "view"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_exported_heads_and_shape_annotations(tmp_path, head, dynamo):
+    """Every chain of a plain net is compressed whatever the exporter wrote for the head (a spatial
+    ReduceMean; a Reshape whose shape is computed from Shape(x)), and the dynamo exporter's
+    value_info entries for initializers follow the new shapes."""
+    torch.manual_seed(0)
+    model = PlainNet(head).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "plain.onnx"
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+        torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}})
+    out, report_path = tmp_path / "small.onnx", tmp_path / "report.json"
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report_path)]) == 0
+    import json
+
+    layers = json.loads(report_path.read_text())["layers"]
+    assert [(entry["channels"], entry["kept"]) for entry in layers] == [(8, 4), (16, 8), (32, 16)]
+    small = onnx.load(out)
+    onnx.checker.check_model(small, full_check=True)
+    import onnxruntime as ort
+
+    batch = 2 if dynamo else 3  # the legacy export has a dynamic batch: the Flatten keeps it
+    feeds = {small.graph.input[0].name: np.random.default_rng(0).standard_normal((batch, 3, 8, 8)).astype(np.float32)}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == (batch, 10) and np.isfinite(got).all()
