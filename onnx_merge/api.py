@@ -76,7 +76,7 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     return {
         "chains": [{"layer": c.name, "op": c.producer.node.op_type, "channels": c.channels,
                     "bn": c.bn.name if c.bn is not None else None, "path": [n.op_type for n in c.path],
-                    "consumer": c.consumer.name, "block": c.block, "mergeable": c.mergeable,
+                    "consumer": c.consumer.name, "block": c.block, "interleaved": c.interleaved, "mergeable": c.mergeable,
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
         "groups": [describe_group(index, g) for g in find_groups(index) if g.coupled or len(g.consumers) > 1],

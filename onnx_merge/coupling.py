@@ -200,6 +200,10 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 for t in data + [node.output[0]]:
                     block(t, f"{label} is a grouped conv")
                 continue
+            if op == "MatMul" and dims.rank(node.output[0]) != 2:  # channels last, where axis 1 is not
+                for t in data + [layer.output]:
+                    block(t, f"{label} works on the last axis of a tensor of rank {dims.rank(node.output[0]) or 'unknown'}")
+                continue
             if layer.bias_node is not None:
                 spaces.union(node.output[0], layer.output)
             roles.append((layer.output, "producer", layer))

@@ -61,6 +61,9 @@ class Chain:
     bn: onnx.NodeProto | None = None
     path: list[onnx.NodeProto] = field(default_factory=list)  # ops between producer (or BN) and consumer
     block: int = 1  # consumer input features per channel (> 1 after a Flatten)
+    # After a Flatten of a channel-last layout (a MatMul's output, or a Transpose moving the
+    # channel last) channel c owns features c, c + N, c + 2N, ... instead of a contiguous block.
+    interleaved: bool = False
     mergeable: bool = True
     why_not_merge: str = ""
 
@@ -207,6 +210,15 @@ def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, 
         raise Rejected(f"{_label(node)} exposes its mask")
 
 
+def _moves_channel_last(node: onnx.NodeProto, channel_last: bool, flattened: bool) -> bool:
+    """A Transpose that keeps the batch first and moves the channel axis (1) last, as TF-style
+    NHWC heads do before a Flatten; any other permutation is Rejected."""
+    perm = list(attr(node, "perm") or [])
+    if channel_last or flattened or len(perm) < 3 or perm[0] != 0 or perm[-1] != 1:
+        raise Rejected(f"{_label(node)} permutes axes {perm or 'in reverse'}: only moving the channel last is followed")
+    return True
+
+
 def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
     """'homogeneous', 'other', or None when the node is no activation."""
     if node.op_type in HOMOGENEOUS_ACTIVATIONS:
@@ -244,7 +256,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
     # A Conv's output has its weight's rank; the rank resolves negative reduction axes.
     rank = len(index.initializers[producer.weight].dims) if node.op_type == "Conv" else None
     tensor = producer.output
-    path, flattened = [], False
+    path, flattened, interleaved = [], False, False
     mergeable, why = True, ""
     bn = _bn_after(index, tensor)
     if bn is not None:
@@ -272,6 +284,11 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             path.append(nxt)
             tensor = nxt.output[0]
             continue
+        if nxt.op_type == "Transpose":
+            channel_last = _moves_channel_last(nxt, channel_last, flattened)
+            path.append(nxt)
+            tensor = nxt.output[0]
+            continue
         kind = _activation_kind(index, nxt)
         if kind is None and nxt.op_type not in TRANSPARENT | REDUCE:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")
@@ -279,7 +296,9 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             mergeable, why = False, f"{_label(nxt)} is not positively homogeneous (prune only)"
         if kind is None:  # activations are elementwise: any layout will do
             _check_path_op(index, nxt, channel_last, flattened, rank)
-            flattened |= nxt.op_type in ("Flatten", "Reshape")
+            if nxt.op_type in ("Flatten", "Reshape"):
+                interleaved |= channel_last and not flattened
+                flattened = True
             if nxt.op_type in REDUCE and not attr(nxt, "keepdims", 1):
                 rank -= len(reduction_axes(index, nxt))
         path.append(nxt)
@@ -302,7 +321,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             raise Rejected(f"consumer {_label(nxt)} reads {features} channels, producer writes {channels}")
         block = 1
     return Chain(producer=producer, consumer=consumer, channels=channels, bn=bn, path=path, block=block,
-                 mergeable=mergeable, why_not_merge=why)
+                 interleaved=interleaved and block > 1, mergeable=mergeable, why_not_merge=why)
 
 
 def find_chains(index: GraphIndex) -> tuple[list[Chain], list[Skip]]:

@@ -180,6 +180,8 @@ class CalibrateConsumers:
     def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts) -> LeastSquaresFit | None:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
         layer = chain.consumer
+        if chain.interleaved:  # the fit groups each channel's features as one contiguous block
+            return None
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
         w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
         b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])

@@ -48,10 +48,12 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
         bn = index.batchnorm(chain.bn)
     norms = rows_v = None
     if consumer_rows:
-        view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block)
+        view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block,
+                             chain.interleaved)
         rows_v = view.reshape(chain.channels, -1)
     if consumer_norms:
-        norms = input_channel_norms(index.array(chain.consumer.weight), chain.consumer.in_axis, chain.channels)
+        norms = input_channel_norms(index.array(chain.consumer.weight), chain.consumer.in_axis, chain.channels,
+                                    chain.interleaved)
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=_slope(index, chain))
@@ -83,7 +85,7 @@ def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
                 take_channels(index, name, kept, n, 0)
 
 
-def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int) -> np.ndarray:
+def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int, interleaved: bool = False) -> np.ndarray:
     """|V[:, n]|: the consumer's L2 norm over each input channel (its block of features after a
     Flatten), summed a slab at a time in the weight's own layout: a Gemm after a Flatten can be
     hundreds of MB, and flattening it channel-first would copy it whole."""
@@ -92,17 +94,22 @@ def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int) -> np.n
     for i in range(0, len(moved), 256):
         slab = moved[i:i + 256].reshape(-1, moved.shape[-1])
         total += np.einsum("rf,rf->f", slab, slab, dtype=np.float64)
-    return np.sqrt(total.reshape(channels, -1).sum(axis=1))
+    per_channel = total.reshape(-1, channels).sum(axis=0) if interleaved else total.reshape(channels, -1).sum(axis=1)
+    return np.sqrt(per_channel)
 
 
-def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int) -> np.ndarray:
+def consumer_view(weight: np.ndarray, layer: Layer, channels: int, block: int, interleaved: bool = False) -> np.ndarray:
     """(N, B, M, K): channels first, then features per channel, outputs, kernel taps."""
     moved = np.moveaxis(weight, layer.in_axis, 0)
+    if interleaved:  # features ordered (block, channel)
+        return moved.reshape(block, channels, moved.shape[1], -1).swapaxes(0, 1)
     return moved.reshape(channels, block, moved.shape[1], -1)
 
 
-def from_consumer_view(view: np.ndarray, like: np.ndarray, layer: Layer) -> np.ndarray:
+def from_consumer_view(view: np.ndarray, like: np.ndarray, layer: Layer, interleaved: bool = False) -> np.ndarray:
     moved_shape = np.moveaxis(like, layer.in_axis, 0).shape
+    if interleaved:
+        view = view.swapaxes(0, 1)
     moved = view.reshape((view.shape[0] * view.shape[1],) + moved_shape[1:])
     return np.moveaxis(moved, 0, layer.in_axis)
 
@@ -133,9 +140,9 @@ def add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str
 def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
     c = chain.consumer
     weight = index.array(c.weight)
-    view = consumer_view(weight, c, chain.channels, chain.block)
+    view = consumer_view(weight, c, chain.channels, chain.block, chain.interleaved)
     new_view, bias = compensate_consumer(view, comp)
-    index.set_array(c.weight, from_consumer_view(new_view, weight, c))
+    index.set_array(c.weight, from_consumer_view(new_view, weight, c, chain.interleaved))
     return add_consumer_bias(index, c, bias) if bias is not None else ""
 
 

@@ -124,3 +124,18 @@ def test_consumer_before_a_residual_add_also_cancels_the_stream_error(with_bn, m
     monkeypatch.setattr(calibrate, "residual_operand", lambda index, layer: None)
     plain = _run_chunks(compress(model, CompressOptions(ratio=0.5, calibration=calib))[0], calib)
     assert np.mean((corrected - ref) ** 2) < np.mean((plain - ref) ** 2)
+
+
+def test_channel_last_flatten_keeps_the_data_free_plan():
+    """The fit groups each channel's features contiguously; an interleaved chain says so and merges."""
+    from tests.test_passes import CHANNEL_LAST_HEADS, make
+
+    inputs, shapes, body = CHANNEL_LAST_HEADS["transpose-flatten"]
+    ws = rng_weights(np.random.default_rng(0), **shapes)
+    ws["w1"][4], ws["b1"][4] = 0.05 * ws["w1"][1], 0.05 * ws["b1"][1]
+    model = make(body + "\n y = Gemm <transB = 1> (f, w2, b2)", inputs, "float[2, 4] y", ws)
+    calib = {"x": np.random.default_rng(1).standard_normal((8, 3, 4, 4)).astype(np.float32)}
+    small, rep = compress(model, CompressOptions(ratio=1 / 6, calibration=calib))
+    assert rep["layers"][0]["calibration"].startswith("fell back to the data-free plan")
+    feeds = {"x": calib["x"][:2]}
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)

@@ -388,3 +388,48 @@ def test_value_info_of_a_shrunk_initializer_follows_it():
     onnx.checker.check_model(small, full_check=True)
     declared = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in small.graph.value_info}
     assert declared["w1"] == (4, 3, 3, 3) and declared["w2"] == (4, 4, 3, 3)
+
+
+CHANNEL_LAST_HEADS = {
+    # a MatMul's output keeps its channels last: Flatten interleaves them
+    "matmul-flatten": ("float[2, 3, 5] x", dict(w1=(5, 6), b1=(6,), w2=(4, 3 * 6), b2=(4,)),
+                       "m = MatMul (x, w1)\n a = Add (m, b1)\n r = Relu (a)\n f = Flatten <axis = 1> (r)"),
+    # the NHWC flatten of TF-style heads (x.permute(0, 2, 3, 1).flatten(1) in torch)
+    "transpose-flatten": ("float[2, 3, 4, 4] x", dict(w1=(6, 3, 3, 3), b1=(6,), w2=(4, 16 * 6), b2=(4,)),
+                          "c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n"
+                          " t = Transpose <perm = [0, 2, 3, 1]> (r)\n f = Flatten <axis = 1> (t)"),
+}
+
+
+@pytest.mark.parametrize("head", sorted(CHANNEL_LAST_HEADS))
+@pytest.mark.parametrize("criterion", ["l1-norm", "l2-path"])
+def test_channel_last_flatten_interleaves_channels(head, criterion):
+    """Channel c owns features c, c + N, ... there: a planted duplicate must still merge exactly."""
+    inputs, shapes, body = CHANNEL_LAST_HEADS[head]
+    ws = rng_weights(RNG, **shapes)
+    if head == "matmul-flatten":
+        ws["w1"][:, 4], ws["b1"][4] = 0.05 * ws["w1"][:, 1], 0.05 * ws["b1"][1]
+    else:
+        ws["w1"][4], ws["b1"][4] = 0.05 * ws["w1"][1], 0.05 * ws["b1"][1]
+    model = make(body + "\n y = Gemm <transB = 1> (f, w2, b2)", inputs, "float[2, 4] y", ws)
+    assert inspect_model(model)["chains"][0]["interleaved"]
+    small, rep = compress(model, ratio=1 / 6, criterion=criterion)
+    assert rep["layers"][0]["kept"] == 5 and rep["layers"][0]["merged"] == 1
+    feeds = {"x": RNG.standard_normal([int(d) for d in inputs[6:inputs.index("]")].split(", ")]).astype(np.float32)}
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_other_transposes_and_channel_last_residuals_are_left_whole():
+    ws = rng_weights(RNG, w1=(6, 3, 3, 3), b1=(6,), w2=(4, 16 * 6), b2=(4,))
+    body = ("c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n"
+            " t = Transpose <perm = [0, 1, 3, 2]> (r)\n f = Flatten <axis = 1> (t)\n y = Gemm <transB = 1> (f, w2, b2)")
+    model = make(body, "float[2, 3, 4, 4] x", "float[2, 4] y", ws)
+    _, rep = compress(model, ratio=0.5)
+    assert not rep["layers"] and any("permutes axes [0, 1, 3, 2]" in s["reason"] for s in rep["skipped"])
+    # A residual over a MatMul's channels-last output: the coupled pass leaves it whole.
+    ws = rng_weights(RNG, w1=(5, 6), b1=(6,), w3=(5, 6), w2=(4, 3 * 6), b2=(4,))
+    body = ("m = MatMul (x, w1)\n a = Add (m, b1)\n m3 = MatMul (x, w3)\n s = Add (a, m3)\n r = Relu (s)\n"
+            " f = Flatten <axis = 1> (r)\n y = Gemm <transB = 1> (f, w2, b2)")
+    model = make(body, "float[2, 3, 5] x", "float[2, 4] y", ws)
+    small, rep = compress(model, ratio=0.5, coupled="prune")
+    assert initializer_shapes(small) == initializer_shapes(model)
