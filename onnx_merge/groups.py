@@ -253,8 +253,9 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
     producer = describe_layer(index, node)
     channels = _layer_channels(index, producer, "out")
     channel_last = node.op_type == "MatMul"
-    # A Conv's output has its weight's rank; the rank resolves negative reduction axes.
-    rank = len(index.initializers[producer.weight].dims) if node.op_type == "Conv" else None
+    # The output's rank where the layer fixes it (a Conv: its weight's; a Gemm: 2). It resolves
+    # negative reduction axes and tells which axis a MatMul consumer contracts.
+    rank = {"Conv": len(index.initializers[producer.weight].dims), "Gemm": 2}.get(node.op_type)
     tensor = producer.output
     path, flattened, interleaved = [], False, False
     mergeable, why = True, ""
@@ -305,6 +306,12 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
         tensor = nxt.output[0]
     if nxt.op_type == "MatMul" and nxt.input[1] == tensor:
         raise Rejected(f"{_label(nxt)} reads the channels as its right operand")
+    # The consumer must contract the axis that holds the channels: a MatMul contracts the last,
+    # a Conv axis 1. A dimension that merely has the same size is no evidence.
+    if nxt.op_type == "MatMul" and not (channel_last or flattened) and rank != 2:
+        raise Rejected(f"consumer {_label(nxt)} contracts the last axis; the channels are on axis 1")
+    if nxt.op_type in ("Conv", "ConvTranspose") and channel_last and not flattened:
+        raise Rejected(f"consumer {_label(nxt)} reads axis 1; the channels are on the last axis")
     if _groups(nxt) != 1:
         raise Rejected(f"consumer {_label(nxt)} is a grouped/depthwise conv: its channels are coupled")
     try:

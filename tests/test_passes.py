@@ -433,3 +433,20 @@ def test_other_transposes_and_channel_last_residuals_are_left_whole():
     model = make(body, "float[2, 3, 5] x", "float[2, 4] y", ws)
     small, rep = compress(model, ratio=0.5, coupled="prune")
     assert initializer_shapes(small) == initializer_shapes(model)
+
+
+@pytest.mark.parametrize("body, out", [
+    # a MatMul contracts the conv output's width, which only happens to equal its 8 channels
+    ("c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n y = MatMul (r, w2)",
+     "float[2, 8, 8, 5] y"),
+    # a Conv reads axis 1 of the NHWC tensor: its height, not the channels
+    ("c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n"
+     " t = Transpose <perm = [0, 2, 3, 1]> (r)\n y = Conv <kernel_shape = [1, 1]> (t, w3)", "float[2, 5, 8, 8] y"),
+], ids=["matmul-after-conv", "conv-after-nhwc"])
+def test_a_consumer_contracting_another_axis_of_the_same_size_is_refused(body, out):
+    ws = rng_weights(RNG, w1=(8, 3, 3, 3), b1=(8,), w2=(8, 5), w3=(5, 8, 1, 1))
+    ws = {k: v for k, v in ws.items() if k in body}
+    model = make(body, "float[2, 3, 8, 8] x", out, ws)
+    small, rep = compress(model, ratio=0.5)
+    assert not rep["layers"] and any("the channels are on" in s["reason"] for s in rep["skipped"])
+    assert initializer_shapes(small) == initializer_shapes(model)
