@@ -26,6 +26,13 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def remove_at(items, positions) -> None:
+    """Delete entries of a repeated proto field by position, in place: no copies of what stays
+    (initializers can be hundreds of MB)."""
+    for i in sorted(set(positions), reverse=True):
+        del items[i]
+
+
 def attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:

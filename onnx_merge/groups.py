@@ -210,13 +210,12 @@ def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, 
         raise Rejected(f"{_label(node)} exposes its mask")
 
 
-def _moves_channel_last(node: onnx.NodeProto, channel_last: bool, flattened: bool) -> bool:
-    """A Transpose that keeps the batch first and moves the channel axis (1) last, as TF-style
-    NHWC heads do before a Flatten; any other permutation is Rejected."""
+def _check_transpose(node: onnx.NodeProto, channel_last: bool, flattened: bool) -> None:
+    """Only a Transpose that keeps the batch first and moves the channel axis (1) last is
+    followed, as TF-style NHWC heads do before a Flatten."""
     perm = list(attr(node, "perm") or [])
     if channel_last or flattened or len(perm) < 3 or perm[0] != 0 or perm[-1] != 1:
         raise Rejected(f"{_label(node)} permutes axes {perm or 'in reverse'}: only moving the channel last is followed")
-    return True
 
 
 def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
@@ -286,7 +285,8 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
             tensor = nxt.output[0]
             continue
         if nxt.op_type == "Transpose":
-            channel_last = _moves_channel_last(nxt, channel_last, flattened)
+            _check_transpose(nxt, channel_last, flattened)
+            channel_last = True
             path.append(nxt)
             tensor = nxt.output[0]
             continue

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .graph import remove_at
+
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     """Bytes of a tensor's values, from its shape (reading raw_data would copy it)."""
@@ -16,15 +18,7 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
 
 def drop_value_info(model: onnx.ModelProto, names: set[str]) -> None:
     """Remove value_info entries of tensors whose shapes changed (they would be stale)."""
-    keep = [v for v in model.graph.value_info if v.name not in names]
-    if len(keep) != len(model.graph.value_info):
-        copies = []
-        for v in keep:
-            c = onnx.ValueInfoProto()
-            c.CopyFrom(v)
-            copies.append(c)
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(copies)
+    remove_at(model.graph.value_info, [i for i, v in enumerate(model.graph.value_info) if v.name in names])
 
 
 def skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:

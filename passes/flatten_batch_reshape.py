@@ -15,6 +15,8 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 
+from .cleanup import remove_dead_nodes
+
 
 def _constant(index: GraphIndex, name: str) -> list | None:
     return index.array(name).reshape(-1).tolist() if name and index.is_weight(name) else None
@@ -68,22 +70,6 @@ def flattens_batch(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 or attr(concat, "axis") != 0:
         return False
     return batch_dim_of(index, concat.input[0]) == node.input[0] and _constant(index, concat.input[1]) == [-1]
-
-
-def remove_dead_nodes(model: onnx.ModelProto) -> int:
-    """Drop nodes none of whose outputs is read (the shape arithmetic left behind)."""
-    removed = 0
-    while True:
-        index = GraphIndex(model)
-        live = [n for n in model.graph.node if any(index.readers.get(o) for o in n.output if o)]
-        if len(live) == len(model.graph.node):
-            return removed
-        removed += len(model.graph.node) - len(live)
-        copies = [onnx.NodeProto() for _ in live]
-        for c, n in zip(copies, live):
-            c.CopyFrom(n)
-        del model.graph.node[:]
-        model.graph.node.extend(copies)
 
 
 class FlattenBatchReshape:
