@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "modelled from BatchNormalization statistics (cosine merge where a layer has none); "
                    "merge: the paper's neuron merging, one partner per removed channel; prune: drop them")
     c.add_argument("--criterion", choices=CRITERIA + (AUTO,), default=AUTO,
-                   help="which channels to keep. auto (default): l2-path for a Conv with no BatchNormalization "
-                   "before its activation (BN folded at export, as a rule), l1-norm elsewhere")
+                   help="which channels to keep. merge-cost: the set whose merge leaves the least residual "
+                   "(keeps one of each group of near-copies). auto (default): l2-path for a Conv with no "
+                   "BatchNormalization before its activation (BN folded at export, as a rule), merge-cost for "
+                   "a Gemm/MatMul layer that merges, l1-norm elsewhere")
     c.add_argument("--threshold", type=float, default=0.1, metavar="T",
                    help="minimum cosine similarity for a merge; below it the channel is only pruned (default 0.1)")
     c.add_argument("--lambda", dest="lam", type=float, default=0.85, metavar="L",

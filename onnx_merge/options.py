@@ -10,6 +10,7 @@ from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions
 
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
+MAX_MERGE_COST_CHANNELS = 2048  # like regress: wider layers keep the O(N) ranking, time and memory
 
 
 @dataclass
@@ -51,16 +52,26 @@ class CompressOptions:
             raise UsageError("the calibration batch must be at least 1")
         return self
 
-    def plan_options(self, method: str, bn_hidden: bool = False) -> PlanOptions:
+    def plan_options(self, method: str, bn_hidden: bool = False, dense: bool = False, channels: int = 0) -> PlanOptions:
         """The plan's options for one layer, ``auto`` resolved.
 
         ``bn_hidden``: a Conv reaching its activation with no BatchNormalization in between. In a
         trained conv net that almost always means BN was folded into the conv at export, so each
         row carries gamma / sigma and its norm says little; there ``auto`` ranks by the
-        rescaling-invariant l2-path and merges with the norm-ratio scale, elsewhere by l1-norm with
-        the projection scale (BENCHMARKS.md, "Defaults", measures both on four checkpoints).
+        rescaling-invariant l2-path and merges with the norm-ratio scale. ``dense``: a Gemm or
+        MatMul layer; one that merges keeps the set of channels that merge best (merge-cost, up to
+        MAX_MERGE_COST_CHANNELS: it holds an N x N similarity matrix). Conv filters are rarely
+        near-copies of one another, and there merge-cost measured worse than the norms. Everything
+        else ranks by l1-norm; the scale is the projection (BENCHMARKS.md measures these choices).
         """
-        criterion = self.criterion if self.criterion != AUTO else "l2-path" if bn_hidden else "l1-norm"
+        if self.criterion != AUTO:
+            criterion = self.criterion
+        elif bn_hidden:
+            criterion = "l2-path"
+        elif dense and method != "prune" and channels <= MAX_MERGE_COST_CHANNELS:
+            criterion = "merge-cost"
+        else:
+            criterion = "l1-norm"
         scale_rule = self.scale_rule if self.scale_rule != AUTO else "exact" if bn_hidden else "projection"
         return PlanOptions(method=method, criterion=criterion, threshold=self.threshold, lam=self.lam,
                            scale_rule=scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)

@@ -171,7 +171,7 @@ class CalibrateConsumers:
             _, kept, w_new, b_new = best
             self._rewrite(index, chain, kept, w_new, b_new)
             entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
-            how = "greedy selection" if kept is not comp.kept else "criterion selection"
+            how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
             entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
             layers.append(entry)
         return True

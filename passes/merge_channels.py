@@ -215,7 +215,9 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and chain.producer.node.op_type == "Conv")
+            op = chain.producer.node.op_type
+            plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and op == "Conv",
+                                          dense=op in ("Gemm", "MatMul"), channels=chain.channels)
             arrays = self._arrays(index, chain, plan_opts, ranking=True)
             if sequential:
                 kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None

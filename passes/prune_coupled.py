@@ -118,7 +118,8 @@ def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarr
     total = np.zeros(n)
     for p in group.producers:
         rows = np.moveaxis(index.array(p.weight), p.out_axis, 0).reshape(n, -1)
-        s = importance(rows, "l2-norm" if criterion == "l2-path" else criterion)
+        # a group is pruned, not merged, and has no single consumer: rank by the norm nearest to what was asked
+        s = importance(rows, {"l2-path": "l2-norm", "merge-cost": "l1-norm"}.get(criterion, criterion))
         total += s / (s.mean() if s.mean() > 0 else 1.0)
     return total
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from onnx_merge.math.criteria import merge_cost_kept
 from onnx_merge.math import (BatchNorm, Compensation, compensate_consumer, importance, keep_count, merge_by_cosine,
                              merge_through_bn, select_kept)
 from onnx_merge.math.batchnorm import bn_merge_terms
@@ -35,6 +36,55 @@ def test_criteria_rank_rows():
     assert list(select_kept(rows, 2, "l1-norm")) == [1, 2]
     with pytest.raises(ValueError):
         importance(rows, "nope")
+
+
+def test_merge_cost_keeps_one_of_each_near_copy():
+    # rows 0 and 1 are near-copies with the largest norms; row 2 is small and unlike them. A norm
+    # ranking keeps both copies and loses row 2; merge-cost keeps one copy (the other merges
+    # onto it almost for free) and row 2.
+    rows = np.array([[3.0, 0.0, 0.1], [3.0, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    assert list(select_kept(rows, 2, "l1-norm")) == [0, 1]
+    kept = select_kept(rows, 2, "merge-cost", threshold=0.1)
+    assert 2 in kept and len(kept) == 2
+    # below the threshold nothing merges, so the cost is the norm and the largest rows stay
+    assert list(select_kept(rows, 2, "merge-cost", threshold=1.0)) == [0, 1]
+    with pytest.raises(ValueError):
+        importance(rows, "merge-cost")
+
+
+def _merge_cost_reference(rows, n_keep, threshold):
+    """The same backward elimination, every cost recomputed from scratch."""
+    sq = (rows ** 2).sum(axis=1)
+    unit = rows / np.sqrt(np.where(sq > 0, sq, 1.0))[:, None]
+    cos = np.clip(unit @ unit.T, -1.0, 1.0)
+    gain = np.where(cos >= max(threshold, 0), sq[:, None] * np.maximum(cos, 0) ** 2, 0.0)
+
+    def loss(alive):
+        live = np.flatnonzero(alive)
+        return sum(sq[i] - max([gain[i, k] for k in live if k != i] + [0.0]) for i in np.flatnonzero(~alive))
+
+    alive = np.ones(len(rows), dtype=bool)
+    while alive.sum() > n_keep:
+        costs = []
+        for j in np.flatnonzero(alive):
+            trial = alive.copy()
+            trial[j] = False
+            costs.append((loss(trial), j))
+        alive[min(costs)[1]] = False
+    return np.flatnonzero(alive)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_cost_bookkeeping_matches_recomputing_every_cost(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 14))
+    rows = rng.standard_normal((n, 4)) * rng.uniform(0.1, 3.0, (n, 1))
+    rows[n // 2] = rows[0] * rng.uniform(0.5, 2.0) + 0.05 * rng.standard_normal(4)  # a near-copy: merges matter
+    if n > 3:
+        rows[n - 1] = 0.0  # a dead channel costs nothing to remove
+    for n_keep in sorted({1, max(1, n // 2), n - 1, n}):
+        for threshold in (-1.0, 0.1, 0.6):
+            assert list(merge_cost_kept(rows, n_keep, threshold)) == list(_merge_cost_reference(rows, n_keep, threshold))
 
 
 def test_exact_multiple_gives_exact_z():

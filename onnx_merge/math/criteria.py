@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-CRITERIA = ("l1-norm", "l2-norm", "l2-GM", "l2-path")
+CRITERIA = ("l1-norm", "l2-norm", "l2-GM", "l2-path", "merge-cost")
+SET_CRITERIA = ("merge-cost",)  # choose a set of channels together, not by a score per channel
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -46,6 +47,8 @@ def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | No
         sq = row_norms(rows) ** 2
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (rows @ rows.T).astype(np.float64), 0.0)
         return np.sqrt(d2).sum(axis=1)
+    if criterion in SET_CRITERIA:
+        raise ValueError(f"{criterion} chooses a set of channels, not a score per channel: use select_kept")
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
 
 
@@ -60,8 +63,74 @@ def row_norms(rows: np.ndarray) -> np.ndarray:
                                    np.square(c, dtype=np.float64).sum(axis=1) for c in _chunks(rows)]))
 
 
-def select_kept(rows: np.ndarray, n_keep: int, criterion: str, consumer_norms: np.ndarray | None = None) -> np.ndarray:
-    """Sorted indices of the ``n_keep`` most important rows (ties: lower index wins)."""
+def select_kept(rows: np.ndarray, n_keep: int, criterion: str, consumer_norms: np.ndarray | None = None,
+                threshold: float = 0.1) -> np.ndarray:
+    """Sorted indices of the ``n_keep`` most important rows (ties: lower index wins).
+
+    ``threshold`` is the merge's minimum cosine, which "merge-cost" needs to know what a merge recovers.
+    """
+    if criterion == "merge-cost":
+        return merge_cost_kept(rows, n_keep, threshold)
     scores = importance(rows, criterion, consumer_norms)
     order = np.argsort(-scores, kind="stable")
     return np.sort(order[:n_keep])
+
+
+def merge_cost_kept(rows: np.ndarray, n_keep: int, threshold: float = 0.1) -> np.ndarray:
+    """Sorted indices of ``n_keep`` rows chosen so that merging the others onto them loses least.
+
+    Merging row u_j onto its most similar kept row u_k (cosine c >= threshold) with the
+    projection scale leaves the residual |u_j|^2 (1 - c^2); a row with no such partner loses
+    |u_j|^2. Backward elimination removes, one at a time, the row whose removal adds least to
+    the summed residual: its own residual against the best remaining row, plus what the rows
+    already removed onto it lose by moving to their next best partner. A norm ranking keeps
+    near-copies of one another and removes rows that have no partner; this keeps one of each
+    near-copy and lets the others merge onto it.
+    """
+    rows = np.asarray(rows)
+    n = len(rows)
+    norms = row_norms(rows)
+    sq = norms ** 2
+    safe = np.where(norms > 0, norms, 1.0)
+    # gain[i, k]: how much of |u_i|^2 merging onto k recovers; never a row onto itself. The
+    # product runs in the rows' own dtype (wide float32 layers), the rest in place in float64:
+    # this N x N matrix is the largest thing the selection holds.
+    gain = (rows @ rows.T).astype(np.float64)
+    gain /= safe[:, None]
+    gain /= safe[None, :]
+    np.clip(gain, 0.0, 1.0, out=gain)
+    gain[gain < threshold] = 0.0
+    np.square(gain, out=gain)
+    gain *= sq[:, None]
+    np.fill_diagonal(gain, -1.0)
+    alive = np.ones(n, dtype=bool)
+    best, runner, first, second = _two_best(gain, np.arange(n), np.arange(n))
+    while alive.sum() > n_keep:
+        dead = ~alive
+        rehome = np.bincount(best[dead], weights=(first - second)[dead], minlength=n + 1)[:n]
+        cost = np.where(alive, sq - first + rehome, np.inf)
+        gone = int(np.argmin(cost))
+        alive[gone] = False
+        # only rows that had ``gone`` as one of their two best partners need them found again
+        stale = np.flatnonzero((best == gone) | (runner == gone))
+        if len(stale):
+            best[stale], runner[stale], first[stale], second[stale] = _two_best(gain, stale, np.flatnonzero(alive))
+    return np.flatnonzero(alive)
+
+
+def _two_best(gain: np.ndarray, rows: np.ndarray, live: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, ...]:
+    """For each of ``rows``: its best and second-best partners among ``live`` (index len(gain)
+    for none) and their gains (0 for none). Row blocks keep the temporaries small."""
+    cand = np.r_[live, len(gain), len(gain)]  # two "no partner" columns of gain 0
+    out = [np.empty(len(rows), np.int64), np.empty(len(rows), np.int64), np.empty(len(rows)), np.empty(len(rows))]
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        g = np.hstack([gain[np.ix_(part, live)], np.zeros((len(part), 2))])
+        top = np.argpartition(-g, 1, axis=1)[:, :2]
+        val = np.take_along_axis(g, top, axis=1)
+        flip = val[:, 1] > val[:, 0]
+        top[flip], val[flip] = top[flip][:, ::-1], val[flip][:, ::-1]
+        block = slice(start, start + len(part))
+        out[0][block], out[1][block] = cand[top[:, 0]], cand[top[:, 1]]
+        out[2][block], out[3][block] = np.maximum(val[:, 0], 0.0), np.maximum(val[:, 1], 0.0)
+    return tuple(out)

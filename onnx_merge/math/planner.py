@@ -93,8 +93,9 @@ def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
 
 def rank_kept(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> np.ndarray:
     """The ``n_keep`` channels the criterion ranks highest."""
-    rows = arrays.folded_rows() if opts.criterion == "l2-path" else criterion_rows(arrays)
-    return select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms)
+    # l2-path and merge-cost judge the rows as the merge will see them (BN folded in)
+    rows = arrays.folded_rows() if opts.criterion in ("l2-path", "merge-cost") else criterion_rows(arrays)
+    return select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms, opts.threshold)
 
 
 def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.ndarray | None = None) -> Compensation:
