@@ -115,10 +115,17 @@ def _data_free_objective(fit: LeastSquaresFit, index: GraphIndex, chain: Chain, 
     """Error of the data-free plan on the same statistics, in the full feature space."""
     c = chain.consumer
     weight = index.array(c.weight)
-    new_view, delta = compensate_consumer(consumer_view(weight, c, chain.channels, chain.block), comp)
+    new_view, delta = compensate_consumer(consumer_view(weight, c, chain.channels, chain.block, chain.interleaved), comp)
+    # read back channel-major, the order the fit uses
     w_kept = _matrix(c, from_consumer_view(new_view, weight, c)).astype(np.float64) * c.alpha
     b = _bias(index, c, w_kept.shape[0]) + (0.0 if delta is None else delta)
     return objective(fit, _embed(w_kept, comp.kept, chain.channels), b)
+
+
+def channel_major(channels: int, block: int) -> np.ndarray:
+    """Feature positions in channel-major order for an interleaved layout (channel c owns
+    features c, c + channels, ...): the fit groups each channel's features contiguously."""
+    return (np.arange(block)[None, :] * channels + np.arange(channels)[:, None]).ravel()
 
 
 def _embed(w: np.ndarray, kept: np.ndarray, channels: int) -> np.ndarray:
@@ -180,8 +187,6 @@ class CalibrateConsumers:
     def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts) -> LeastSquaresFit | None:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
         layer = chain.consumer
-        if chain.interleaved:  # the fit groups each channel's features as one contiguous block
-            return None
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
         w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
         b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])
@@ -203,6 +208,8 @@ class CalibrateConsumers:
             if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
                 return None
             target = f_orig @ w_orig.T + b_orig
+            if chain.interleaved:
+                f_new = f_new[:, channel_major(chain.channels, f_new.shape[1] // chain.channels)]
             if residual is not None and skip_orig[0].shape == skip_new[0].shape:
                 drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
                 if drift.shape == target.shape:  # a broadcast operand is left uncorrected
@@ -219,6 +226,8 @@ class CalibrateConsumers:
         current = index.array(layer.weight)
         b_cur = _bias(index, layer, w_new.shape[0])
         shrink_producer(index, chain, kept)
+        if chain.interleaved:  # the fit's channel-major columns back to the consumer's layout
+            w_new = w_new[:, np.argsort(channel_major(len(kept), w_new.shape[1] // len(kept)))]
         index.set_array(layer.weight, _from_matrix(layer, w_new / layer.alpha, current.shape).astype(current.dtype))
         add_consumer_bias(index, layer, b_new - b_cur)
         fix_shapes(index, chain, len(kept))
