@@ -174,12 +174,16 @@ def nonnegative_axes(axes: list[int], rank: int | None) -> list[int] | None:
 def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, flattened: bool,
                    rank: int | None) -> None:
     op = node.op_type
-    if op in SPATIAL | REDUCE and (channel_last or flattened):
+    if op in SPATIAL and channel_last or op in SPATIAL | REDUCE and flattened:
         raise Rejected(f"{_label(node)} pools over a layout whose channel axis is not axis 1")
     if op in REDUCE:
         axes = reduction_axes(index, node)
         axes = None if axes is None else nonnegative_axes(axes, rank)
-        if axes is None or any(a < 2 for a in axes):
+        if channel_last:  # NHWC: the spatial axes lie between the batch and the last axis, so the rank is needed
+            spatial = [a for a in range(1, rank - 1)] if rank is not None else []
+        else:  # NCHW: every axis after batch and channel
+            spatial = [a for a in (axes or []) if a >= 2]
+        if axes is None or any(a not in spatial for a in axes):
             raise Rejected(f"{_label(node)} reduces over axes that are not provably spatial")
     if op == "Flatten" and int(attr(node, "axis", 1)) != 1:
         raise Rejected(f"{_label(node)} flattens at axis {attr(node, 'axis')} (channel block layout unknown)")

@@ -331,6 +331,11 @@ def _head_model(head: str) -> tuple[onnx.ModelProto, dict]:
         "reduce-input": "h = ReduceMean <keepdims = 0> (r, axes)",  # opset 18: axes as an input
         "reduce-negative": "m = ReduceMax <axes = [-2, -1]> (r)\n f = Flatten <axis = 1> (m)",
         "reduce-channels": "h = ReduceMean <keepdims = 0> (r, axes)",
+        # TF-style heads: NHWC first, then the spatial mean (axes 1, 2 there), channels stay last
+        "reduce-nhwc": "t = Transpose <perm = [0, 2, 3, 1]> (r)\n h = ReduceMean <keepdims = 0> (t, axes)",
+        "reduce-nhwc-keepdims": "t = Transpose <perm = [0, 2, 3, 1]> (r)\n m = ReduceMean <axes = [-3, -2]> (t)\n"
+                                " f = Flatten <axis = 1> (m)",
+        "reduce-nhwc-channels": "t = Transpose <perm = [0, 2, 3, 1]> (r)\n h = ReduceMean <keepdims = 0> (t, axes)",
         "shape-gather": """s = Shape (r)
             n = Gather <axis = 0> (s, zero)
             u = Unsqueeze (n, zero1)
@@ -347,20 +352,22 @@ def _head_model(head: str) -> tuple[onnx.ModelProto, dict]:
             h = Reshape (r, shape)""",
     }
     body = "c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n" + heads[head]
-    body += "\n y = Gemm <transB = 1> (" + ("f" if head == "reduce-negative" else "h") + ", w2, b2)"
-    consts = {"axes": np.array([1, 2] if head == "reduce-channels" else [2, 3], np.int64), "zero": np.array(0, np.int64), "zero1": np.array([0], np.int64), "one1": np.array([1], np.int64),
+    body += "\n y = Gemm <transB = 1> (" + ("f" if " f = " in "\n " + heads[head] else "h") + ", w2, b2)"
+    axes = {"reduce-channels": [1, 2], "reduce-nhwc": [1, 2]}.get(head, [2, 3])
+    consts = {"axes": np.array(axes, np.int64), "zero": np.array(0, np.int64), "zero1": np.array([0], np.int64), "one1": np.array([1], np.int64),
               "minus1": np.array([-1], np.int64)}
     used = {k: v for k, v in consts.items() if any(f"{k})" in line or f"{k}," in line for line in body.splitlines())}
-    if head == "reduce-channels":
+    if head in ("reduce-channels", "reduce-nhwc-channels"):
         ws["w2"] = rng_weights(RNG, w2=(5, 4))["w2"]
     sig = ", ".join(f"int64[{','.join(map(str, v.shape))}] {k}" for k, v in used.items())
-    opset = 17 if head == "reduce-negative" else 18  # Reduce* axes: an attribute before opset 18
+    opset = 17 if "<axes" in heads[head] else 18  # Reduce* axes: an attribute before opset 18
     model = build(header(opset) + f"\ng (float[N, 3, 4, 4] x, {signature(ws)}{', ' + sig if sig else ''}) => "
                   f"(float[N, 5] y) {{\n{body}\n}}", ws | used)
     return model, ws
 
 
-@pytest.mark.parametrize("head", ["reduce-input", "reduce-negative", "shape-gather", "shape-slice"])
+@pytest.mark.parametrize("head", ["reduce-input", "reduce-negative", "reduce-nhwc", "reduce-nhwc-keepdims",
+                                  "shape-gather", "shape-slice"])
 def test_heads_that_keep_channels_apart_merge_exactly(head):
     """A spatial reduction, or a reshape to (x.shape[0], -1) computed from Shape(x), reads each
     channel on its own: the conv before it is compressed and the planted duplicate merges exactly."""
@@ -374,7 +381,9 @@ def test_heads_that_keep_channels_apart_merge_exactly(head):
         assert run(small, x(1, 3, 4, 4))[0].shape == (1, 5)
 
 
-@pytest.mark.parametrize("head, reason", [("reduce-channels", "not provably spatial"), ("shape-of-input", "computed shape")])
+@pytest.mark.parametrize("head, reason", [("reduce-channels", "not provably spatial"),
+                                          ("reduce-nhwc-channels", "not provably spatial"),
+                                          ("shape-of-input", "computed shape")])
 def test_heads_that_mix_channels_are_left_whole(head, reason):
     model, _ = _head_model(head)
     small, rep = compress(model, ratio=0.5)
