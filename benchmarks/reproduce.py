@@ -148,7 +148,7 @@ def defaults_section(lines: list[str]) -> None:
     configs = {"l1-norm, projection (the default before auto)": dict(criterion="l1-norm", scale_rule="projection"),
                "l1-norm, exact": dict(criterion="l1-norm", scale_rule="exact"),
                "l2-path, projection": dict(criterion="l2-path", scale_rule="projection"),
-               "merge-cost, exact (auto's choice for Gemm layers)": dict(criterion="merge-cost", scale_rule="exact"),
+               "merge-cost, exact": dict(criterion="merge-cost", scale_rule="exact"),
                "auto (default: l2-path, exact here)": dict()}
     rows = []
     for label, build, file in (("ResNet-56 (paper)", resnet_paper, "resnet56_cifar10.npz"),
