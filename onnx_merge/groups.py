@@ -180,10 +180,10 @@ def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, 
         axes = reduction_axes(index, node)
         axes = None if axes is None else nonnegative_axes(axes, rank)
         if channel_last:  # NHWC: the spatial axes lie between the batch and the last axis, so the rank is needed
-            spatial = [a for a in range(1, rank - 1)] if rank is not None else []
+            first, stop = 1, rank - 1 if rank is not None else 1
         else:  # NCHW: every axis after batch and channel
-            spatial = [a for a in (axes or []) if a >= 2]
-        if axes is None or any(a not in spatial for a in axes):
+            first, stop = 2, None
+        if axes is None or any(a < first or stop is not None and a >= stop for a in axes):
             raise Rejected(f"{_label(node)} reduces over axes that are not provably spatial")
     if op == "Flatten" and int(attr(node, "axis", 1)) != 1:
         raise Rejected(f"{_label(node)} flattens at axis {attr(node, 'axis')} (channel block layout unknown)")
