@@ -62,6 +62,11 @@ def test_bottleneck_residual_group_is_pruned_consistently():
     assert run(small, x(2, 3, 8, 8))[0].shape == (2, 10)
     skipped, _ = compress(model, CompressOptions(ratio=0.3))
     assert _out_channels(skipped)[1]["stem"][0] == 16  # default: coupled channels stay whole
+    # a group is pruned, never merged: merge-cost, a set choice for merges, ranks it by l1-norm
+    by_set, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", criterion="merge-cost"))
+    by_l1, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", criterion="l1-norm"))
+    weights = [{t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer} for m in (by_set, by_l1)]
+    assert weights[0]["stem"].shape[0] == 11 and np.array_equal(weights[0]["stem"], weights[1]["stem"])
 
 
 def test_depthwise_block_prunes_group_count():
