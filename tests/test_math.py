@@ -52,6 +52,19 @@ def test_merge_cost_keeps_one_of_each_near_copy():
         importance(rows, "merge-cost")
 
 
+def test_float16_rows_choose_and_merge_as_their_float32_copy():
+    """float16 weights are multiplied in float32 (NumPy has no float16 BLAS): same choices, same partners."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((40, 64)).astype(np.float16)
+    rows[30:] = rows[:10] * np.float16(0.5) + np.float16(0.05) * rng.standard_normal((10, 64)).astype(np.float16)
+    wide = rows.astype(np.float32)
+    for criterion in ("merge-cost", "l2-GM"):
+        assert list(select_kept(rows, 24, criterion)) == list(select_kept(wide, 24, criterion))
+    kept = select_kept(rows, 24, "merge-cost")
+    half, full = merge_by_cosine(rows, kept, 0.1, "projection"), merge_by_cosine(wide, kept, 0.1, "projection")
+    assert np.array_equal(half.partner, full.partner) and np.allclose(half.scale, full.scale)
+
+
 def _merge_cost_reference(rows, n_keep, threshold):
     """The same backward elimination, every cost recomputed from scratch."""
     sq = (rows ** 2).sum(axis=1)

@@ -45,7 +45,7 @@ def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | No
         # FPGM: a row close to the geometric median is replaceable by the others, so the
         # summed distance to all rows is its importance.
         sq = row_norms(rows) ** 2
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (rows @ rows.T).astype(np.float64), 0.0)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * dots(rows, rows), 0.0)
         return np.sqrt(d2).sum(axis=1)
     if criterion in SET_CRITERIA:
         raise ValueError(f"{criterion} chooses a set of channels, not a score per channel: use select_kept")
@@ -61,6 +61,14 @@ def row_norms(rows: np.ndarray) -> np.ndarray:
     """L2 norm of each row, accumulated in float64 block by block."""
     return np.sqrt(np.concatenate([np.einsum("nd,nd->n", c, c, dtype=np.float64) if c.dtype == np.float64 else
                                    np.square(c, dtype=np.float64).sum(axis=1) for c in _chunks(rows)]))
+
+
+def dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T as float64. The product runs in the operands' dtype when that is float32 or wider
+    (wide float32 layers stay float32), in float32 for float16 weights: NumPy has no BLAS for
+    float16, and a float16 product of a 4,096-wide layer takes minutes."""
+    dtype = np.promote_types(np.result_type(a, b), np.float32)
+    return (a.astype(dtype, copy=False) @ b.astype(dtype, copy=False).T).astype(np.float64)
 
 
 def select_kept(rows: np.ndarray, n_keep: int, criterion: str, consumer_norms: np.ndarray | None = None,
@@ -92,10 +100,9 @@ def merge_cost_kept(rows: np.ndarray, n_keep: int, threshold: float = 0.1) -> np
     norms = row_norms(rows)
     sq = norms ** 2
     safe = np.where(norms > 0, norms, 1.0)
-    # gain[i, k]: how much of |u_i|^2 merging onto k recovers; never a row onto itself. The
-    # product runs in the rows' own dtype (wide float32 layers), the rest in place in float64:
-    # this N x N matrix is the largest thing the selection holds.
-    gain = (rows @ rows.T).astype(np.float64)
+    # gain[i, k]: how much of |u_i|^2 merging onto k recovers; never a row onto itself. Worked
+    # in place: this N x N matrix is the largest thing the selection holds.
+    gain = dots(rows, rows)
     gain /= safe[:, None]
     gain /= safe[None, :]
     np.clip(gain, 0.0, 1.0, out=gain)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .batchnorm import BatchNorm, bn_merge_terms
 from .compensation import Compensation
-from .criteria import row_norms
+from .criteria import dots, row_norms
 
 SCALE_RULES = ("paper", "exact", "projection", "kernel")
 
@@ -32,14 +32,13 @@ def relu_kernel_factor(cos: np.ndarray) -> np.ndarray:
 def cosine_to_kept(rows: np.ndarray, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(R, P) cosine similarities of removed rows to kept rows, and all row norms.
 
-    The product runs in the rows' own dtype (float32 weights stay float32: wide layers are
-    the expensive case); norms are accumulated in float64.
+    The product runs in float32 or wider (``dots``: wide layers are the expensive case); norms
+    are accumulated in float64.
     """
     rows = np.asarray(rows)
     norms = row_norms(rows)
     safe = np.where(norms > 0, norms, 1.0)
-    dots = (rows[removed] @ rows[kept].T).astype(np.float64)
-    return np.clip(dots / np.outer(safe[removed], safe[kept]), -1.0, 1.0), norms
+    return np.clip(dots(rows[removed], rows[kept]) / np.outer(safe[removed], safe[kept]), -1.0, 1.0), norms
 
 
 def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_rule: str) -> Compensation:
@@ -112,7 +111,7 @@ def duplicate_of(rows: np.ndarray, tol: float = 1e-6) -> np.ndarray:
     rows = np.asarray(rows)
     norms = row_norms(rows)
     unit = rows / np.where(norms > 0, norms, 1.0)[:, None]
-    cos = (unit @ unit.T).astype(np.float64)
+    cos = dots(unit, unit)
     same = np.tril(cos >= 1.0 - tol, k=-1) & (norms[:, None] > 0) & (norms[None, :] > 0)
     first = np.where(same.any(axis=1), same.argmax(axis=1), -1)
     return first
