@@ -26,7 +26,7 @@ import onnx
 
 from .graph import GraphIndex, attr
 from .groups import REDUCE, Layer, Rejected, describe_layer, nonnegative_axes, reduction_axes
-from .shapes import inferred_dims
+from .shapes import TensorDims
 
 PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
                "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
@@ -34,30 +34,7 @@ PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus"
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
 
 
-class _Dims:
-    """Tensor dims from shape inference, computed once on first use."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self._dims = model, None
-
-    def get(self, tensor: str) -> list[int | None] | None:
-        if self._dims is None:
-            try:
-                self._dims = inferred_dims(self.model)
-            except Exception:  # foreign models can defeat inference: use what the file lists
-                self._dims = inferred_dims(self.model, infer=False)
-        return self._dims.get(tensor)
-
-    def rank(self, tensor: str) -> int | None:
-        dims = self.get(tensor)
-        return None if dims is None else len(dims)
-
-    def channels(self, tensor: str) -> int | None:
-        dims = self.get(tensor)
-        return dims[1] if dims is not None and len(dims) > 1 else None
-
-
-def _spatial_reduction(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
+def _spatial_reduction(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> bool:
     """A reduction over spatial axes only (never batch or channel)."""
     axes = reduction_axes(index, node)
     axes = nonnegative_axes(axes, dims.rank(node.input[0])) if axes else None
@@ -118,13 +95,13 @@ class _Spaces:
             self.parent[r] = roots[0]
 
 
-def _channel_concat(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> bool:
+def _channel_concat(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> bool:
     """A Concat of feature maps along axis 1 (the channel axis)."""
     axis = nonnegative_axes([int(attr(node, "axis", 1))], dims.rank(node.output[0]))
     return axis == [1] and all(i and not index.is_weight(i) for i in node.input)
 
 
-def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list[int] | None:
+def _channel_split(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> list[int] | None:
     """The sizes of a Split along axis 1 (the channel axis), or None."""
     if nonnegative_axes([int(attr(node, "axis", 0))], dims.rank(node.input[0])) != [1] or not all(node.output):
         return None
@@ -138,7 +115,7 @@ def _channel_split(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> list
     return [int(v) for v in sizes] if sizes and len(sizes) == len(node.output) else None
 
 
-def _spatial_only(index: GraphIndex, dims: _Dims, node: onnx.NodeProto) -> str:
+def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> str:
     """'' when a Slice or Pad touches only axes from 2 on (it then acts per channel), else why not."""
     label = f"{node.op_type} {node.name!r}"
     if node.op_type == "Slice":
@@ -176,7 +153,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
     roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
     concats: list[onnx.NodeProto] = []
     splits: list[tuple[onnx.NodeProto, list[int]]] = []
-    dims = _Dims(index.model)
+    dims = TensorDims(index.model)
 
     def block(tensor: str, reason: str) -> None:
         blocked.setdefault(tensor, reason)
@@ -286,7 +263,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
     return [g for g in groups.values() if g.producers]
 
 
-def _link_concats(dims: _Dims, concats, group_of) -> list:
+def _link_concats(dims: TensorDims, concats, group_of) -> list:
     """Give each Concat input space a view into the output space; block what cannot be mapped.
     Returns the (input space, output space, via) links."""
     links = []

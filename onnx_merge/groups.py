@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from .graph import GRAPH_OUTPUT, GraphIndex, attr
+from .shapes import TensorDims
 
 # Per-channel ops that commute with a non-negative per-channel scale.
 HOMOGENEOUS_ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu"}
@@ -247,8 +248,9 @@ def _bn_after(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     return node
 
 
-def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
-    """Follow a producer's channels to their consumer, or raise Rejected with the reason."""
+def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None = None) -> Chain:
+    """Follow a producer's channels to their consumer, or raise Rejected with the reason.
+    ``dims`` (shape inference, run on first use) gives a rank the layers do not fix."""
     if _groups(node) != 1:
         raise Rejected(f"grouped conv (group={_groups(node)}): its output channels are tied by group")
     if node.op_type == "ConvTranspose":
@@ -300,6 +302,8 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
         if kind == "other" and mergeable:
             mergeable, why = False, f"{_label(nxt)} is not positively homogeneous (prune only)"
         if kind is None:  # activations are elementwise: any layout will do
+            if rank is None and nxt.op_type in REDUCE and dims is not None:  # e.g. a MatMul's (N, T, C)
+                rank = dims.rank(tensor)
             _check_path_op(index, nxt, channel_last, flattened, rank)
             if nxt.op_type in ("Flatten", "Reshape"):
                 interleaved |= channel_last and not flattened
@@ -338,12 +342,13 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto) -> Chain:
 def find_chains(index: GraphIndex) -> tuple[list[Chain], list[Skip]]:
     """All free chains in the main graph, and a reason for every layer that is not one."""
     chains, skips = [], []
+    dims = TensorDims(index.model)
     for node in index.graph.node:
         if node.op_type not in LAYERS:
             continue
         name = node.name or node.output[0]
         try:
-            chains.append(trace_chain(index, node))
+            chains.append(trace_chain(index, node, dims))
         except Rejected as exc:
             skips.append(Skip(name, str(exc)))
     return chains, skips

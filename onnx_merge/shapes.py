@@ -49,3 +49,26 @@ def inferred_dims(model: onnx.ModelProto, infer: bool = True) -> dict[str, list[
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+class TensorDims:
+    """Tensor dims from shape inference, computed once on first use."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self._dims = model, None
+
+    def get(self, tensor: str) -> list[int | None] | None:
+        if self._dims is None:
+            try:
+                self._dims = inferred_dims(self.model)
+            except Exception:  # foreign models can defeat inference: use what the file lists
+                self._dims = inferred_dims(self.model, infer=False)
+        return self._dims.get(tensor)
+
+    def rank(self, tensor: str) -> int | None:
+        dims = self.get(tensor)
+        return None if dims is None else len(dims)
+
+    def channels(self, tensor: str) -> int | None:
+        dims = self.get(tensor)
+        return dims[1] if dims is not None and len(dims) > 1 else None

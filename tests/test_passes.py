@@ -433,6 +433,26 @@ def test_channel_last_flatten_interleaves_channels(head, criterion):
     assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("axes, merges", [("[1]", True), ("[-2]", True), ("[-1]", False), ("[0]", False)])
+def test_a_reduction_over_a_matmul_output_is_judged_by_its_inferred_rank(axes, merges):
+    """Mean over the tokens of a MatMul's (N, T, C) output reads each channel on its own; the
+    MatMul does not fix its output's rank, shape inference gives it."""
+    ws = rng_weights(RNG, w1=(5, 6), b1=(6,), w2=(4, 6 if merges else 3), b2=(4,))
+    ws["w1"][:, 4], ws["b1"][4] = 0.05 * ws["w1"][:, 1], 0.05 * ws["b1"][1]
+    body = (f"m = MatMul (x, w1)\n a = Add (m, b1)\n r = Relu (a)\n h = ReduceMean <axes = {axes}, keepdims = 0> (r)\n"
+            " y = Gemm <transB = 1> (h, w2, b2)")
+    if axes == "[0]":  # over the batch: (T, C) rows reach the Gemm, mixing samples
+        ws["w2"] = rng_weights(RNG, w2=(4, 6))["w2"]
+    model = make(body, "float[N, 3, 5] x" if axes != "[0]" else "float[2, 3, 5] x", "float[M, 4] y", ws)
+    small, rep = compress(model, ratio=1 / 6)
+    if merges:
+        assert [(e["channels"], e["kept"], e["merged"]) for e in rep["layers"]] == [(6, 5, 1)]
+        feeds = x(2, 3, 5)
+        assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+    else:
+        assert not rep["layers"] and any("not provably spatial" in r["reason"] for r in rep["skipped"])
+
+
 def test_other_transposes_and_channel_last_residuals_are_left_whole():
     ws = rng_weights(RNG, w1=(6, 3, 3, 3), b1=(6,), w2=(4, 16 * 6), b2=(4,))
     body = ("c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)\n r = Relu (c)\n"
