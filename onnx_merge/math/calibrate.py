@@ -52,7 +52,6 @@ class LeastSquaresFit:
         return sol[:f].T, sol[f]
 
 
-
 def regularized(fit: LeastSquaresFit, ridge: float) -> np.ndarray:
     """The Gram matrix with ridge on the weights (not on the bias column)."""
     f = fit.gram.shape[0] - 1

@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 CRITERIA = ("l1-norm", "l2-norm", "l2-GM", "l2-path", "merge-cost")
-SET_CRITERIA = ("merge-cost",)  # choose a set of channels together, not by a score per channel
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -47,8 +46,8 @@ def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | No
         sq = row_norms(rows) ** 2
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * dots(rows, rows), 0.0)
         return np.sqrt(d2).sum(axis=1)
-    if criterion in SET_CRITERIA:
-        raise ValueError(f"{criterion} chooses a set of channels, not a score per channel: use select_kept")
+    if criterion == "merge-cost":
+        raise ValueError("merge-cost chooses a set of channels, not a score per channel: use select_kept")
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
 
 

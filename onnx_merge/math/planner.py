@@ -87,12 +87,12 @@ def regress_applies(arrays: ProducerArrays) -> bool:
 
 
 def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
-    """Whether plan_layer keeps the channels the criterion ranks highest (regress selects its own)."""
+    """Whether plan_layer keeps the channels the criterion chooses (regress selects its own)."""
     return opts.method != "regress" or not regress_applies(arrays)
 
 
 def rank_kept(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> np.ndarray:
-    """The ``n_keep`` channels the criterion ranks highest."""
+    """The ``n_keep`` channels the criterion keeps (the highest ranked, or merge-cost's set)."""
     # l2-path and merge-cost judge the rows as the merge will see them (BN folded in)
     rows = arrays.folded_rows() if opts.criterion in ("l2-path", "merge-cost") else criterion_rows(arrays)
     return select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms, opts.threshold)
