@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from onnx_merge import CompressOptions, compress
-from tests.helpers import run
+from tests.helpers import initializer_shapes, run
 from tests.test_passes import make, x
 
 RNG = np.random.default_rng(7)
@@ -42,7 +42,7 @@ def bottleneck_net(blocks=2, width=16, inner=8):
 
 
 def _out_channels(model):
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    dims = initializer_shapes(model)
     return {n.name or n.output[0]: dims[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}, dims
 
 
@@ -54,7 +54,7 @@ def test_bottleneck_residual_group_is_pruned_consistently():
     assert dims["stem"][0] == dims["c0"][0] == dims["c1"][0] == 11  # floor(16 * 0.7)
     assert dims["a0"][1] == dims["a1"][1] == dims["fc"][1] == 11
     kept_bn, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", fold_bn=False))
-    bn_dims = {t.name: tuple(t.dims) for t in kept_bn.graph.initializer}
+    bn_dims = initializer_shapes(kept_bn)
     assert bn_dims["cbn0_g"] == bn_dims["sbn_v"] == bn_dims["cbn1_m"] == (11,)
     assert np.allclose(run(kept_bn, x(2, 3, 8, 8))[0].shape, (2, 10))
     assert dims["a0"][0] == 5 and dims["b0"] == (5, 5, 3, 3)  # inner chains: floor(8 * 0.7)
@@ -76,7 +76,7 @@ def test_depthwise_block_prunes_group_count():
                       _bnode("d", "dn", "n2"), "dr = Relu (dn)", "y = Conv <kernel_shape = [1, 1]> (dr, w3)"])
     model = make(body, "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", ws)
     small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["w1"] == (4, 4, 1, 1) and dims["dw"] == (4, 1, 3, 3) and dims["w3"] == (6, 4, 1, 1)
     dw = next(n for n in small.graph.node if list(n.input[1:2]) == ["dw"])
     assert next(a.i for a in dw.attribute if a.name == "group") == 4
@@ -133,7 +133,7 @@ def test_fire_module_with_concat_prunes_each_branch_and_its_column_range():
         y = Flatten <axis = 1> (p)"""
     model = make(body, "float[1, 16, 6, 6] x", "float[1, 10] y", ws)
     small, rep = _compresses(model, (1, 16, 6, 6), exclude=["sq"])
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["e1"][0] == dims["e3"][0] == 11 and dims["head"][1] == 22
     # head lost exactly the columns of the branch channels that went: same function as
     # zeroing those channels in the original
@@ -152,7 +152,7 @@ def test_dense_block_and_vgg_head_with_dropout_and_softmax():
         "o = Gemm <transB = 1> (dr, fc2)", "y = Softmax <axis = 1> (o)"])
     model = make(body, "float[2, 8, 4, 4] x", "float[2, 5] y", ws)
     small, rep = _compresses(model, (2, 8, 4, 4))
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["b1"][0] == 11 and dims["fc1"][0] == 8 and dims["fc2"][1] == 8
     # the new layer's channels sit after the 8 input channels in the concat: fc1 loses
     # their blocks of 16 flattened features, at that offset
@@ -196,7 +196,7 @@ def _two_layer_dense_block(concat_is_output: bool):
 def test_nested_concats_map_ranges_through_both_levels():
     model = _two_layer_dense_block(concat_is_output=False)
     small, rep = _compresses(model, (1, 8, 5, 5), exclude=["c2"])
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["c1"][0] == 2 and dims["c2"] == (4, 10, 3, 3) and dims["head"] == (10, 14, 1, 1)
     feeds = x(1, 8, 5, 5)
     assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"c1"}), feeds)[0], atol=1e-5)
@@ -209,7 +209,7 @@ def test_nested_concats_map_ranges_through_both_levels():
 def test_concat_whose_output_is_left_whole_keeps_its_inputs_whole():
     model = _two_layer_dense_block(concat_is_output=True)
     small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["c1"] == (4, 8, 3, 3) and dims["c2"] == (4, 12, 3, 3)
     reasons = " ".join(s["reason"] for s in rep["skipped"])
     assert "reach Concat" in reasons and "graph output 'd2'" in reasons
@@ -232,7 +232,7 @@ def test_channel_split_prunes_each_output_range_and_rewrites_sizes(opset, sizes)
                       "y = Gemm <transB = 1> (f, fc)"])
     model = make(body, "float[1, 3, 6, 6] x", "float[1, 3] y", ws, opset=opset)
     small, rep = _compresses(model, (1, 3, 6, 6), exclude=["wa", "wb"])
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["w0"][0] == 8 and dims["wa"][1] + dims["wb"][1] == 8
     feeds = x(1, 3, 6, 6)
     assert np.allclose(run(small, feeds)[0], run(_as_zeroed_rows(model, small, {"w0"}), feeds)[0], atol=1e-5)
@@ -249,5 +249,5 @@ def test_spatial_slice_shortcut_joins_the_residual_group():
         "f = Flatten <axis = 1> (p)", "y = Gemm <transB = 1> (f, fc)"])
     model = make(body, "float[1, 3, 8, 8] x", "float[1, 4] y", ws)
     small, rep = _compresses(model, (1, 3, 8, 8))
-    dims = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    dims = initializer_shapes(small)
     assert dims["stem"][0] == dims["down"][0] == dims["down"][1] == dims["fc"][1] == 5

@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from onnx_merge.cli import main
+from tests.helpers import initializer_shapes
 
 torch = pytest.importorskip("torch", reason="torch not installed (make test installs torch==2.13.0)")
 nn = torch.nn
@@ -62,14 +63,14 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
     else:
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}})
-    before = {t.name: tuple(t.dims) for t in onnx.load(path).graph.initializer}
+    before = initializer_shapes(onnx.load(path))
     out = tmp_path / "small.onnx"
     assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5"]) == 0
     source_external = any(t.data_location == onnx.TensorProto.EXTERNAL
                           for t in onnx.load(path, load_external_data=False).graph.initializer)
     assert (tmp_path / "small.onnx.data").is_file() == source_external
     small = onnx.load(out)
-    after = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    after = initializer_shapes(small)
     convs = [n for n in small.graph.node if n.op_type == "Conv"]
     out_channels = {n.name: after[n.input[1]][0] for n in convs}
     # 3 inner convs halve (8->4, 16->8, 16->8); stem, conv2s and shortcut keep their widths.
@@ -86,7 +87,7 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
     assert main(["verify", str(path), str(out), "--min-cosine", "0.5"]) == 0
     coupled = tmp_path / "coupled.onnx"
     assert main(["compress", str(path), "-o", str(coupled), "--ratio", "0.5", "--coupled", "prune"]) == 0
-    dims = {t.name: tuple(t.dims) for t in onnx.load(coupled).graph.initializer}
+    dims = initializer_shapes(onnx.load(coupled))
     widths = sorted(dims[n.input[1]][0] for n in onnx.load(coupled).graph.node if n.op_type == "Conv")
     assert widths == sorted(c // 2 for c in orig_channels)  # every conv halves: residual groups too
 
