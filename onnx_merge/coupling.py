@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex, attr
-from .groups import REDUCE, Layer, Rejected, describe_layer, nonnegative_axes, reduction_axes
+from .groups import REDUCE, Layer, Rejected, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
 from .shapes import TensorDims
 
 PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
@@ -147,6 +147,16 @@ def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return int(attr(node, "group", 1)) > 1 and dims[1] == 1 and dims[0] == int(attr(node, "group", 1))
 
 
+def _add_param(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, name: str, roles: list, block) -> None:
+    """A parameter that varies per channel is sliced with them; one that varies along another
+    axis (a (C,) scale on NCHW data broadcasts over the width) pins the space."""
+    normalization = node.op_type in ("BatchNormalization", "InstanceNormalization")  # (C,) by definition
+    if normalization or channel_param_axis(index.initializers[name].dims, False, dims.rank(node.output[0])) is not None:
+        roles.append((node.output[0], "param", (node, name)))
+    else:
+        block(node.output[0], f"{node.op_type} {node.name!r} parameter {name!r} is not laid out per channel")
+
+
 def find_groups(index: GraphIndex) -> list[Group]:
     spaces = _Spaces()
     blocked: dict[str, str] = {}
@@ -191,7 +201,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
             spaces.union(data[0], node.output[0])
             for i, name in enumerate(node.input[1:], 1):
                 if name and index.is_weight(name) and index.array(name).size > 1:
-                    roles.append((node.output[0], "param", (node, name)))
+                    _add_param(index, dims, node, name, roles, block)
                 elif name and not index.is_weight(name) and op != "Clip":
                     block(node.output[0], f"{label} takes a computed parameter")
             if op == "BatchNormalization" and (attr(node, "training_mode", 0) or any(node.output[1:])):
@@ -201,7 +211,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 spaces.union(*data, node.output[0])
             for name in node.input:
                 if name and index.is_weight(name) and index.array(name).size > 1:
-                    roles.append((node.output[0], "param", (node, name)))
+                    _add_param(index, dims, node, name, roles, block)
         elif op in REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
         elif op in ("Slice", "Pad") and data:

@@ -215,6 +215,19 @@ def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, 
         raise Rejected(f"{_label(node)} exposes its mask")
 
 
+def _check_prelu_slope(index: GraphIndex, node: onnx.NodeProto, channels: int, channel_last: bool,
+                       flattened: bool, rank: int | None) -> None:
+    """A per-channel slope is sliced with the producer: it must be laid out per channel, before
+    any Flatten, and this node's alone."""
+    slope = node.input[1]
+    shape = list(index.initializers[slope].dims)
+    axis = None if flattened else channel_param_axis(shape, channel_last, rank)
+    if axis is None or shape[axis] != channels:
+        raise Rejected(f"{_label(node)} has slopes of shape {shape}, not one per channel of {channels}")
+    if len(index.readers.get(slope, [])) != 1:
+        raise Rejected(f"{_label(node)} shares its slope {slope!r} with other nodes")
+
+
 def _check_transpose(node: onnx.NodeProto, channel_last: bool, flattened: bool) -> None:
     """Only a Transpose that keeps the batch first and moves the channel axis (1) last is
     followed, as TF-style NHWC heads do before a Flatten."""
@@ -224,16 +237,36 @@ def _check_transpose(node: onnx.NodeProto, channel_last: bool, flattened: bool) 
 
 
 def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
-    """'homogeneous', 'other', or None when the node is no activation."""
+    """'homogeneous', 'per-channel' (a PRelu with a slope per channel), 'other', or None when
+    the node is no activation."""
     if node.op_type in HOMOGENEOUS_ACTIVATIONS:
         if node.op_type == "PRelu":
             slope = node.input[1]
-            if not index.is_weight(slope) or index.array(slope).size != 1:
-                return "other"
+            if not index.is_weight(slope):
+                raise Rejected(f"{_label(node)} takes a computed slope")
+            if index.array(slope).size != 1:
+                return "per-channel"
         return "homogeneous"
     if node.op_type in OTHER_ACTIVATIONS:
         return "other"
     return None
+
+
+def channel_param_axis(shape, channel_last: bool, rank: int | None) -> int | None:
+    """The axis of a broadcast parameter (a PRelu slope, a Mul's scale) that meets the data's
+    channel axis, or None when it is unknown or the parameter also varies along another axis.
+    Broadcasting aligns from the right, so channel axis 1 of rank-r data falls on parameter
+    axis len(shape) - r + 1; a last channel axis on the parameter's last."""
+    shape = list(shape)
+    if channel_last:
+        axis = len(shape) - 1
+    elif rank is None:
+        return None
+    else:
+        axis = len(shape) - rank + 1
+    if axis < 0 or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        return None
+    return axis
 
 
 def _bn_after(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
@@ -299,6 +332,10 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None
         kind = _activation_kind(index, nxt)
         if kind is None and nxt.op_type not in TRANSPARENT | REDUCE:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")
+        if kind == "per-channel":
+            _check_prelu_slope(index, nxt, channels, channel_last, flattened, rank)
+            if mergeable:
+                mergeable, why = False, f"{_label(nxt)} has a slope per channel: a merge would mix them (prune only)"
         if kind == "other" and mergeable:
             mergeable, why = False, f"{_label(nxt)} is not positively homogeneous (prune only)"
         if kind is None:  # activations are elementwise: any layout will do

@@ -83,6 +83,9 @@ def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
         if bn is not None:
             for name in bn.input[1:5]:
                 take_channels(index, name, kept, n, 0)
+    for node in chain.path:
+        if node.op_type == "PRelu" and index.array(node.input[1]).size > 1:  # one slope per channel
+            take_channels(index, node.input[1], kept, n, int(np.argmax(index.array(node.input[1]).shape)))
 
 
 def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int, interleaved: bool = False) -> np.ndarray:

@@ -251,3 +251,24 @@ def test_spatial_slice_shortcut_joins_the_residual_group():
     small, rep = _compresses(model, (1, 3, 8, 8))
     dims = initializer_shapes(small)
     assert dims["stem"][0] == dims["down"][0] == dims["down"][1] == dims["fc"][1] == 5
+
+
+@pytest.mark.parametrize("scale_shape, whole", [((6, 1, 1), False), ((6,), True)])
+def test_a_scale_is_sliced_only_when_it_lies_on_the_channel_axis(scale_shape, whole):
+    """A (6,) scale on (N, 6, 6, 6) data broadcasts over the width: slicing it with the channels
+    would scale the wrong values (or break the broadcast), so its group is left whole."""
+    ws = {"w1": _w(6, 3, 3, 3), "w2": _w(6, 6, 3, 3), "w3": _w(4, 6, 3, 3),
+          "scale": RNG.uniform(0.5, 1.5, scale_shape).astype(np.float32)}
+    body = """a = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        r = Relu (a)
+        b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2)
+        m = Mul (b, scale)
+        s = Add (m, r)
+        h = Relu (s)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h, w3)"""
+    model = make(body, "float[2, 3, 6, 6] x", "float[2, 4, 6, 6] y", ws)
+    small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
+    assert (initializer_shapes(small)["scale"] == scale_shape) is whole
+    assert run(small, x(2, 3, 6, 6))[0].shape == (2, 4, 6, 6)
+    if whole:
+        assert any("not laid out per channel" in s["reason"] for s in rep["skipped"])

@@ -241,6 +241,32 @@ def test_conv_transpose_consumer():
     assert initializer_shapes(small)["w2"] == (5, 3, 2, 2) and _outputs_match(model, small, x(1, 2, 4, 4))
 
 
+def test_per_channel_prelu_is_pruned_with_its_slopes():
+    """A slope per channel rules a merge out (channels would trade slopes) but not a prune:
+    the slopes are sliced with the producer. Dead channels go, so the output is unchanged."""
+    ws = rng_weights(RNG, w1=(6, 2, 3, 3), b1=(6,), w2=(3, 6, 3, 3))
+    ws["w1"][[1, 4]], ws["b1"][[1, 4]] = 0.0, 0.0
+    ws["slope"] = RNG.uniform(0.05, 0.3, (6, 1, 1)).astype(np.float32)
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = PRelu (c, slope)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2)"""
+    model = make(body, "float[2, 2, 5, 5] x", "float[2, 3, 5, 5] y", ws)
+    small, rep = compress(model, ratio=1 / 3)
+    assert rep["layers"][0]["method"] == "prune" and initializer_shapes(small)["slope"] == (4, 1, 1)
+    assert _outputs_match(model, small, x(2, 2, 5, 5))
+
+
+def test_prelu_slopes_not_laid_out_per_channel_leave_the_layer_whole():
+    ws = rng_weights(RNG, w1=(6, 2, 3, 3), w2=(3, 6, 3, 3))
+    ws["slope"] = RNG.uniform(0.05, 0.3, 6).astype(np.float32)  # broadcasts over the width, not the channels
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        r = PRelu (c, slope)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2)"""
+    model = make(body, "float[2, 2, 6, 6] x", "float[2, 3, 6, 6] y", ws)
+    small, rep = compress(model, ratio=0.5)
+    assert rep["layers"] == [] and "not one per channel" in rep["skipped"][0]["reason"]
+
+
 def test_bn_after_relu_is_pruned_with_its_parameters():
     ws = rng_weights(RNG, w1=(4, 6), w2=(3, 4))
     ws |= {"g": np.ones(4, np.float32), "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32),
