@@ -81,10 +81,11 @@ def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
     """Consumer inputs as rows of features in the weight's (channel, taps) order."""
     node = layer.node
     if node.op_type == "Conv":
-        if x.ndim != 4 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        d = len(weight_shape) - 2
+        if x.ndim != d + 2 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return None
-        return im2col(x, list(weight_shape[2:]), attr(node, "strides", [1, 1]), attr(node, "pads", [0, 0, 0, 0]),
-                      attr(node, "dilations", [1, 1]))
+        return im2col(x, list(weight_shape[2:]), attr(node, "strides", [1] * d), attr(node, "pads", [0] * 2 * d),
+                      attr(node, "dilations", [1] * d))
     if node.op_type in ("Gemm", "MatMul"):
         return x.reshape(-1, x.shape[-1])
     return None
@@ -187,6 +188,8 @@ class CalibrateConsumers:
     def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts) -> LeastSquaresFit | None:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
         layer = chain.consumer
+        if layer.node.op_type not in ("Conv", "Gemm", "MatMul"):  # a ConvTranspose reads its weight transposed
+            return None
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
         w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
         b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])

@@ -13,17 +13,27 @@ def reconstruction_error(x, y, w, b) -> float:
     return float(np.mean((x @ w.T + b - y) ** 2))
 
 
-def test_im2col_matches_conv():
-    rng = np.random.default_rng(0)
-    x, w = rng.standard_normal((2, 3, 7, 7)), rng.standard_normal((4, 3, 3, 3))
-    cols = im2col(x, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1])
-    out = (cols @ w.reshape(4, -1).T).reshape(2, 4, 4, 4).transpose(0, 3, 1, 2)
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros((2, 4, 4, 4))
-    for i in range(4):
-        for j in range(4):
-            ref[:, :, i, j] = np.einsum("bchw,ochw->bo", xp[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w)
-    assert np.allclose(out, ref)
+@pytest.mark.parametrize("spatial", [(11,), (7, 6), (5, 6, 4)])
+def test_im2col_matches_onnxruntime_conv_in_any_rank(spatial):
+    """Conv1d and Conv3d consumers are refitted too: the patches must match the runtime's Conv
+    with asymmetric pads, strides and dilations."""
+    import onnx
+    import onnxruntime as ort
+
+    d = len(spatial)
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((2, 3) + spatial).astype(np.float32)
+    w = rng.standard_normal((4, 3) + (3,) * d).astype(np.float32)
+    strides, dilations, pads = [2, 1, 1][:d], [1, 2, 1][:d], [1, 0, 2][:d] + [0, 2, 1][:d]
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, dilations=dilations, pads=pads)
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", 1, x.shape)],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   [onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cols = im2col(x, [3] * d, strides, pads, dilations)
+    out = np.moveaxis((cols @ w.reshape(4, -1).T).reshape((2,) + ref.shape[2:] + (4,)), -1, 1)
+    assert np.allclose(out, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -155,3 +165,38 @@ def test_channel_last_flatten_is_refitted_in_its_layout(head):
     assert "refitted" in rep["layers"][0]["calibration"]
     data_free = compress(model, CompressOptions(ratio=0.5))[0]
     assert np.mean((run(calibrated, calib)[0] - ref) ** 2) < np.mean((run(data_free, calib)[0] - ref) ** 2)
+
+
+@pytest.mark.parametrize("spatial", [1, 3], ids=["conv1d", "conv3d"])
+def test_conv1d_and_conv3d_consumers_are_refitted(spatial):
+    from tests.test_passes import make
+
+    k, pads = ", ".join(["3"] * spatial), ", ".join(["1"] * (2 * spatial))
+    ws = rng_weights(np.random.default_rng(spatial), w1=(6, 2) + (3,) * spatial, b1=(6,), w2=(3, 6) + (3,) * spatial)
+    body = f"""c = Conv <kernel_shape = [{k}], pads = [{pads}]> (x, w1, b1)
+        r = Relu (c)
+        y = Conv <kernel_shape = [{k}], pads = [{pads}]> (r, w2)"""
+    size = [9] if spatial == 1 else [4] * spatial
+    dims = ", ".join(map(str, size))
+    model = make(body, f"float[N, 2, {dims}] x", f"float[N, 3, {dims}] y", ws)
+    calib = {"x": np.random.default_rng(0).standard_normal([32, 2] + size).astype(np.float32)}
+    ref = run(model, calib)[0]
+    merged = run(compress(model, ratio=0.5)[0], calib)[0]
+    small, rep = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    assert "refitted" in rep["layers"][0]["calibration"]
+    assert np.mean((run(small, calib)[0] - ref) ** 2) < np.mean((merged - ref) ** 2)
+
+
+def test_conv_transpose_consumer_keeps_the_data_free_plan_with_a_note():
+    from tests.test_passes import make
+
+    ws = rng_weights(np.random.default_rng(0), w1=(6, 2, 3, 3), w2=(6, 3, 2, 2), b2=(3,))
+    body = """c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+        r = Relu (c)
+        y = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2]> (r, w2, b2)"""
+    model = make(body, "float[N, 2, 4, 4] x", "float[N, 3, 8, 8] y", ws)
+    calib = {"x": np.random.default_rng(1).standard_normal((16, 2, 4, 4)).astype(np.float32)}
+    small, rep = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    data_free, _ = compress(model, ratio=0.5)
+    assert rep["layers"][0]["calibration"].startswith("fell back to the data-free plan")
+    assert np.allclose(run(small, calib)[0], run(data_free, calib)[0])

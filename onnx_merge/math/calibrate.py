@@ -16,13 +16,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
-    """(B, C, H, W) -> (B * Ho * Wo, C * kh * kw) patches, in the Conv weight's (C, kh, kw) order."""
-    b, c = x.shape[:2]
-    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    win = sliding_window_view(x, span, axis=(2, 3))[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
-    ho, wo = win.shape[2], win.shape[3]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kernel[0] * kernel[1])
+    """(B, C, *spatial) -> (B * outputs, C * prod(kernel)) patches, in the Conv weight's
+    (C, *kernel) order; any number of spatial axes (Conv1d to Conv3d)."""
+    b, c, d = x.shape[0], x.shape[1], x.ndim - 2
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    span = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
+    win = sliding_window_view(x, span, axis=tuple(range(2, 2 + d)))  # (B, C, *positions, *span)
+    win = win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
+              + tuple(slice(None, None, dl) for dl in dilations)]
+    positions = int(np.prod(win.shape[2:2 + d]))
+    order = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    return win.transpose(order).reshape(b * positions, c * int(np.prod(kernel)))
 
 
 class LeastSquaresFit:
