@@ -33,6 +33,7 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad"
 # Over spatial axes only, each acts per channel and commutes with a merge scale (x.mean((2, 3)) in torch).
 REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
 LAYERS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+QUANTIZED_LAYERS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 
 
 @dataclass
@@ -102,6 +103,10 @@ def _label(node) -> str:
 
 def _own_weight(index: GraphIndex, name: str, node: onnx.NodeProto, what: str) -> str:
     if not name or not index.is_weight(name):
+        source = index.producer.get(name)
+        if isinstance(source, onnx.NodeProto) and source.op_type == "DequantizeLinear":
+            raise Rejected(f"{what} {name!r} is dequantized (a quantized model): compress the float model, "
+                           "then quantize it")
         raise Rejected(f"{what} {name!r} is not a constant initializer")
     others = index.shared_with(name, node)
     if others:
@@ -381,9 +386,11 @@ def find_chains(index: GraphIndex) -> tuple[list[Chain], list[Skip]]:
     chains, skips = [], []
     dims = TensorDims(index.model)
     for node in index.graph.node:
+        name = node.name or node.output[0]
+        if node.op_type in QUANTIZED_LAYERS:
+            skips.append(Skip(name, f"{node.op_type} is a quantized layer: compress the float model, then quantize it"))
         if node.op_type not in LAYERS:
             continue
-        name = node.name or node.output[0]
         try:
             chains.append(trace_chain(index, node, dims))
         except Rejected as exc:

@@ -510,3 +510,23 @@ def test_a_consumer_contracting_another_axis_of_the_same_size_is_refused(body, o
     small, rep = compress(model, ratio=0.5)
     assert not rep["layers"] and any("the channels are on" in s["reason"] for s in rep["skipped"])
     assert initializer_shapes(small) == initializer_shapes(model)
+
+
+def test_quantized_layers_are_named_with_the_way_out():
+    """QDQ weights and QLinear ops cannot be merged in place; the reason says what to do instead."""
+    ws = {"wq": RNG.integers(-100, 100, (4, 3, 3, 3)).astype(np.int8), "ws": np.float32(0.01),
+          "w2": rng_weights(RNG, w2=(2, 4, 1, 1))["w2"]}
+    body = """w1 = DequantizeLinear (wq, ws)
+        c = Conv <kernel_shape = [3, 3]> (x, w1)
+        r = Relu (c)
+        y = Conv (r, w2)"""
+    qdq = build(header() + "\ng (float[1, 3, 5, 5] x, int8[4, 3, 3, 3] wq, float ws, float[2, 4, 1, 1] w2)"
+                " => (float[1, 2, 3, 3] y) {\n" + body + "\n}", ws)
+    ws = {"xs": np.float32(0.02), "xz": np.uint8(128), "wq": ws["wq"], "ws": np.float32(0.01), "wz": np.int8(0),
+          "ys": np.float32(0.05), "yz": np.uint8(128)}
+    body = "y = QLinearConv <kernel_shape = [3, 3]> (x, xs, xz, wq, ws, wz, ys, yz)"
+    qop = build(header() + "\ng (uint8[1, 3, 5, 5] x, float xs, uint8 xz, int8[4, 3, 3, 3] wq, float ws, int8 wz, "
+                "float ys, uint8 yz) => (uint8[1, 4, 3, 3] y) {\n" + body + "\n}", ws)
+    for model in (qdq, qop):
+        reasons = " ".join(s["reason"] for s in inspect_model(model)["skipped"])
+        assert "compress the float model, then quantize it" in reasons
