@@ -30,9 +30,9 @@ def _progress(iterable, **kw):
 def canonicalize() -> PassManager:
     """Name nodes, turn computed weights into initializers and batch-keeping reshapes into
     Flatten: what every later step expects."""
-    from .passes import FlattenBatchReshape, FoldConstantWeights, NameNodes
+    from .passes import FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, NameNodes
 
-    return PassManager([NameNodes(), FoldConstantWeights(), FlattenBatchReshape()])
+    return PassManager([NameNodes(), FoldConstantWeights(), FoldChannelAffine(), FlattenBatchReshape()])
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:

@@ -3,10 +3,11 @@
 from .calibrate_consumers import CalibrateConsumers
 from .cleanup import RemoveUnused
 from .fold_batchnorm import FoldBatchNorm
+from .fold_channel_affine import FoldChannelAffine
 from .flatten_batch_reshape import FlattenBatchReshape
 from .fold_constants import FoldConstantWeights
 from .merge_channels import MergeChannels
 from .name_nodes import NameNodes
 from .prune_coupled import PruneCoupled
 
-__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused"]
+__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldChannelAffine", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused"]

@@ -262,9 +262,9 @@ def test_a_scale_is_sliced_only_when_it_lies_on_the_channel_axis(scale_shape, wh
     body = """a = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
         r = Relu (a)
         b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2)
-        m = Mul (b, scale)
-        s = Add (m, r)
-        h = Relu (s)
+        s = Add (b, r)
+        m = Mul (s, scale)
+        h = Relu (m)
         y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h, w3)"""
     model = make(body, "float[2, 3, 6, 6] x", "float[2, 4, 6, 6] y", ws)
     small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
