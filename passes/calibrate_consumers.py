@@ -22,7 +22,7 @@ import onnx
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, describe_layer
 from onnx_merge.math import Compensation, compensate_consumer
-from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, select_channels
+from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, same_pads, select_channels
 from onnx_merge.runtime import make_session, match_inputs
 
 from .merge_channels import (add_consumer_bias, apply_plan, consumer_view, current_bias, describe, fix_shapes,
@@ -82,10 +82,14 @@ def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
     node = layer.node
     if node.op_type == "Conv":
         d = len(weight_shape) - 2
-        if x.ndim != d + 2 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if x.ndim != d + 2:
             return None
-        return im2col(x, list(weight_shape[2:]), attr(node, "strides", [1] * d), attr(node, "pads", [0] * 2 * d),
-                      attr(node, "dilations", [1] * d))
+        kernel, strides, dilations = list(weight_shape[2:]), attr(node, "strides", [1] * d), attr(node, "dilations", [1] * d)
+        auto_pad = attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        pads = (attr(node, "pads", [0] * 2 * d) if auto_pad == "NOTSET" else
+                same_pads(x.shape[2:], kernel, strides, dilations, auto_pad))
+        return im2col(x, kernel, strides, pads, dilations)
     if node.op_type in ("Gemm", "MatMul"):
         return x.reshape(-1, x.shape[-1])
     return None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnx_merge import CompressOptions, compress
-from onnx_merge.math.calibrate import LeastSquaresFit, im2col
+from onnx_merge.math.calibrate import LeastSquaresFit, im2col, same_pads
 from tests.helpers import build, header, rng_weights, run
 from tests.test_passes import conv_bn_relu_pool_conv
 
@@ -33,6 +33,25 @@ def test_im2col_matches_onnxruntime_conv_in_any_rank(spatial):
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     cols = im2col(x, [3] * d, strides, pads, dilations)
     out = np.moveaxis((cols @ w.reshape(4, -1).T).reshape((2,) + ref.shape[2:] + (4,)), -1, 1)
+    assert np.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_same_pads_match_onnxruntime(auto_pad):
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 7, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 4, 3)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 3], auto_pad=auto_pad)
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", 1, x.shape)],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   [onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cols = im2col(x, [4, 3], [2, 3], same_pads([7, 8], [4, 3], [2, 3], [1, 1], auto_pad), [1, 1])
+    out = np.moveaxis((cols @ w.reshape(3, -1).T).reshape((1,) + ref.shape[2:] + (3,)), -1, 1)
     assert np.allclose(out, ref, atol=1e-4)
 
 
@@ -167,18 +186,20 @@ def test_channel_last_flatten_is_refitted_in_its_layout(head):
     assert np.mean((run(calibrated, calib)[0] - ref) ** 2) < np.mean((run(data_free, calib)[0] - ref) ** 2)
 
 
-@pytest.mark.parametrize("spatial", [1, 3], ids=["conv1d", "conv3d"])
-def test_conv1d_and_conv3d_consumers_are_refitted(spatial):
+@pytest.mark.parametrize("spatial, consumer_pads", [(1, "pads = [1, 1]"), (3, "pads = [1, 1, 1, 1, 1, 1]"),
+                                                    (2, 'auto_pad = "SAME_UPPER", strides = [2, 2]')],
+                         ids=["conv1d", "conv3d", "auto-pad-same"])
+def test_conv1d_conv3d_and_auto_pad_consumers_are_refitted(spatial, consumer_pads):
     from tests.test_passes import make
 
     k, pads = ", ".join(["3"] * spatial), ", ".join(["1"] * (2 * spatial))
     ws = rng_weights(np.random.default_rng(spatial), w1=(6, 2) + (3,) * spatial, b1=(6,), w2=(3, 6) + (3,) * spatial)
     body = f"""c = Conv <kernel_shape = [{k}], pads = [{pads}]> (x, w1, b1)
         r = Relu (c)
-        y = Conv <kernel_shape = [{k}], pads = [{pads}]> (r, w2)"""
-    size = [9] if spatial == 1 else [4] * spatial
-    dims = ", ".join(map(str, size))
-    model = make(body, f"float[N, 2, {dims}] x", f"float[N, 3, {dims}] y", ws)
+        y = Conv <kernel_shape = [{k}], {consumer_pads}> (r, w2)"""
+    size = {1: [9], 2: [7, 6], 3: [4] * 3}[spatial]
+    out = size if "strides" not in consumer_pads else [-(-n // 2) for n in size]
+    model = make(body, f"float[N, 2, {', '.join(map(str, size))}] x", f"float[N, 3, {', '.join(map(str, out))}] y", ws)
     calib = {"x": np.random.default_rng(0).standard_normal([32, 2] + size).astype(np.float32)}
     ref = run(model, calib)[0]
     merged = run(compress(model, ratio=0.5)[0], calib)[0]

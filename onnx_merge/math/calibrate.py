@@ -29,6 +29,21 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return win.transpose(order).reshape(b * positions, c * int(np.prod(kernel)))
 
 
+def same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
+    """Explicit (begins..., ends...) pads for a Conv's auto_pad: VALID pads nothing; SAME_UPPER
+    and SAME_LOWER pad so that the output has ceil(input / stride) positions, the odd pixel at
+    the end or at the start."""
+    if auto_pad == "VALID":
+        return [0] * 2 * len(spatial)
+    begins, ends = [], []
+    for n, k, s, dl in zip(spatial, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * dl + 1 - n, 0)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends
+
+
 class LeastSquaresFit:
     """Accumulates X'^T X', X'^T Y for [X' 1] -> Y and solves a ridge problem."""
 
