@@ -252,9 +252,24 @@ def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
             if index.array(slope).size != 1:
                 return "per-channel"
         return "homogeneous"
+    if node.op_type == "Clip" and _is_relu_clip(index, node):
+        return "homogeneous"
     if node.op_type in OTHER_ACTIVATIONS:
         return "other"
     return None
+
+
+def _is_relu_clip(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Clip(min=0) with no upper bound (torch.clamp(x, min=0)) is a ReLU; ReLU6 is not homogeneous."""
+    if len(node.input) > 1:  # opset 11+: bounds are inputs
+        bounds = [node.input[i] if i < len(node.input) else "" for i in (1, 2)]
+        if any(b and not index.is_weight(b) for b in bounds):
+            return False
+        low = float(index.array(bounds[0]).reshape(-1)[0]) if bounds[0] else -np.inf
+        high = float(index.array(bounds[1]).reshape(-1)[0]) if bounds[1] else np.inf
+    else:
+        low, high = float(attr(node, "min", -np.inf)), float(attr(node, "max", np.inf))
+    return low == 0.0 and high >= float(np.finfo(np.float32).max)
 
 
 def channel_param_axis(shape, channel_last: bool, rank: int | None) -> int | None:
