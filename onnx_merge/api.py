@@ -16,7 +16,7 @@ from .graph import GraphIndex
 from .io import load_arrays, load_model, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
-from .runtime import parse_providers
+from .runtime import graph_inputs, match_inputs, parse_providers
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
 
@@ -93,6 +93,10 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     providers = parse_providers(providers)
     arrays = load_arrays(inputs) if inputs else None
     loaded = load_model(src)
+    if arrays is not None:  # checked before the work, not after it
+        match_inputs(graph_inputs(loaded.model), arrays, str(inputs))
+    if options.calibration is not None:
+        match_inputs(graph_inputs(loaded.model), options.calibration, "--calibration")
     model, report = compress(loaded.model, options, inplace=True)
     save_model(model, dst, external=loaded.external, source=src)
     report["input"], report["output"] = str(src), str(dst)

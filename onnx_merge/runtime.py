@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .errors import ModelError, UsageError
 
@@ -109,19 +111,52 @@ def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) 
     return feeds
 
 
-def match_inputs(session: ort.InferenceSession, arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Arrays keyed by the session's input names (one array suffices for a one-input model)."""
-    names = [i.name for i in session.get_inputs()]
+@dataclass
+class InputSpec:
+    """A graph input as onnxruntime describes one (name, dims with None or a name where free, type)."""
+
+    name: str
+    shape: list
+    type: str
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's data inputs, read from the file without building a session."""
+    weights = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        specs.append(InputSpec(value.name, shape, f"tensor({onnx.TensorProto.DataType.Name(tensor.elem_type).lower()})"))
+    return specs
+
+
+def match_inputs(inputs: list, arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Arrays keyed by the input names (one array suffices for a one-input model), checked
+    against each input's fixed dims. ``inputs``: a session's get_inputs() or graph_inputs()."""
+    names = [i.name for i in inputs]
     if all(n in arrays for n in names):
         feeds = {n: arrays[n] for n in names}
     elif len(names) == 1 and len(arrays) == 1:
         feeds = {names[0]: next(iter(arrays.values()))}
     else:
         raise UsageError(f"{source}: needs arrays named {', '.join(names)}; found {', '.join(arrays) or 'none'}")
-    for inp in session.get_inputs():
+    for inp in inputs:
+        array = np.asarray(feeds[inp.name])
+        # the leading axis is the samples (run in the model's batch), every other fixed dim must match
+        wrong = array.ndim != len(inp.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(inp.shape[1:], array.shape[1:]))
+        if wrong:
+            expected = ", ".join(str(d) if isinstance(d, int) else "?" for d in inp.shape)
+            raise ModelError(f"{source}: array for input {inp.name!r} has shape {list(array.shape)}; "
+                             f"the model takes [{expected}] (samples on the first axis)")
         dtype = _NP_TYPES.get(inp.type)
-        if dtype is not None:
-            feeds[inp.name] = np.asarray(feeds[inp.name]).astype(dtype, copy=False)
+        feeds[inp.name] = array if dtype is None else array.astype(dtype, copy=False)
+    if len({len(v) for v in feeds.values()}) > 1:
+        raise ModelError(f"{source}: the arrays hold different numbers of samples "
+                         f"({', '.join(f'{k}: {len(v)}' for k, v in feeds.items())})")
     return feeds
 
 

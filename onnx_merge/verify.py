@@ -82,7 +82,7 @@ def verify_models(original: str | os.PathLike, candidate: str | os.PathLike, *, 
     for provider in providers:
         ref_session = make_session(original, provider)
         cand_session = make_session(candidate, provider)
-        feeds = random_inputs(ref_session, batch, seed) if inputs is None else match_inputs(ref_session, inputs, input_source)
+        feeds = random_inputs(ref_session, batch, seed) if inputs is None else match_inputs(ref_session.get_inputs(), inputs, input_source)
         ref = run_batched(ref_session, feeds)
         cand_names = {o.name for o in cand_session.get_outputs()}
         missing = [n for n in ref if n not in cand_names]

@@ -151,7 +151,7 @@ class CalibrateConsumers:
         original = onnx.load_from_string(ctx.original)
         orig_index = GraphIndex(original)
         orig_nodes = {n.name: n for n in original.graph.node}
-        feeds = match_inputs(make_session(ctx.original), opts.calibration, "--calibration")
+        feeds = match_inputs(make_session(ctx.original).get_inputs(), opts.calibration, "--calibration")
         total, batch = len(next(iter(feeds.values()))), opts.calibration_batch
         first = original.graph.input[0].type.tensor_type.shape.dim
         fixed = first[0].dim_value if len(first) and first[0].HasField("dim_value") else None

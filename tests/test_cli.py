@@ -77,6 +77,17 @@ def test_bad_models_exit_3_with_one_line_and_no_output(tmp_path, lenet_file, kin
     assert main(["verify", str(bad), str(lenet_file)]) == 3
 
 
+@pytest.mark.parametrize("option", ["--calibration", "--inputs"])
+@pytest.mark.parametrize("arrays, what", [({"x": np.zeros((8, 785), np.float32)}, "has shape [8, 785]"),
+                                          ({"x": np.zeros((8, 28, 28), np.float32)}, "has shape [8, 28, 28]")])
+def test_data_of_the_wrong_shape_is_named_and_exits_3(tmp_path, lenet_file, option, arrays, what, capsys):
+    data, out = tmp_path / "d.npz", tmp_path / "out.onnx"
+    np.savez(data, **arrays)
+    assert main(["compress", str(lenet_file), "-o", str(out), option, str(data)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and what in err[0] and "the model takes [?, 784]" in err[0] and not out.exists()
+
+
 def test_usage_errors_exit_2(tmp_path, lenet_file, capsys):
     assert main(["compress", str(lenet_file), "-o", str(lenet_file)]) == 2  # never overwrite the input
     assert main(["compress", str(lenet_file), "-o", str(tmp_path / "o.onnx"), "--ratio", "1.5"]) == 2
