@@ -252,11 +252,19 @@ def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
             if index.array(slope).size != 1:
                 return "per-channel"
         return "homogeneous"
-    if node.op_type == "Clip" and _is_relu_clip(index, node):
+    if node.op_type == "Clip" and _is_relu_clip(index, node) or _is_relu_max(index, node):
         return "homogeneous"
     if node.op_type in OTHER_ACTIVATIONS:
         return "other"
     return None
+
+
+def _is_relu_max(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Max(x, 0): the torch dynamo exporter's torch.clamp(x, min=0)."""
+    if node.op_type != "Max" or len(node.input) != 2:
+        return False
+    const = [i for i in node.input if index.is_weight(i)]
+    return len(const) == 1 and index.array(const[0]).size == 1 and float(index.array(const[0]).reshape(-1)[0]) == 0.0
 
 
 def _is_relu_clip(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -328,7 +336,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None
         nxt = readers[0]
         if nxt is GRAPH_OUTPUT:
             raise Rejected(f"channels of {tensor!r} are a graph output")
-        if nxt.input[0] != tensor:
+        if nxt.input[0] != tensor and not _is_relu_max(index, nxt):
             others = [i for i in nxt.input if i and i != tensor and not index.is_weight(i)]
             if others:
                 raise Rejected(f"channels of {tensor!r} meet {', '.join(map(repr, others))} at {_label(nxt)}: "
