@@ -1,11 +1,14 @@
-"""Fold a per-channel constant Mul, Div, Add or Sub into the Conv or Gemm before it.
+"""Fold a per-channel constant Mul, Div, Add or Sub into the Conv or Gemm before it, and a
+per-channel Mul or Div into the Conv or Gemm after it.
 
     Conv(x, W, b) -> Mul(s) -> Add(t)      becomes      Conv(x, W * s, b * s + t)
+    Relu -> Mul(s) -> Conv(W)              becomes      Relu -> Conv(W * s over input channels)
 
 Some converters write a layer's bias as a separate Add, or a BatchNormalization as Mul and Add
-(Keras with fused=False, Caffe's Scale layer). Left in place, these sit between the layer and
-its activation and hide the chain. Exact whenever the layer's output is read by that node
-alone and the constant varies along the channel axis only.
+(Keras with fused=False, Caffe's Scale layer), before or after the activation. Left in place,
+these hide the chain. Exact whenever the node alone reads the layer's output (or alone feeds
+the layer) and the constant varies along the channel axis only; zero padding of a scaled input
+is the scaled zero, so a Conv consumer's pads do not matter.
 """
 
 from __future__ import annotations
@@ -43,14 +46,46 @@ def _match(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, np.
     values = index.array(const)
     if values.dtype != w.dtype or values.ndim > rank:  # a longer shape would broadcast the output up
         return None
-    if values.size == 1:
-        return layer, np.full(channels, values.reshape(-1)[0])
-    axis = channel_param_axis(values.shape, layer.op_type == "Gemm", rank)
-    if axis is None or values.shape[axis] != channels:
-        return None
+    if values.size > 1:
+        axis = channel_param_axis(values.shape, layer.op_type == "Gemm", rank)
+        if axis is None or values.shape[axis] != channels:
+            return None
     if node.op_type == "Div" and np.any(values == 0):
         return None
-    return layer, values.reshape(-1)
+    if _bias_per_channel(index, layer, channels) is None or layer.op_type == "Gemm" and float(attr(layer, "beta", 1.0)) == 0:
+        return None  # a bias that varies over the batch, or one the Gemm ignores
+    return layer, np.broadcast_to(values.reshape(-1), (channels,))
+
+
+def _match_consumer(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, np.ndarray] | None:
+    """(the consumer, its per-input-channel scale) for a Mul/Div whose output feeds a Conv or Gemm alone."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    consumer = index.sole_reader(node.output[0])
+    if not isinstance(consumer, onnx.NodeProto) or consumer.op_type not in ("Conv", "Gemm"):
+        return None
+    if consumer.input[0] != node.output[0] or int(attr(consumer, "group", 1)) != 1 or attr(consumer, "transA", 0):
+        return None
+    data = [i for i in node.input if not index.is_weight(i)]
+    const = [i for i in node.input if index.is_weight(i)]
+    if len(data) != 1 or len(const) != 1 or (node.op_type == "Div" and node.input[1] != const[0]):
+        return None
+    if index.shared_with(const[0], node) or not index.is_weight(consumer.input[1]) or index.shared_with(
+            consumer.input[1], consumer):
+        return None
+    w, values = index.array(consumer.input[1]), index.array(const[0])
+    channels = w.shape[1] if consumer.op_type == "Conv" or attr(consumer, "transB", 0) else w.shape[0]
+    rank = w.ndim if consumer.op_type == "Conv" else 2
+    if values.dtype != w.dtype or values.ndim > rank:
+        return None
+    if values.size > 1:
+        axis = channel_param_axis(values.shape, consumer.op_type == "Gemm", rank)
+        if axis is None or values.shape[axis] != channels:
+            return None
+    if node.op_type == "Div" and np.any(values == 0):
+        return None
+    scale = np.broadcast_to(values.reshape(-1).astype(np.float64), (channels,))
+    return consumer, scale if node.op_type == "Mul" else 1.0 / scale
 
 
 def _bias_per_channel(index: GraphIndex, layer: onnx.NodeProto, channels: int) -> np.ndarray | None:
@@ -68,33 +103,48 @@ class FoldChannelAffine:
 
     def run(self, model: onnx.ModelProto, ctx) -> bool:
         folded = []
-        while True:
-            index = GraphIndex(model)
-            found = next(((n, m) for n in model.graph.node if (m := _match(index, n)) is not None), None)
-            if found is None:
-                break
-            node, (layer, values) = found
-            if not self._fold(index, node, layer, values.astype(np.float64)):
-                break
-            stale = layer.output[0]
-            layer.output[0] = node.output[0]  # the layer takes over the node's output tensor
-            drop_value_info(model, {stale})
-            model.graph.node.remove(node)
-            folded.append(node.name)
+        while (name := self._fold_next(model)) is not None:
+            folded.append(name)
         if folded:
             ctx.report.setdefault("folded_affine", []).extend(folded)
         return bool(folded)
 
+    def _fold_next(self, model: onnx.ModelProto) -> str | None:
+        """Fold the first node that matches; its name, or None when none does."""
+        index = GraphIndex(model)
+        for node in model.graph.node:
+            if (found := _match_consumer(index, node)) is not None:
+                consumer, scale = found
+                self._scale_inputs(index, consumer, scale)
+                consumer.input[0] = next(i for i in node.input if not index.is_weight(i))
+                stale = node.output[0]
+            elif (found := _match(index, node)) is not None:
+                layer, values = found
+                self._fold(index, node, layer, values.astype(np.float64))
+                stale = layer.output[0]
+                layer.output[0] = node.output[0]  # the layer takes over the node's output tensor
+            else:
+                continue
+            drop_value_info(model, {stale})
+            model.graph.node.remove(node)
+            return node.name
+        return None
+
     @staticmethod
-    def _fold(index: GraphIndex, node: onnx.NodeProto, layer: onnx.NodeProto, values: np.ndarray) -> bool:
+    def _scale_inputs(index: GraphIndex, consumer: onnx.NodeProto, scale: np.ndarray) -> None:
+        w = index.array(consumer.input[1])
+        if consumer.op_type == "Conv":
+            shape = (1, -1) + (1,) * (w.ndim - 2)
+        else:  # Gemm: input features are the columns of B^T
+            shape = (1, -1) if attr(consumer, "transB", 0) else (-1, 1)
+        index.set_array(consumer.input[1], (w * scale.reshape(shape)).astype(w.dtype))
+
+    @staticmethod
+    def _fold(index: GraphIndex, node: onnx.NodeProto, layer: onnx.NodeProto, values: np.ndarray) -> None:
         w = index.array(layer.input[1])
         rows_first = layer.op_type == "Conv" or attr(layer, "transB", 0)
-        channels = len(values)
-        bias = _bias_per_channel(index, layer, channels)
         beta = float(attr(layer, "beta", 1.0)) if layer.op_type == "Gemm" else 1.0
-        if bias is None or beta == 0.0:
-            return False
-        bias = bias * beta  # the bias as it reaches the output
+        bias = _bias_per_channel(index, layer, len(values)) * beta  # the bias as it reaches the output
         if node.op_type in ("Mul", "Div"):
             scale = values if node.op_type == "Mul" else 1.0 / values
             shape = (-1,) + (1,) * (w.ndim - 1) if rows_first else (1, -1)
@@ -112,4 +162,3 @@ class FoldChannelAffine:
                 layer.input.append(name)
             else:
                 layer.input[2] = name
-        return True

@@ -87,3 +87,47 @@ def test_gemm_bias_that_varies_over_the_batch_is_not_touched():
     model = make(body, "float[3, 4] x", "float[3, 3] y", ws)
     small, _ = compress(model, ratio=0.0)
     assert "Add" in {n.op_type for n in small.graph.node}
+
+
+CONSUMER_SIDE = {  # between the Relu's output r and the second conv's input a
+    "mul": ("a = Mul (r, s)", {"s": _f(1, 6, 1, 1, low=True)}, True),
+    "div-3d-scale": ("a = Div (r, s)", {"s": _f(6, 1, 1, low=True)}, True),
+    "scalar-first": ("a = Mul (s, r)", {"s": np.array(0.7, np.float32)}, True),
+    "over-width": ("a = Mul (r, s)", {"s": _f(6, low=True)}, False),
+    "const-over-data": ("a = Div (s, r)", {"s": _f(1, 6, 1, 1, low=True)}, False),
+}
+
+
+@pytest.mark.parametrize("case", CONSUMER_SIDE)
+def test_scale_after_the_activation_folds_into_the_consumer(case):
+    """Relu -> Mul(s) -> Conv: s scales the consumer's input channels, and the chain merges."""
+    body, extra, folds = CONSUMER_SIDE[case]
+    ws = dict(CONV) | extra | {"b1": _f(6)}
+    ws["w1"][5], ws["b1"][5] = 0.5 * ws["w1"][2], 0.5 * ws["b1"][2]  # a planted multiple
+    text = f"""c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        {body}
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (a, w2)"""
+    model = make(text, "float[2, 3, 6, 6] x", "float[2, 4, 3, 3] y", ws)
+    small, rep = compress(model, ratio=1 / 6)
+    feeds = x(2, 3, 6, 6)
+    assert (not {"Mul", "Div"} & {n.op_type for n in small.graph.node}) is folds
+    if folds:  # the merge of the planted multiple is exact through the folded scale
+        assert rep["layers"][0]["merged"] == 1
+        assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+    else:
+        assert rep["layers"] == []
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_scale_before_a_gemm_consumer_folds_into_its_columns(trans_b):
+    ws = {"w1": _f(5, 4), "w2": _f(*((3, 5) if trans_b else (5, 3))), "s": _f(5, low=True)}
+    body = f"""h = Gemm <transB = 1> (x, w1)
+        r = Relu (h)
+        a = Mul (r, s)
+        y = Gemm <transB = {trans_b}> (a, w2)"""
+    model = make(body, "float[3, 4] x", "float[3, 3] y", ws)
+    small, _ = compress(model, ratio=0.0)
+    assert [n.op_type for n in small.graph.node] == ["Gemm", "Relu", "Gemm"]
+    feeds = x(3, 4)
+    assert np.allclose(run(small, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
