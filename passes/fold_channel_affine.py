@@ -42,19 +42,11 @@ def _match(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, np.
         return None
     w = index.array(layer.input[1])
     channels = w.shape[0] if layer.op_type == "Conv" or attr(layer, "transB", 0) else w.shape[1]
-    rank = w.ndim if layer.op_type == "Conv" else 2
-    values = index.array(const)
-    if values.dtype != w.dtype or values.ndim > rank:  # a longer shape would broadcast the output up
-        return None
-    if values.size > 1:
-        axis = channel_param_axis(values.shape, layer.op_type == "Gemm", rank)
-        if axis is None or values.shape[axis] != channels:
-            return None
-    if node.op_type == "Div" and np.any(values == 0):
-        return None
-    if _bias_per_channel(index, layer, channels) is None or layer.op_type == "Gemm" and float(attr(layer, "beta", 1.0)) == 0:
-        return None  # a bias that varies over the batch, or one the Gemm ignores
-    return layer, np.broadcast_to(values.reshape(-1), (channels,))
+    values = _per_channel(index.array(const), w, layer.op_type, channels, node.op_type == "Div")
+    if values is None or _bias_per_channel(index, layer, channels) is None or (
+            layer.op_type == "Gemm" and float(attr(layer, "beta", 1.0)) == 0):
+        return None  # not per channel; a bias that varies over the batch, or one the Gemm ignores
+    return layer, values
 
 
 def _match_consumer(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, np.ndarray] | None:
@@ -73,19 +65,27 @@ def _match_consumer(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeP
     if index.shared_with(const[0], node) or not index.is_weight(consumer.input[1]) or index.shared_with(
             consumer.input[1], consumer):
         return None
-    w, values = index.array(consumer.input[1]), index.array(const[0])
+    w = index.array(consumer.input[1])
     channels = w.shape[1] if consumer.op_type == "Conv" or attr(consumer, "transB", 0) else w.shape[0]
-    rank = w.ndim if consumer.op_type == "Conv" else 2
-    if values.dtype != w.dtype or values.ndim > rank:
+    scale = _per_channel(index.array(const[0]), w, consumer.op_type, channels, node.op_type == "Div")
+    if scale is None:
+        return None
+    return consumer, scale if node.op_type == "Mul" else 1.0 / scale
+
+
+def _per_channel(values: np.ndarray, w: np.ndarray, op: str, channels: int, divisor: bool) -> np.ndarray | None:
+    """A constant as one float64 value per channel of the layer's data (axis 1 of a Conv's, the
+    last of a Gemm's), or None when it broadcasts along anything else or divides by zero."""
+    rank = w.ndim if op == "Conv" else 2
+    if values.dtype != w.dtype or values.ndim > rank:  # a longer shape would broadcast the output up
         return None
     if values.size > 1:
-        axis = channel_param_axis(values.shape, consumer.op_type == "Gemm", rank)
+        axis = channel_param_axis(values.shape, op == "Gemm", rank)
         if axis is None or values.shape[axis] != channels:
             return None
-    if node.op_type == "Div" and np.any(values == 0):
+    if divisor and np.any(values == 0):
         return None
-    scale = np.broadcast_to(values.reshape(-1).astype(np.float64), (channels,))
-    return consumer, scale if node.op_type == "Mul" else 1.0 / scale
+    return np.broadcast_to(values.reshape(-1).astype(np.float64), (channels,))
 
 
 def _bias_per_channel(index: GraphIndex, layer: onnx.NodeProto, channels: int) -> np.ndarray | None:
@@ -120,7 +120,7 @@ class FoldChannelAffine:
                 stale = node.output[0]
             elif (found := _match(index, node)) is not None:
                 layer, values = found
-                self._fold(index, node, layer, values.astype(np.float64))
+                self._fold(index, node, layer, values)
                 stale = layer.output[0]
                 layer.output[0] = node.output[0]  # the layer takes over the node's output tensor
             else:
