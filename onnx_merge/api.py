@@ -93,10 +93,11 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     providers = parse_providers(providers)
     arrays = load_arrays(inputs) if inputs else None
     loaded = load_model(src)
-    if arrays is not None:  # checked before the work, not after it
-        match_inputs(graph_inputs(loaded.model), arrays, str(inputs))
+    specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
+    if arrays is not None:
+        match_inputs(specs, arrays, str(inputs))
     if options.calibration is not None:
-        match_inputs(graph_inputs(loaded.model), options.calibration, "--calibration")
+        match_inputs(specs, options.calibration, "--calibration")
     model, report = compress(loaded.model, options, inplace=True)
     save_model(model, dst, external=loaded.external, source=src)
     report["input"], report["output"] = str(src), str(dst)

@@ -34,9 +34,11 @@ def remove_at(items, positions) -> None:
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's value (a string attribute as str, not bytes), or ``default``."""
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
@@ -110,6 +112,17 @@ class GraphIndex:
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
         self._arrays[name] = value
+
+    def attach_bias(self, node: onnx.NodeProto, value: np.ndarray) -> str:
+        """Give a Conv or Gemm that has no bias (input 2) the initializer ``value``; its name."""
+        name = self.unique_name(node.input[1] + "_bias")
+        self.add_initializer(name, value)
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+        self.readers[name].append(node)
+        return name
 
     def unique_name(self, base: str) -> str:
         taken = set(self.initializers) | set(self.producer) | set(self.graph_inputs)

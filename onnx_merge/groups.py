@@ -201,8 +201,7 @@ def _check_path_op(index: GraphIndex, node: onnx.NodeProto, channel_last: bool, 
         if len(shape) != 2:
             raise Rejected(f"{_label(node)} reshapes to rank {len(shape)}; only (batch, features) is provable")
     if op == "Pad":
-        mode = attr(node, "mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = attr(node, "mode", "constant")
         pads = attr(node, "pads")
         value = attr(node, "value", 0.0)
         if pads is None and len(node.input) > 1 and index.is_weight(node.input[1]):
@@ -229,7 +228,7 @@ def _check_prelu_slope(index: GraphIndex, node: onnx.NodeProto, channels: int, c
     axis = None if flattened else channel_param_axis(shape, channel_last, rank)
     if axis is None or shape[axis] != channels:
         raise Rejected(f"{_label(node)} has slopes of shape {shape}, not one per channel of {channels}")
-    if len(index.readers.get(slope, [])) != 1:
+    if index.shared_with(slope, node):
         raise Rejected(f"{_label(node)} shares its slope {slope!r} with other nodes")
 
 
@@ -252,7 +251,7 @@ def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
             if index.array(slope).size != 1:
                 return "per-channel"
         return "homogeneous"
-    if node.op_type == "Clip" and _is_relu_clip(index, node) or _is_relu_max(index, node):
+    if _is_relu_clip(index, node) or _is_relu_max(index, node):
         return "homogeneous"
     if node.op_type in OTHER_ACTIVATIONS:
         return "other"
@@ -269,6 +268,8 @@ def _is_relu_max(index: GraphIndex, node: onnx.NodeProto) -> bool:
 
 def _is_relu_clip(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """Clip(min=0) with no upper bound (torch.clamp(x, min=0)) is a ReLU; ReLU6 is not homogeneous."""
+    if node.op_type != "Clip":
+        return False
     if len(node.input) > 1:  # opset 11+: bounds are inputs
         bounds = [node.input[i] if i < len(node.input) else "" for i in (1, 2)]
         if any(b and not index.is_weight(b) for b in bounds):

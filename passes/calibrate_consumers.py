@@ -85,8 +85,7 @@ def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
         if x.ndim != d + 2:
             return None
         kernel, strides, dilations = list(weight_shape[2:]), attr(node, "strides", [1] * d), attr(node, "dilations", [1] * d)
-        auto_pad = attr(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        auto_pad = attr(node, "auto_pad", "NOTSET")
         pads = (attr(node, "pads", [0] * 2 * d) if auto_pad == "NOTSET" else
                 same_pads(x.shape[2:], kernel, strides, dilations, auto_pad))
         return im2col(x, kernel, strides, pads, dilations)

@@ -60,12 +60,7 @@ class FoldBatchNorm:
             if len(layer.input) > 2 and layer.input[2]:
                 index.set_array(layer.input[2], new_b)
             else:
-                bias_name = index.unique_name(layer.input[1] + "_bias")
-                index.add_initializer(bias_name, new_b.astype(w.dtype))
-                if len(layer.input) == 2:
-                    layer.input.append(bias_name)
-                else:
-                    layer.input[2] = bias_name
+                index.attach_bias(layer, new_b.astype(w.dtype))
             stale = layer.output[0]
             layer.output[0] = bn.output[0]  # the layer takes over the BN's output tensor
             drop_value_info(model, {stale})

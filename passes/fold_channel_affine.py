@@ -156,9 +156,4 @@ class FoldChannelAffine:
         if len(layer.input) > 2 and layer.input[2]:
             index.set_array(layer.input[2], new_bias)
         else:
-            name = index.unique_name(layer.input[1] + "_bias")
-            index.add_initializer(name, new_bias)
-            if len(layer.input) == 2:
-                layer.input.append(name)
-            else:
-                layer.input[2] = name
+            index.attach_bias(layer, new_bias)

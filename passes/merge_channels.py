@@ -84,8 +84,9 @@ def shrink_producer(index: GraphIndex, chain: Chain, kept: np.ndarray) -> None:
             for name in bn.input[1:5]:
                 take_channels(index, name, kept, n, 0)
     for node in chain.path:
-        if node.op_type == "PRelu" and index.array(node.input[1]).size > 1:  # one slope per channel
-            take_channels(index, node.input[1], kept, n, int(np.argmax(index.array(node.input[1]).shape)))
+        slopes = index.array(node.input[1]) if node.op_type == "PRelu" else None
+        if slopes is not None and slopes.size > 1:  # one per channel, on its only axis longer than 1
+            take_channels(index, node.input[1], kept, n, int(np.argmax(slopes.shape)))
 
 
 def input_channel_norms(weight: np.ndarray, in_axis: int, channels: int, interleaved: bool = False) -> np.ndarray:
@@ -126,14 +127,7 @@ def add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str
     elif len(node.input) > 2 and node.input[2]:
         name, scale = node.input[2], float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
     else:
-        name = index.unique_name(layer.weight + "_bias")
-        index.add_initializer(name, np.zeros(len(delta), dtype=index.array(layer.weight).dtype))
-        if len(node.input) == 2:
-            node.input.append(name)
-        else:
-            node.input[2] = name
-        index.readers[name].append(node)
-        scale = 1.0
+        name, scale = index.attach_bias(node, np.zeros(len(delta), dtype=index.array(layer.weight).dtype)), 1.0
     old = index.array(name)
     full = np.broadcast_to(old.reshape(-1) if old.size in (1, len(delta)) else old, (len(delta),))
     index.set_array(name, (full + delta / scale).reshape(old.shape if old.size == len(delta) else (len(delta),)))
