@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name, preprocessed as the model expects: "
                    "each consumer is refitted by least squares to reproduce the original layer's output")
+    c.add_argument("--refine-iterations", type=int, default=100, metavar="N",
+                   help="with --calibration: after the least-squares refit, a fully connected chain "
+                   "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
+                   "L-BFGS iterations kept near the fitted weights; it is used only where it lowers the "
+                   "error on a held-out quarter of the calibration rows (default 100; 0: off)")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     _add_verify_args(c)
 
@@ -172,7 +177,7 @@ def cmd_compress(args) -> int:
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
-                              coupled=args.coupled,
+                              coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
                                providers=args.providers)

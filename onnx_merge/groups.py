@@ -240,7 +240,7 @@ def _check_transpose(node: onnx.NodeProto, channel_last: bool, flattened: bool) 
         raise Rejected(f"{_label(node)} permutes axes {perm or 'in reverse'}: only moving the channel last is followed")
 
 
-def _activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+def activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
     """'homogeneous', 'per-channel' (a PRelu with a slope per channel), 'other', or None when
     the node is no activation."""
     if node.op_type in HOMOGENEOUS_ACTIVATIONS:
@@ -358,7 +358,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None
             path.append(nxt)
             tensor = nxt.output[0]
             continue
-        kind = _activation_kind(index, nxt)
+        kind = activation_kind(index, nxt)
         if kind is None and nxt.op_type not in TRANSPARENT | REDUCE:
             raise Rejected(f"channels of {tensor!r} reach {_label(nxt)}, which mixes or couples channels")
         if kind == "per-channel":

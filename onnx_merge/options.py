@@ -33,6 +33,7 @@ class CompressOptions:
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
+    refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
 
     def validate(self) -> "CompressOptions":
         ratios = [self.ratio] + [r for _, r in self.layer_ratios]
@@ -50,6 +51,8 @@ class CompressOptions:
             raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
         if self.calibration_batch < 1:
             raise UsageError("the calibration batch must be at least 1")
+        if self.refine_iterations < 0:
+            raise UsageError(f"--refine-iterations must be 0 (off) or more, got {self.refine_iterations}")
         return self
 
     def plan_options(self, method: str, bn_hidden: bool = False, dense: bool = False, channels: int = 0) -> PlanOptions:

@@ -9,7 +9,9 @@ to a residual stream is fitted to the original sum minus the compressed stream, 
 cancels the drift that earlier blocks left there. The kept channels come from greedy backward
 elimination on the consumer's least-squares problem (``select_channels``). The result is used
 only where it beats the data-free plan on the same statistics; an ill-conditioned or
-unsupported layer falls back to the data-free plan with a note.
+unsupported layer falls back to the data-free plan with a note. A fully connected chain is
+then refined as a block, producer and consumer together (``math/refine.py``), where that
+lowers the error on held-out calibration rows.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import numpy as np
 import onnx
 
 from onnx_merge.graph import GraphIndex, attr
-from onnx_merge.groups import Chain, Layer, describe_layer
+from onnx_merge.groups import Chain, Layer, activation_kind, describe_layer
 from onnx_merge.math import Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, same_pads, select_channels
+from onnx_merge.math.refine import DenseBlock, refine_block
 from onnx_merge.runtime import make_session, match_inputs
 
-from .merge_channels import (add_consumer_bias, apply_plan, consumer_view, current_bias, describe, fix_shapes,
-                             from_consumer_view, shrink_producer)
+from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, consumer_view, current_bias, describe,
+                             fix_shapes, from_consumer_view, shrink_producer)
 
 log = logging.getLogger("onnx_merge")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
+MAX_REFINE_WORK = 1e9  # rows x parameters of one block refinement (~0.1 s per L-BFGS iteration)
+MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and still fit a block
 
 
 def truncated(model: onnx.ModelProto, taps: list[str]) -> bytes:
@@ -140,6 +145,49 @@ def _embed(w: np.ndarray, kept: np.ndarray, channels: int) -> np.ndarray:
     return full
 
 
+def refinable(index: GraphIndex, chain: Chain) -> float | None:
+    """The activation's negative slope where the chain is a block ``refine_block`` models:
+    Gemm/MatMul -> one ReLU-like activation -> Gemm/MatMul, each layer able to carry a bias;
+    None otherwise."""
+    if chain.bn is not None or chain.block != 1 or chain.interleaved or len(chain.path) != 1 or not chain.mergeable:
+        return None
+    for layer in (chain.producer, chain.consumer):
+        op = layer.node.op_type
+        if op not in ("Gemm", "MatMul") or (op == "Gemm" and attr(layer.node, "transA", 0)) or (
+                op == "MatMul" and layer.bias is None):
+            return None
+    return activation_slope(index, chain) if activation_kind(index, chain.path[0]) == "homogeneous" else None
+
+
+def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray, np.ndarray], iterations: int) -> str:
+    """Refine the chain's producer and consumer together on ``rows`` (written back only where
+    that lowers the held-out error); what happened, for the report."""
+    p, c = chain.producer, chain.consumer
+    w1 = _matrix(p, index.array(p.weight).astype(np.float64)) * p.alpha
+    w2 = _matrix(c, index.array(c.weight).astype(np.float64)) * c.alpha
+    start = DenseBlock(w1, _bias(index, p, len(w1)), w2, _bias(index, c, len(w2)), slope)
+    x, target = rows
+    if x.shape[1] != w1.shape[1] or target.shape[1] != w2.shape[0] or w2.shape[1] != w1.shape[0]:
+        return "not refined: the rows do not match the layers"
+    use = int(min(len(x), MAX_REFINE_WORK // start.flat().size))
+    if use < MIN_REFINE_ROWS:
+        return f"not refined: {start.flat().size} parameters are too many for the refinement budget"
+    if use < len(x):
+        pick = np.random.default_rng(0).choice(len(x), use, replace=False)
+        x, target = x[pick], target[pick]
+    done = refine_block(start, x, target, iterations)
+    if done is None:
+        return f"not refined: no refinement lowered the error on held-out rows ({len(x)} rows)"
+    block, info = done
+    for layer, w, b, b_old in ((p, block.w1, block.b1, start.b1), (c, block.w2, block.b2, start.b2)):
+        current = index.array(layer.weight)
+        index.set_array(layer.weight, _from_matrix(layer, w / layer.alpha, current.shape).astype(current.dtype))
+        add_consumer_bias(index, layer, b - b_old)
+    before, after = info["held_out_error"]
+    return (f"producer and consumer refined together on {len(x)} rows (strength {info['strength']:g}): "
+            f"held-out error {before:.3g} -> {after:.3g}")
+
+
 class CalibrateConsumers:
     name = "calibrate-consumers"
 
@@ -160,7 +208,9 @@ class CalibrateConsumers:
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
         for chain, plan_opts, comp in steps:
             index = GraphIndex(model)
-            fit = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts)
+            slope = refinable(index, chain) if opts.refine_iterations else None
+            fit, rows = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts,
+                                         keep_rows=slope is not None)
             if fit is None:
                 entry = apply_plan(index, chain, comp, plan_opts)
                 entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
@@ -177,42 +227,48 @@ class CalibrateConsumers:
                 entry = apply_plan(index, chain, comp, plan_opts)
                 entry["calibration"] = ("fell back to the data-free plan (ill-conditioned)" if best is None else
                                         "kept the data-free plan (lower error on the calibration data)")
-                layers.append(entry)
-                continue
-            _, kept, w_new, b_new = best
-            self._rewrite(index, chain, kept, w_new, b_new)
-            entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
-            how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
-            entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
+            else:
+                _, kept, w_new, b_new = best
+                self._rewrite(index, chain, kept, w_new, b_new)
+                entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
+                how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
+                entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
+            if rows is not None:
+                entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
             layers.append(entry)
         return True
 
     @staticmethod
-    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts) -> LeastSquaresFit | None:
-        """Least-squares statistics of the consumer: compressed inputs -> original outputs."""
+    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts, keep_rows: bool
+                    ) -> tuple[LeastSquaresFit | None, tuple[np.ndarray, np.ndarray] | None]:
+        """Least-squares statistics of the consumer: compressed inputs -> original outputs; with
+        ``keep_rows``, also the producer's input rows and their targets (up to calibration_rows)
+        for block refinement."""
         layer = chain.consumer
         if layer.node.op_type not in ("Conv", "Gemm", "MatMul"):  # a ConvTranspose reads its weight transposed
-            return None
+            return None, None
         orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
         w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
         b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])
         if w_orig.shape[1] > MAX_FEATURES:
-            return None
-        tap = layer.node.input[0]
+            return None, None
         residual = residual_operand(index, layer)
-        taps = [tap] if residual is None else [tap, residual[0]]
+        taps = [layer.node.input[0]] + ([residual[0]] if residual else [])
+        new_taps = taps + ([chain.producer.node.input[0]] if keep_rows else [])
         orig_session = make_session(truncated(orig_index.model, taps), optimize=True)
-        session = make_session(truncated(index.model, taps), optimize=True)
+        session = make_session(truncated(index.model, new_taps), optimize=True)
         fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
+        inputs, targets = [], []
         rng = np.random.default_rng(0)
         for start in range(0, total, batch):
             part = {k: v[start:start + batch] for k, v in feeds.items()}
             x_orig, *skip_orig = orig_session.run(taps, {i.name: part[i.name] for i in orig_session.get_inputs()})
-            x_new, *skip_new = session.run(taps, {i.name: part[i.name] for i in session.get_inputs()})
+            x_new, *rest = session.run(new_taps, {i.name: part[i.name] for i in session.get_inputs()})
+            skip_new = rest[:len(taps) - 1]
             f_orig = _features(orig_layer, x_orig, orig_index.initializers[orig_layer.weight].dims)
             f_new = _features(layer, x_new, index.initializers[layer.weight].dims)
             if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
-                return None
+                return None, None
             target = f_orig @ w_orig.T + b_orig
             if chain.interleaved:
                 f_new = f_new[:, channel_major(chain.channels, f_new.shape[1] // chain.channels)]
@@ -220,11 +276,19 @@ class CalibrateConsumers:
                 drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
                 if drift.shape == target.shape:  # a broadcast operand is left uncorrected
                     target += drift if residual[1] is None else drift / residual[1]
-            if len(f_new) > opts.calibration_rows:  # conv patches: a fixed random subset per batch
+            # a fully connected chain: the producer's input rows align with the consumer's
+            x_in = rest[-1].reshape(-1, rest[-1].shape[-1]) if keep_rows else None
+            keep_rows = keep_rows and len(x_in) == len(target)
+            if len(f_new) > opts.calibration_rows:  # conv patches, tokens: a fixed random subset per batch
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
                 f_new, target = f_new[pick], target[pick]
+                x_in = x_in[pick] if keep_rows else None
             fit.add(f_new, target)
-        return fit if fit.rows else None
+            if keep_rows and sum(map(len, inputs)) < opts.calibration_rows:
+                inputs.append(x_in.astype(np.float64))
+                targets.append(target)
+        rows = (np.concatenate(inputs), np.concatenate(targets)) if keep_rows and inputs else None
+        return (fit, rows) if fit.rows else (None, None)
 
     @staticmethod
     def _rewrite(index: GraphIndex, chain: Chain, kept: np.ndarray, w_new: np.ndarray, b_new: np.ndarray) -> None:

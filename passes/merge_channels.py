@@ -24,7 +24,8 @@ from onnx_merge.shapes import drop_value_info
 log = logging.getLogger("onnx_merge")
 
 
-def _slope(index: GraphIndex, chain: Chain) -> float:
+def activation_slope(index: GraphIndex, chain: Chain) -> float:
+    """The negative slope of the chain's activation (0 for a ReLU)."""
     for node in chain.path:
         if node.op_type == "LeakyRelu":
             return float(attr(node, "alpha", 0.01))
@@ -56,7 +57,7 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
                                     chain.interleaved)
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
-                          in_channels=in_channels, slope=_slope(index, chain))
+                          in_channels=in_channels, slope=activation_slope(index, chain))
 
 
 def take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
