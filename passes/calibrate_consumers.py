@@ -169,6 +169,8 @@ def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray
     x, target = rows
     if x.shape[1] != w1.shape[1] or target.shape[1] != w2.shape[0] or w2.shape[1] != w1.shape[0]:
         return "not refined: the rows do not match the layers"
+    if len(x) < MIN_REFINE_ROWS:
+        return f"not refined: {len(x)} calibration rows (refinement needs {MIN_REFINE_ROWS})"
     use = int(min(len(x), MAX_REFINE_WORK // start.flat().size))
     if use < MIN_REFINE_ROWS:
         return f"not refined: {start.flat().size} parameters are too many for the refinement budget"

@@ -86,3 +86,11 @@ def test_refined_chains_reproduce_the_original_better_on_the_calibration_data(la
     assert any(n.startswith("producer and consumer refined together") for n in notes), notes
     assert all("refinement" not in layer for layer in reports[0]["layers"])
     assert errors[50] < errors[0]
+
+
+def test_too_few_calibration_rows_are_named():
+    model = mlp("gemm")
+    calib = {"x": np.random.default_rng(6).standard_normal((100, 16)).astype(np.float32)}
+    _, report = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    notes = [layer["refinement"] for layer in report["layers"]]
+    assert notes and all(n == "not refined: 100 calibration rows (refinement needs 256)" for n in notes), notes
