@@ -33,7 +33,7 @@ from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, co
 
 log = logging.getLogger("onnx_merge")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
-MAX_REFINE_WORK = 1e9  # rows x parameters of one block refinement (~0.1 s per L-BFGS iteration)
+MAX_REFINE_WORK = 5e8  # rows x parameters of one block refinement: bounds its time and the rows it holds
 MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and still fit a block
 
 
@@ -159,6 +159,14 @@ def refinable(index: GraphIndex, chain: Chain) -> float | None:
     return activation_slope(index, chain) if activation_kind(index, chain.path[0]) == "homogeneous" else None
 
 
+def refine_parameters(index: GraphIndex, chain: Chain, kept: int) -> int:
+    """Parameters of the block once the producer keeps ``kept`` channels."""
+    p, c = chain.producer, chain.consumer
+    features = index.initializers[p.weight].dims[p.in_axis]
+    outputs = index.initializers[c.weight].dims[c.out_axis]
+    return kept * (features + 1) + outputs * (kept + 1)
+
+
 def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray, np.ndarray], iterations: int) -> str:
     """Refine the chain's producer and consumer together on ``rows`` (written back only where
     that lowers the held-out error); what happened, for the report."""
@@ -171,12 +179,6 @@ def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray
         return "not refined: the rows do not match the layers"
     if len(x) < MIN_REFINE_ROWS:
         return f"not refined: {len(x)} calibration rows (refinement needs {MIN_REFINE_ROWS})"
-    use = int(min(len(x), MAX_REFINE_WORK // start.flat().size))
-    if use < MIN_REFINE_ROWS:
-        return f"not refined: {start.flat().size} parameters are too many for the refinement budget"
-    if use < len(x):
-        pick = np.random.default_rng(0).choice(len(x), use, replace=False)
-        x, target = x[pick], target[pick]
     done = refine_block(start, x, target, iterations)
     if done is None:
         return f"not refined: no refinement lowered the error on held-out rows ({len(x)} rows)"
@@ -211,8 +213,11 @@ class CalibrateConsumers:
         for chain, plan_opts, comp in steps:
             index = GraphIndex(model)
             slope = refinable(index, chain) if opts.refine_iterations else None
+            # rows kept for refinement: the budget bounds its time and memory
+            cap = 0 if slope is None else int(min(opts.calibration_rows,
+                                                  MAX_REFINE_WORK // refine_parameters(index, chain, len(comp.kept))))
             fit, rows = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts,
-                                         keep_rows=slope is not None)
+                                         keep_rows=cap if cap >= MIN_REFINE_ROWS else 0)
             if fit is None:
                 entry = apply_plan(index, chain, comp, plan_opts)
                 entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
@@ -237,14 +242,19 @@ class CalibrateConsumers:
                 entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
             if rows is not None:
                 entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
+            elif slope is not None:
+                entry["refinement"] = ("not refined: the producer's input rows do not align with the consumer's"
+                                       if cap >= MIN_REFINE_ROWS else
+                                       f"not refined: {refine_parameters(index, chain, len(comp.kept))} parameters "
+                                       "are too many for the refinement budget")
             layers.append(entry)
         return True
 
     @staticmethod
-    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts, keep_rows: bool
+    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts, keep_rows: int
                     ) -> tuple[LeastSquaresFit | None, tuple[np.ndarray, np.ndarray] | None]:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs; with
-        ``keep_rows``, also the producer's input rows and their targets (up to calibration_rows)
+        ``keep_rows`` > 0, also up to that many of the producer's input rows and their targets,
         for block refinement."""
         layer = chain.consumer
         if layer.node.op_type not in ("Conv", "Gemm", "MatMul"):  # a ConvTranspose reads its weight transposed
@@ -280,15 +290,17 @@ class CalibrateConsumers:
                     target += drift if residual[1] is None else drift / residual[1]
             # a fully connected chain: the producer's input rows align with the consumer's
             x_in = rest[-1].reshape(-1, rest[-1].shape[-1]) if keep_rows else None
-            keep_rows = keep_rows and len(x_in) == len(target)
+            if keep_rows and len(x_in) != len(target):
+                keep_rows = 0
             if len(f_new) > opts.calibration_rows:  # conv patches, tokens: a fixed random subset per batch
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
                 f_new, target = f_new[pick], target[pick]
                 x_in = x_in[pick] if keep_rows else None
             fit.add(f_new, target)
-            if keep_rows and sum(map(len, inputs)) < opts.calibration_rows:
-                inputs.append(x_in.astype(np.float64))
-                targets.append(target)
+            room = keep_rows - sum(map(len, inputs)) if keep_rows else 0
+            if room > 0:
+                inputs.append(x_in[:room].astype(np.float64))
+                targets.append(target[:room])
         rows = (np.concatenate(inputs), np.concatenate(targets)) if keep_rows and inputs else None
         return (fit, rows) if fit.rows else (None, None)
 

@@ -94,3 +94,13 @@ def test_too_few_calibration_rows_are_named():
     _, report = compress(model, CompressOptions(ratio=0.5, calibration=calib))
     notes = [layer["refinement"] for layer in report["layers"]]
     assert notes and all(n == "not refined: 100 calibration rows (refinement needs 256)" for n in notes), notes
+
+
+def test_a_block_over_the_budget_is_named_and_holds_no_rows(monkeypatch):
+    import onnx_merge.passes.calibrate_consumers as calibrate
+
+    monkeypatch.setattr(calibrate, "MAX_REFINE_WORK", 1000)
+    calib = {"x": np.random.default_rng(7).standard_normal((300, 16)).astype(np.float32)}
+    _, report = compress(mlp("matmul"), CompressOptions(ratio=0.5, calibration=calib))
+    notes = [layer["refinement"] for layer in report["layers"]]
+    assert notes and all(n.endswith("parameters are too many for the refinement budget") for n in notes), notes
