@@ -242,6 +242,8 @@ class CalibrateConsumers:
                 entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
             if rows is not None:
                 entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
+                if not entry["refinement"].startswith("not refined"):
+                    entry["method"] += " + refined"
             elif slope is not None:
                 entry["refinement"] = ("not refined: the producer's input rows do not align with the consumer's"
                                        if cap >= MIN_REFINE_ROWS else

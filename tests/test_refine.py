@@ -84,6 +84,8 @@ def test_refined_chains_reproduce_the_original_better_on_the_calibration_data(la
         errors[iterations] = float(np.mean((run(small, calib)[0] - ref) ** 2))
     notes = [layer.get("refinement", "") for layer in reports[50]["layers"]]
     assert any(n.startswith("producer and consumer refined together") for n in notes), notes
+    assert [layer["method"].endswith(" + refined") for layer in reports[50]["layers"]] == [
+        n.startswith("producer and consumer refined together") for n in notes]
     assert all("refinement" not in layer for layer in reports[0]["layers"])
     assert errors[50] < errors[0]
 
