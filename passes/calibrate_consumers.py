@@ -26,7 +26,7 @@ from onnx_merge.groups import Chain, Layer, activation_kind, describe_layer
 from onnx_merge.math import Compensation, compensate_consumer
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, same_pads, select_channels
 from onnx_merge.math.refine import DenseBlock, refine_block
-from onnx_merge.runtime import make_session, match_inputs
+from onnx_merge.runtime import graph_inputs, make_session, match_inputs
 
 from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, consumer_view, current_bias, describe,
                              fix_shapes, from_consumer_view, shrink_producer)
@@ -120,6 +120,15 @@ def _bias(index: GraphIndex, layer: Layer, outputs: int) -> np.ndarray:
     return np.broadcast_to(index.array(name).reshape(-1).astype(np.float64), (outputs,)) * layer.beta
 
 
+def _set_layer(index: GraphIndex, layer: Layer, w: np.ndarray, b: np.ndarray) -> None:
+    """Write a layer's (outputs, features) weights and (outputs,) bias, as computed (alpha and
+    beta applied), into its initializers."""
+    current = index.array(layer.weight)
+    b_cur = _bias(index, layer, len(w))
+    index.set_array(layer.weight, _from_matrix(layer, w / layer.alpha, current.shape).astype(current.dtype))
+    add_consumer_bias(index, layer, b - b_cur)
+
+
 def _data_free_objective(fit: LeastSquaresFit, index: GraphIndex, chain: Chain, comp: Compensation) -> float:
     """Error of the data-free plan on the same statistics, in the full feature space."""
     c = chain.consumer
@@ -149,7 +158,7 @@ def refinable(index: GraphIndex, chain: Chain) -> float | None:
     """The activation's negative slope where the chain is a block ``refine_block`` models:
     Gemm/MatMul -> one ReLU-like activation -> Gemm/MatMul, each layer able to carry a bias;
     None otherwise."""
-    if chain.bn is not None or chain.block != 1 or chain.interleaved or len(chain.path) != 1 or not chain.mergeable:
+    if chain.bn is not None or chain.block != 1 or len(chain.path) != 1 or not chain.mergeable:
         return None
     for layer in (chain.producer, chain.consumer):
         op = layer.node.op_type
@@ -167,29 +176,28 @@ def refine_parameters(index: GraphIndex, chain: Chain, kept: int) -> int:
     return kept * (features + 1) + outputs * (kept + 1)
 
 
-def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray, np.ndarray], iterations: int) -> str:
-    """Refine the chain's producer and consumer together on ``rows`` (written back only where
-    that lowers the held-out error); what happened, for the report."""
+def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray, np.ndarray],
+           iterations: int) -> tuple[bool, str]:
+    """Refine the chain's producer and consumer together on ``rows``, written back only where
+    that lowers the held-out error: whether it was, and what happened, for the report."""
     p, c = chain.producer, chain.consumer
     w1 = _matrix(p, index.array(p.weight).astype(np.float64)) * p.alpha
     w2 = _matrix(c, index.array(c.weight).astype(np.float64)) * c.alpha
     start = DenseBlock(w1, _bias(index, p, len(w1)), w2, _bias(index, c, len(w2)), slope)
     x, target = rows
-    if x.shape[1] != w1.shape[1] or target.shape[1] != w2.shape[0] or w2.shape[1] != w1.shape[0]:
-        return "not refined: the rows do not match the layers"
+    if x.shape[1] != w1.shape[1] or target.shape[1] != w2.shape[0] or len(x) != len(target):
+        return False, "not refined: the rows do not match the layers"
     if len(x) < MIN_REFINE_ROWS:
-        return f"not refined: {len(x)} calibration rows (refinement needs {MIN_REFINE_ROWS})"
+        return False, f"not refined: {len(x)} calibration rows (refinement needs {MIN_REFINE_ROWS})"
     done = refine_block(start, x, target, iterations)
     if done is None:
-        return f"not refined: no refinement lowered the error on held-out rows ({len(x)} rows)"
+        return False, f"not refined: no refinement lowered the error on held-out rows ({len(x)} rows)"
     block, info = done
-    for layer, w, b, b_old in ((p, block.w1, block.b1, start.b1), (c, block.w2, block.b2, start.b2)):
-        current = index.array(layer.weight)
-        index.set_array(layer.weight, _from_matrix(layer, w / layer.alpha, current.shape).astype(current.dtype))
-        add_consumer_bias(index, layer, b - b_old)
+    _set_layer(index, p, block.w1, block.b1)
+    _set_layer(index, c, block.w2, block.b2)
     before, after = info["held_out_error"]
-    return (f"producer and consumer refined together on {len(x)} rows (strength {info['strength']:g}): "
-            f"held-out error {before:.3g} -> {after:.3g}")
+    return True, (f"producer and consumer refined together on {len(x)} rows (strength {info['strength']:g}): "
+                  f"held-out error {before:.3g} -> {after:.3g}")
 
 
 class CalibrateConsumers:
@@ -202,7 +210,7 @@ class CalibrateConsumers:
         original = onnx.load_from_string(ctx.original)
         orig_index = GraphIndex(original)
         orig_nodes = {n.name: n for n in original.graph.node}
-        feeds = match_inputs(make_session(ctx.original).get_inputs(), opts.calibration, "--calibration")
+        feeds = match_inputs(graph_inputs(original), opts.calibration, "--calibration")
         total, batch = len(next(iter(feeds.values()))), opts.calibration_batch
         first = original.graph.input[0].type.tensor_type.shape.dim
         fixed = first[0].dim_value if len(first) and first[0].HasField("dim_value") else None
@@ -241,13 +249,11 @@ class CalibrateConsumers:
                 how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
                 entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
             if rows is not None:
-                entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
-                if not entry["refinement"].startswith("not refined"):
+                refined, entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
+                if refined:
                     entry["method"] += " + refined"
             elif slope is not None:
-                entry["refinement"] = ("not refined: the producer's input rows do not align with the consumer's"
-                                       if cap >= MIN_REFINE_ROWS else
-                                       f"not refined: {refine_parameters(index, chain, len(comp.kept))} parameters "
+                entry["refinement"] = (f"not refined: {refine_parameters(index, chain, len(comp.kept))} parameters "
                                        "are too many for the refinement budget")
             layers.append(entry)
         return True
@@ -290,30 +296,24 @@ class CalibrateConsumers:
                 drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
                 if drift.shape == target.shape:  # a broadcast operand is left uncorrected
                     target += drift if residual[1] is None else drift / residual[1]
-            # a fully connected chain: the producer's input rows align with the consumer's
+            # a fully connected chain: the producer's input rows are the consumer's rows
             x_in = rest[-1].reshape(-1, rest[-1].shape[-1]) if keep_rows else None
-            if keep_rows and len(x_in) != len(target):
-                keep_rows = 0
             if len(f_new) > opts.calibration_rows:  # conv patches, tokens: a fixed random subset per batch
                 pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
                 f_new, target = f_new[pick], target[pick]
-                x_in = x_in[pick] if keep_rows else None
+                x_in = None if x_in is None else x_in[pick]
             fit.add(f_new, target)
-            room = keep_rows - sum(map(len, inputs)) if keep_rows else 0
-            if room > 0:
+            room = keep_rows - sum(map(len, inputs))
+            if x_in is not None and room > 0:
                 inputs.append(x_in[:room].astype(np.float64))
                 targets.append(target[:room])
-        rows = (np.concatenate(inputs), np.concatenate(targets)) if keep_rows and inputs else None
+        rows = (np.concatenate(inputs), np.concatenate(targets)) if inputs else None
         return (fit, rows) if fit.rows else (None, None)
 
     @staticmethod
     def _rewrite(index: GraphIndex, chain: Chain, kept: np.ndarray, w_new: np.ndarray, b_new: np.ndarray) -> None:
-        layer = chain.consumer
-        current = index.array(layer.weight)
-        b_cur = _bias(index, layer, w_new.shape[0])
         shrink_producer(index, chain, kept)
         if chain.interleaved:  # the fit's channel-major columns back to the consumer's layout
             w_new = w_new[:, np.argsort(channel_major(len(kept), w_new.shape[1] // len(kept)))]
-        index.set_array(layer.weight, _from_matrix(layer, w_new / layer.alpha, current.shape).astype(current.dtype))
-        add_consumer_bias(index, layer, b_new - b_cur)
+        _set_layer(index, chain.consumer, w_new, b_new)
         fix_shapes(index, chain, len(kept))

@@ -95,5 +95,4 @@ def refine_block(start: DenseBlock, x: np.ndarray, target: np.ndarray, iteration
     if not scores[strength] < baseline:
         return None
     refined = fit_block(start, x, target, strength, iterations)
-    return refined, {"strength": strength, "held_out_error": (baseline, scores[strength]),
-                     "error": (block_error(start, x, target), block_error(refined, x, target))}
+    return refined, {"strength": strength, "held_out_error": (baseline, scores[strength])}
