@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
     c.add_argument("--method", choices=METHODS, default="regress",
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
-                   "modelled from BatchNormalization statistics (cosine merge where a layer has none); "
+                   "modelled from BatchNormalization statistics, or for a Gemm/MatMul layer without them from a "
+                   "white-input model (cosine merge for a Conv without them); "
                    "merge: the paper's neuron merging, one partner per removed channel; prune: drop them")
     c.add_argument("--criterion", choices=CRITERIA + (AUTO,), default=AUTO,
                    help="which channels to keep. merge-cost: the set whose merge leaves the least residual "

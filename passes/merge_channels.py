@@ -57,7 +57,8 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
                                     chain.interleaved)
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
-                          in_channels=in_channels, slope=activation_slope(index, chain))
+                          in_channels=in_channels, slope=activation_slope(index, chain),
+                          dense=p.node.op_type in ("Gemm", "MatMul"))
 
 
 def take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
@@ -243,9 +244,10 @@ class MergeChannels:
     @staticmethod
     def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions, ranking: bool) -> ProducerArrays:
         # l2-path ranks by the consumer's column norms (a re-plan with the ranking given does not);
-        # regress reads the consumer's rows, and only where a BatchNormalization gives it statistics
+        # regress reads the consumer's rows where it models the layer (after BN, or fully connected)
+        modelled = chain.bn is not None or chain.producer.node.op_type in ("Gemm", "MatMul")
         return producer_arrays(index, chain, consumer_norms=ranking and plan_opts.criterion == "l2-path",
-                               consumer_rows=plan_opts.method == "regress" and chain.bn is not None)
+                               consumer_rows=plan_opts.method == "regress" and modelled)
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: PlanOptions) -> dict:

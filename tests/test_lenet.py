@@ -14,6 +14,7 @@ from tests.helpers import initializer_shapes, run
 PAPER_MERGE = {0.5: 88.69, 0.6: 86.92, 0.7: 82.75, 0.8: 80.02}
 PAPER_PRUNE = {0.5: 88.40, 0.6: 85.17, 0.7: 71.26, 0.8: 66.76}
 BEST_PUBLISHED_DATA_FREE = {0.5: 88.83, 0.6: 87.75, 0.7: 83.92, 0.8: 80.02}  # the compensation issue's figures
+DATA_FREE_TARGET = {0.5: 89.0, 0.6: 88.0, 0.7: 85.0, 0.8: 81.0}  # what that issue asks of the data-free default
 PREPROCESS = Preprocess(scale=255, mean=(0.5,), std=(0.5,))
 
 
@@ -69,12 +70,12 @@ def test_builder_reproduces_checkpoint_accuracy(lenet_weights, fashion_test):
 @pytest.mark.parametrize("ratio", sorted(PAPER_MERGE))
 def test_paper_configuration_reproduces_paper_and_defaults_beat_it(ratio, lenet_weights, fashion_test):
     model = lenet_300_100(lenet_weights)
-    paper_merge = compress(model, ratio=ratio, criterion="l1-norm", scale_rule="exact", threshold=0.45,
-                           independent_layers=True)[0]
+    paper_merge = compress(model, ratio=ratio, method="merge", criterion="l1-norm", scale_rule="exact",
+                           threshold=0.45, independent_layers=True)[0]
     paper_prune = compress(model, ratio=ratio, method="prune")[0]
     assert _accuracy(paper_merge, fashion_test) == pytest.approx(PAPER_MERGE[ratio], abs=0.011)
     assert _accuracy(paper_prune, fashion_test) == pytest.approx(PAPER_PRUNE[ratio], abs=0.011)
     merge = _accuracy(compress(model, CompressOptions(ratio=ratio, method="merge"))[0], fashion_test)
     default = _accuracy(compress(model, CompressOptions(ratio=ratio))[0], fashion_test)
     assert merge > PAPER_MERGE[ratio]
-    assert default > BEST_PUBLISHED_DATA_FREE[ratio]
+    assert default > BEST_PUBLISHED_DATA_FREE[ratio] and default >= DATA_FREE_TARGET[ratio]

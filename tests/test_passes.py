@@ -343,8 +343,9 @@ def test_conv1d_and_conv3d_chains_merge_exactly(spatial):
 
 def test_auto_defaults_resolve_per_layer_and_explicit_options_win(monkeypatch):
     """A Conv reaching its ReLU without BN (BN folded at export) is ranked by l2-path and merged with
-    the norm-ratio scale; a Conv with BN (merge method) keeps l1-norm; a MatMul layer that merges
-    keeps the set that merges best (merge-cost), and by l1-norm when it is only pruned."""
+    the norm-ratio scale; a Conv with BN (merge method) keeps l1-norm; a MatMul layer is regressed by
+    default (its own selection), and with merge keeps the set that merges best (merge-cost), by
+    l1-norm when it is only pruned."""
     folded = conv_bn_relu_pool_conv(with_bn=False)
     layer = compress(folded, ratio=0.5)[1]["layers"][0]
     assert layer["merged"] and (layer["criterion"], layer["scale_rule"]) == ("l2-path", "exact")
@@ -354,11 +355,13 @@ def test_auto_defaults_resolve_per_layer_and_explicit_options_win(monkeypatch):
     assert "criterion" not in compress(conv_bn_relu_pool_conv(with_bn=True), ratio=0.5)[1]["layers"][0]  # regress
     ws = rng_weights(RNG, w1=(10, 8), b1=(8,), w2=(8, 3))
     mlp = make("m = MatMul (x, w1)\n a = Add (m, b1)\n r = Relu (a)\n y = MatMul (r, w2)", "float[4, 10] x", "float[4, 3] y", ws)
-    assert compress(mlp, ratio=0.5)[1]["layers"][0]["criterion"] == "merge-cost"
+    layer = compress(mlp, ratio=0.5)[1]["layers"][0]
+    assert layer["method"] == "regress" and "criterion" not in layer
+    assert compress(mlp, ratio=0.5, method="merge")[1]["layers"][0]["criterion"] == "merge-cost"
     assert compress(mlp, ratio=0.5, method="prune")[1]["layers"][0]["criterion"] == "l1-norm"
     monkeypatch.setattr("onnx_merge.options.MAX_MERGE_COST_CHANNELS", 4)  # its N x N matrix: wide layers rank by l1
-    assert compress(mlp, ratio=0.5)[1]["layers"][0]["criterion"] == "l1-norm"
-    assert compress(mlp, ratio=0.5, criterion="merge-cost")[1]["layers"][0]["criterion"] == "merge-cost"
+    assert compress(mlp, ratio=0.5, method="merge")[1]["layers"][0]["criterion"] == "l1-norm"
+    assert compress(mlp, ratio=0.5, method="merge", criterion="merge-cost")[1]["layers"][0]["criterion"] == "merge-cost"
 
 
 @pytest.mark.parametrize("shape, in_axis, block", [((5, 6, 3, 3), 1, 1), ((7, 6 * 4), 1, 4), ((6 * 4, 7), 0, 4)])

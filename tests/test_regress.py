@@ -6,8 +6,9 @@ import pytest
 from onnx_merge import CompressOptions, compress
 from onnx_merge.math.batchnorm import expected_relu
 from onnx_merge.math.merge import duplicate_of
-from onnx_merge.math.regress import (consumer_metric_root, input_channel_variances, regress_plan,
-                                     sample_activations)
+from onnx_merge.math.regress import (activation_moments, consumer_metric_root, input_channel_variances,
+                                     kernel_moments, regress_plan, sample_activations)
+from tests.helpers import build, header, run
 from tests.test_resnet import CIFAR
 
 
@@ -34,9 +35,45 @@ def test_duplicates_and_exact_regression():
     acts = np.maximum(rng.standard_normal((5000, 3)), 0)
     acts = np.hstack([acts, 3.0 * acts[:, :1]])  # channel 3 = 3 x channel 0
     consumer = rng.standard_normal((4, 5))
-    comp = regress_plan(acts, 3, consumer_metric_root(consumer), ridge=1e-9, candidates=np.arange(3))
+    comp = regress_plan(activation_moments(acts), 3, consumer_metric_root(consumer), ridge=1e-9, candidates=np.arange(3))
     assert comp.kept.tolist() == [0, 1, 2]
     assert np.allclose(comp.dense[:, 0], [3.0, 0.0, 0.0], atol=1e-6) and abs(comp.offset[3]) < 1e-6
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.3])
+def test_kernel_moments_are_the_white_input_moments(slope):
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((5, 4))
+    rows[3] = -0.5 * rows[0]  # an opposite row: the terms in relu(-b) matter
+    g = rng.standard_normal((400_000, 4))
+    z = g @ rows.T
+    acts = np.where(z > 0, z, slope * z)
+    sampled = acts.T @ acts / len(g)
+    moments = kernel_moments(rows, slope)
+    assert np.allclose(moments[:5, :5], sampled, atol=0.02 * np.abs(sampled).max())
+    assert moments[5, 5] == 1.0 and not moments[5, :5].any()  # no mean: no intercept is fitted
+
+
+def test_kernel_regress_fits_a_dense_layer_better_than_merging_where_its_model_holds():
+    """Bias-free layers fed white Gaussian inputs are the kernel model exactly: regressing each removed
+    neuron on all kept ones must reproduce the consumer's output better than one merge partner each."""
+    rng = np.random.default_rng(3)
+    ws = {"w1": rng.standard_normal((24, 16)).astype(np.float32), "w2": rng.standard_normal((6, 24)).astype(np.float32)}
+    text = header() + """
+    g (float[N, 16] x, float[24, 16] w1, float[6, 24] w2) => (float[N, 6] y) {
+        h = Gemm <transB = 1> (x, w1)
+        r = Relu (h)
+        y = Gemm <transB = 1> (r, w2)
+    }"""
+    model = build(text, ws)
+    feeds = {"x": rng.standard_normal((4000, 16)).astype(np.float32)}
+    reference = run(model, feeds)[0]
+    errors = {}
+    for method in ("regress", "merge"):
+        small, rep = compress(model, CompressOptions(ratio=0.5, method=method))
+        assert rep["layers"][0]["method"] == method
+        errors[method] = float(np.mean((run(small, feeds)[0] - reference) ** 2))
+    assert errors["regress"] < 0.8 * errors["merge"]
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])

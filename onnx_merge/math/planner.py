@@ -10,7 +10,8 @@ from .batchnorm import BatchNorm, expected_relu
 from .compensation import Compensation
 from .criteria import select_kept
 from .merge import duplicate_of, merge_by_cosine, merge_through_bn
-from .regress import consumer_metric_root, preactivation_model, regress_plan, sample_activations
+from .regress import (activation_moments, consumer_metric_root, kernel_moments, preactivation_model, regress_plan,
+                      sample_activations)
 
 MAX_REGRESS_CHANNELS = 2048  # wider layers fall back to cosine merging (an N x N model each)
 
@@ -26,7 +27,8 @@ class ProducerArrays:
     consumer_norms: (N,) L2 norm of the consumer's weights over each input channel;
     consumer_rows: (N, F) the consumer's weights per input channel (for ``regress``);
     in_channels: input channels of the producer (rows are (in_channels, taps) flattened);
-    slope: the negative slope of the activation (0 for ReLU).
+    slope: the negative slope of the activation (0 for ReLU);
+    dense: a Gemm/MatMul layer (its input is one vector, not overlapping patches).
     """
 
     weight: np.ndarray
@@ -36,6 +38,7 @@ class ProducerArrays:
     consumer_rows: np.ndarray | None = None
     in_channels: int = 0
     slope: float = 0.0
+    dense: bool = False
 
     @property
     def n(self) -> int:
@@ -82,8 +85,10 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
 
 
 def regress_applies(arrays: ProducerArrays) -> bool:
-    """``regress`` models a layer only where a kept BatchNormalization gives its statistics."""
-    return arrays.bn is not None and arrays.n <= MAX_REGRESS_CHANNELS and arrays.consumer_rows is not None
+    """``regress`` models a layer where a kept BatchNormalization gives its statistics, and a
+    fully connected layer without one by the white-input kernel model."""
+    return ((arrays.bn is not None or arrays.dense) and arrays.n <= MAX_REGRESS_CHANNELS
+            and arrays.consumer_rows is not None)
 
 
 def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
@@ -106,8 +111,8 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
             return plan_regress(arrays, n_keep, opts)
         comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}), kept)
         comp.notes["method"] = "merge"
-        comp.notes["fallback"] = ("merged: no BatchNormalization statistics to model the activations"
-                                  if arrays.bn is None else
+        comp.notes["fallback"] = ("merged: a convolution without BatchNormalization statistics to model its "
+                                  "activations" if arrays.bn is None and not arrays.dense else
                                   f"merged: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
         return comp
     kept = rank_kept(arrays, n_keep, opts) if kept is None else kept
@@ -142,17 +147,22 @@ def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
 def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
     """Gaussian-model regression (``regress.py``); exact positive multiples merged exactly.
 
-    Used only where a kept BatchNormalization gives the pre-activation statistics: measured
-    on folded graphs, a white-input model without them does far worse than cosine merging.
+    The activations are modelled from a kept BatchNormalization's statistics, or, for a fully
+    connected layer without one, by the white-input kernel model. Convolutions without BN are
+    not modelled: measured on folded graphs, a white-input model does far worse there than
+    cosine merging (their patches overlap and their inputs are far from white).
     """
-    mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
-    acts = sample_activations(mean, cov, arrays.slope)
-    # Exact positive multiples add nothing: they leave first, through their representative.
     rows = arrays.folded_rows()
+    if arrays.bn is not None:
+        mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
+        gram = activation_moments(sample_activations(mean, cov, arrays.slope))
+    else:
+        gram = kernel_moments(rows, arrays.slope)
+    # Exact positive multiples add nothing: they leave first, through their representative.
     candidates = np.flatnonzero(duplicate_of(rows) < 0)
     if len(candidates) < n_keep:
         candidates = np.arange(arrays.n)
-    comp = regress_plan(acts, n_keep, consumer_metric_root(arrays.consumer_rows), opts.ridge, candidates)
+    comp = regress_plan(gram, n_keep, consumer_metric_root(arrays.consumer_rows), opts.ridge, candidates)
     exact = merge_by_cosine(rows, comp.kept, 1.0 - 1e-6, "exact")
     dup = exact.merged
     if len(dup):  # a channel that is a positive multiple of a kept one: the exact merge, not a fit

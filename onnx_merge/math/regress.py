@@ -8,7 +8,13 @@ realised by sampling rather than closed-form moments):
 after a BatchNormalization (inference), channel n has mean beta_n and std |gamma_n|; the
 correlations follow from the filters and an input covariance, diagonal per input channel and
 fitted (non-negative least squares) so that Var(F_n . x) matches the BN running variances.
-Layers without BN statistics are not modelled (the planner merges them instead).
+
+A fully connected layer without BN statistics is modelled in closed form instead
+(``kernel_moments``): its input with a constant 1 appended, [x; 1], taken as a white Gaussian
+vector, so E[f(u_i . g) f(u_j . g)] is the arc-cosine kernel of the rows u = [w; b] (the model
+behind the ``kernel`` merge scale, which is the one-partner case of this fit). The model loses
+the sign of the bias, so its means are not trusted: only second moments enter, and no
+constant is fitted.
 
 The kept channels are chosen by greedy backward elimination of the consumer's reconstruction
 error on those samples (``select_channels``), weighted by the consumer's weights, so a
@@ -71,6 +77,34 @@ def psd_root(matrix: np.ndarray) -> np.ndarray:
     return vecs * np.sqrt(np.clip(vals, 0.0, None))
 
 
+def activation_moments(acts: np.ndarray) -> np.ndarray:
+    """(N + 1, N + 1) second moments of [acts, 1] per row: what ``regress_plan`` reads."""
+    aug = np.hstack([acts, np.ones((len(acts), 1))])
+    return aug.T @ aug / max(len(acts), 1)
+
+
+def kernel_moments(rows: np.ndarray, slope: float = 0.0) -> np.ndarray:
+    """Second moments of f(u_n . g), g ~ N(0, I), for the rows u (N, D), in the layout of
+    ``activation_moments`` with zero means (the constant is uncorrelated: no intercept).
+
+    f(z) = max(z, 0) + slope * min(z, 0). With t the angle between u_i and u_j (Cho and Saul,
+    2009): E[relu(a) relu(b)] = |u_i||u_j| (sin t + (pi - t) cos t) / (2 pi) and
+    E[relu(a) relu(-b)] = |u_i||u_j| (sin t - t cos t) / (2 pi).
+    """
+    u = np.asarray(rows, np.float64)
+    norms = np.linalg.norm(u, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    cos = np.clip(u @ u.T / np.outer(safe, safe), -1.0, 1.0)
+    t = np.arccos(cos)
+    same = np.sin(t) + (np.pi - t) * cos  # relu(a) relu(b)
+    opposite = np.sin(t) - t * cos  # relu(a) relu(-b)
+    n = len(u)
+    moments = np.zeros((n + 1, n + 1))
+    moments[:n, :n] = np.outer(norms, norms) * ((1 + slope ** 2) * same - 2 * slope * opposite) / (2 * np.pi)
+    moments[n, n] = 1.0
+    return moments
+
+
 def consumer_metric_root(consumer_rows: np.ndarray) -> np.ndarray:
     """L with L L^T = V V^T for the consumer's (N, F) rows: errors in activation space
     weighted by how much the consumer reads each channel."""
@@ -78,21 +112,22 @@ def consumer_metric_root(consumer_rows: np.ndarray) -> np.ndarray:
     return psd_root(v @ v.T)
 
 
-def regress_plan(acts: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: float = 1e-3,
+def regress_plan(gram: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: float = 1e-3,
                  candidates: np.ndarray | None = None) -> Compensation:
     """Kept channels (among ``candidates``, default all) by consumer-weighted greedy
-    elimination; the removed ones regressed on the kept ones plus a constant."""
-    n = acts.shape[1]
+    elimination; the removed ones regressed on the kept ones plus a constant.
+
+    gram: (N + 1, N + 1) second moments of the activations with a constant 1 appended
+    (``activation_moments`` or ``kernel_moments``): one matrix serves every least-squares
+    problem below."""
+    n = len(gram) - 1
     candidates = np.arange(n) if candidates is None else np.asarray(candidates)
-    # One Gram matrix of [acts, 1] serves every least-squares problem below.
-    aug = np.hstack([acts, np.ones((len(acts), 1))])
-    gram = aug.T @ aug
     ones = n
 
     def problem(features: np.ndarray, targets: np.ndarray) -> LeastSquaresFit:
         rows = np.r_[features, ones]
         fit = LeastSquaresFit(len(features), targets.shape[1])
-        fit.gram, fit.rows = gram[np.ix_(rows, rows)], len(acts)
+        fit.gram, fit.rows = gram[np.ix_(rows, rows)], 1
         fit.cross = targets[rows]
         return fit
 
