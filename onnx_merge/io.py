@@ -167,10 +167,12 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool
     try:
         tmp_model = tmp / out.name
         if external:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp_model))
+            # Tensors are marked by hand: onnx's own conversion refuses when a file named like the
+            # data file exists in the *working* folder (a rerun from the output folder).
+            for tensor in model.graph.initializer:
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    external_data_helper.set_external_data(tensor, data_name)
+        onnx.save_model(model, str(tmp_model))
         try:
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

@@ -25,6 +25,18 @@ def test_external_data_layout_is_kept(tmp_path):
     assert loaded.external
 
 
+def test_rerun_into_an_external_data_output_from_its_folder(tmp_path, monkeypatch):
+    """A second run over the same output, started in the output's folder, replaces both files."""
+    onnx.save(lenet_300_100(random_lenet_weights()), tmp_path / "m.onnx", save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    for ratio in ("0.5", "0.7"):
+        assert main(["compress", "m.onnx", "-o", "small.onnx", "--ratio", ratio]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "small.onnx", "small.onnx.data"]
+    weights = {t.name: tuple(t.dims) for t in onnx.load("small.onnx").graph.initializer}
+    assert weights["ip1.weight"] == (90, 784)  # the second run's ratio, data read back from the new file
+
+
 def test_external_data_outside_folder_is_refused(tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
