@@ -56,15 +56,23 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="REPORT.json", help="write the full report as JSON")
 
 
+def _logging_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="log every decision and show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log matches and skipped candidates")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-merge", description="Shrink ONNX models by pruning channels and merging what they "
                      "carried into the next layer (neuron merging, Kim et al. 2020).", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="log every decision and show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log matches and skipped candidates")
+    _logging_flags(parser, default=False)
+    # the same flags after the command; SUPPRESS: a command not naming them keeps what came before
+    common = argparse.ArgumentParser(add_help=False)
+    _logging_flags(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="prune and merge channels, save, verify",
+    c = sub.add_parser("compress", parents=[common], help="prune and merge channels, save, verify",
                        description="Find Conv/Gemm -> (BN) -> ReLU -> Conv/Gemm chains, remove channels of the first "
                        "layer and fold what they carried into the second. Saves atomically, then verifies the result "
                        "against the original in onnxruntime.")
@@ -118,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     _add_verify_args(c)
 
-    v = sub.add_parser("verify", help="compare a candidate model's outputs with the original's",
+    v = sub.add_parser("verify", parents=[common], help="compare a candidate model's outputs with the original's",
                        description="Run both models in onnxruntime (graph optimizations off) on the same inputs. "
                        "Exit 0 when every output is within tolerance, 1 when not.")
     v.add_argument("original", metavar="ORIGINAL.onnx")
@@ -131,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for models meant to move: pass when at most this fraction of top-1 predictions differ")
     _add_verify_args(v)
 
-    e = sub.add_parser("eval", help="top-1 (and top-5) accuracy on a labelled array file",
+    e = sub.add_parser("eval", parents=[common], help="top-1 (and top-5) accuracy on a labelled array file",
                        description="Accuracy of MODEL on labelled data: an .npz file (arrays --input-key and "
                        "--label-key) or IDX files as idx:DIR (MNIST/FashionMNIST test split).")
     e.add_argument("model", metavar="MODEL.onnx")
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=256)
     e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
 
-    b = sub.add_parser("bench", help="onnxruntime latency of one or more models, side by side",
+    b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of one or more models, side by side",
                        description="Latency with graph optimizations on, models interleaved run by run; "
                        "p50/p90/p99, throughput, parameters, MACs and the p50 ratio to the first model.")
     b.add_argument("models", nargs="+", metavar="MODEL.onnx")
@@ -157,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
 
-    i = sub.add_parser("inspect", help="show the chains found, channels per layer, what is skipped and why")
+    i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser

@@ -171,3 +171,15 @@ def test_opsets_outside_what_can_run_exit_3(tmp_path, lenet_file, offset, capsys
     onnx.save(model, path)
     assert main(["compress", str(path), "-o", str(tmp_path / "o.onnx")]) == 3
     assert "opset" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_debug_is_accepted_before_or_after_the_command(before, monkeypatch):
+    """The internal-error line says "rerun with --debug": that must work wherever the flag goes."""
+    from onnx_merge.cli import build_parser
+
+    args = ["--debug", "inspect", "m.onnx"] if before else ["inspect", "m.onnx", "--debug"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.debug and not parsed.verbose
+    assert not build_parser().parse_args(["inspect", "m.onnx"]).debug
+    assert build_parser().parse_args(["-v", "inspect", "m.onnx"]).verbose
