@@ -24,6 +24,11 @@ from onnx_merge.shapes import drop_value_info
 log = logging.getLogger("onnx_merge")
 
 
+def is_dense(chain: Chain) -> bool:
+    """A fully connected producer (Gemm/MatMul): its input is one vector, not patches."""
+    return chain.producer.node.op_type in ("Gemm", "MatMul")
+
+
 def activation_slope(index: GraphIndex, chain: Chain) -> float:
     """The negative slope of the chain's activation (0 for a ReLU)."""
     for node in chain.path:
@@ -58,7 +63,7 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=activation_slope(index, chain),
-                          dense=p.node.op_type in ("Gemm", "MatMul"))
+                          dense=is_dense(chain))
 
 
 def take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
@@ -214,9 +219,8 @@ class MergeChannels:
             if method != "prune" and not chain.mergeable:
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
-            op = chain.producer.node.op_type
-            plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and op == "Conv",
-                                          dense=op in ("Gemm", "MatMul"), channels=chain.channels)
+            plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and chain.producer.node.op_type == "Conv",
+                                          dense=is_dense(chain), channels=chain.channels)
             arrays = self._arrays(index, chain, plan_opts, ranking=True)
             if sequential:
                 kept = rank_kept(arrays, n_keep, plan_opts) if ranks_by_criterion(arrays, plan_opts) else None
@@ -245,9 +249,8 @@ class MergeChannels:
     def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions, ranking: bool) -> ProducerArrays:
         # l2-path ranks by the consumer's column norms (a re-plan with the ranking given does not);
         # regress reads the consumer's rows where it models the layer (after BN, or fully connected)
-        modelled = chain.bn is not None or chain.producer.node.op_type in ("Gemm", "MatMul")
         return producer_arrays(index, chain, consumer_norms=ranking and plan_opts.criterion == "l2-path",
-                               consumer_rows=plan_opts.method == "regress" and modelled)
+                               consumer_rows=plan_opts.method == "regress" and (chain.bn is not None or is_dense(chain)))
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: PlanOptions) -> dict:

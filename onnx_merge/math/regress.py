@@ -29,6 +29,7 @@ import numpy as np
 from .batchnorm import BatchNorm
 from .calibrate import LeastSquaresFit, refit, select_channels
 from .compensation import Compensation
+from .merge import relu_kernel_factor
 
 SAMPLES = 20000
 
@@ -87,20 +88,18 @@ def kernel_moments(rows: np.ndarray, slope: float = 0.0) -> np.ndarray:
     """Second moments of f(u_n . g), g ~ N(0, I), for the rows u (N, D), in the layout of
     ``activation_moments`` with zero means (the constant is uncorrelated: no intercept).
 
-    f(z) = max(z, 0) + slope * min(z, 0). With t the angle between u_i and u_j (Cho and Saul,
-    2009): E[relu(a) relu(b)] = |u_i||u_j| (sin t + (pi - t) cos t) / (2 pi) and
-    E[relu(a) relu(-b)] = |u_i||u_j| (sin t - t cos t) / (2 pi).
+    f(z) = relu(z) - slope * relu(-z). For a, b jointly Gaussian with correlation c,
+    E[relu(a) relu(b)] = |u_i||u_j| k(c) / 2 with k = ``relu_kernel_factor`` (the arc-cosine
+    kernel, Cho and Saul 2009), and E[relu(a) relu(-b)] the same with -c.
     """
     u = np.asarray(rows, np.float64)
     norms = np.linalg.norm(u, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
-    cos = np.clip(u @ u.T / np.outer(safe, safe), -1.0, 1.0)
-    t = np.arccos(cos)
-    same = np.sin(t) + (np.pi - t) * cos  # relu(a) relu(b)
-    opposite = np.sin(t) - t * cos  # relu(a) relu(-b)
+    cos = u @ u.T / np.outer(safe, safe)
+    kernel = (1 + slope ** 2) * relu_kernel_factor(cos) - 2 * slope * relu_kernel_factor(-cos)
     n = len(u)
     moments = np.zeros((n + 1, n + 1))
-    moments[:n, :n] = np.outer(norms, norms) * ((1 + slope ** 2) * same - 2 * slope * opposite) / (2 * np.pi)
+    moments[:n, :n] = np.outer(norms, norms) * kernel / 2
     moments[n, n] = 1.0
     return moments
 
