@@ -221,3 +221,26 @@ def test_conv_transpose_consumer_keeps_the_data_free_plan_with_a_note():
     data_free, _ = compress(model, ratio=0.5)
     assert rep["layers"][0]["calibration"].startswith("fell back to the data-free plan")
     assert np.allclose(run(small, calib)[0], run(data_free, calib)[0])
+
+
+@pytest.mark.parametrize("head", ["matmul-flatten", "transpose-flatten"])
+def test_data_free_plan_is_scored_in_the_fits_feature_order(head, monkeypatch):
+    """The calibrated fit is kept only where it beats the data-free plan on the same statistics,
+    so that plan must be scored with its columns in the fit's (channel-major) order: its score
+    plus the targets' energy is the data-free model's squared error on the calibration data."""
+    import onnx_merge.passes.calibrate_consumers as calibrate
+    from tests.test_passes import CHANNEL_LAST_HEADS, make
+
+    inputs, shapes, body = CHANNEL_LAST_HEADS[head]
+    shape = [int(d) for d in inputs[6:inputs.index("]")].split(", ")]
+    calib = {"x": np.random.default_rng(1).standard_normal([64] + shape[1:]).astype(np.float32)}
+    model = make(body + "\n y = Gemm <transB = 1> (f, w2, b2)", inputs.replace(f"[{shape[0]},", "[N,"),
+                 "float[N, 4] y", rng_weights(np.random.default_rng(0), **shapes))
+    scored = []
+    score = calibrate._data_free_objective
+    monkeypatch.setattr(calibrate, "_data_free_objective", lambda *a: scored.append(score(*a)) or scored[-1])
+    compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    ref = run(model, calib)[0].astype(np.float64)
+    data_free = run(compress(model, CompressOptions(ratio=0.5))[0], calib)[0]
+    assert len(scored) == 1
+    assert np.isclose(scored[0] + np.sum(ref ** 2), np.sum((data_free - ref) ** 2), rtol=1e-3)
