@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name, preprocessed as the model expects: "
                    "each consumer is refitted by least squares to reproduce the original layer's output")
+    c.add_argument("--calibration-mixup", type=int, default=3, metavar="K",
+                   help="with --calibration: add K mixed samples per calibration sample, each a random convex "
+                   "combination of two of them, with the original model's outputs as targets. They go to "
+                   "consumers whose samples give under 10 rows per weight column (fully connected layers), "
+                   "whose fits and refinement would otherwise overfit a few hundred samples (default 3; 0: "
+                   "the samples alone). Only floating-point inputs are mixed")
     c.add_argument("--refine-iterations", type=int, default=100, metavar="N",
                    help="with --calibration: after the least-squares refit, a fully connected chain "
                    "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
@@ -187,6 +193,7 @@ def cmd_compress(args) -> int:
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
+                              calibration_mixup=args.calibration_mixup,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
                                providers=args.providers)

@@ -32,6 +32,7 @@ class CompressOptions:
     calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
+    calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
     refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
 
@@ -51,6 +52,8 @@ class CompressOptions:
             raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
         if self.calibration_batch < 1:
             raise UsageError("the calibration batch must be at least 1")
+        if self.calibration_mixup < 0:
+            raise UsageError(f"--calibration-mixup must be 0 (off) or more, got {self.calibration_mixup}")
         if self.refine_iterations < 0:
             raise UsageError(f"--refine-iterations must be 0 (off) or more, got {self.refine_iterations}")
         return self

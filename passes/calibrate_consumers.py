@@ -21,6 +21,7 @@ import logging
 import numpy as np
 import onnx
 
+from onnx_merge.calibration import CalibrationSet
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, activation_kind, describe_layer
 from onnx_merge.math import Compensation, compensate_consumer
@@ -34,7 +35,11 @@ from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, co
 log = logging.getLogger("onnx_merge")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
 MAX_REFINE_WORK = 5e8  # rows x parameters of one block refinement: bounds its time and the rows it holds
-MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and still fit a block
+MIN_REFINE_ROWS = 256
+# A consumer whose samples give fewer rows than this per feature is also fitted on mixed samples
+# (onnx_merge/calibration.py): a Gemm reading one row per sample. A convolution's patches give
+# hundreds of rows per sample; there mixed images only cost time (measured on ResNet-56).
+MIXED_BELOW_ROWS_PER_FEATURE = 10  # fewer rows than this cannot hold a quarter out and still fit a block
 
 
 def truncated(model: onnx.ModelProto, taps: list[str]) -> bytes:
@@ -216,6 +221,10 @@ class CalibrateConsumers:
         fixed = first[0].dim_value if len(first) and first[0].HasField("dim_value") else None
         if isinstance(fixed, int) and fixed > 0:  # a fixed batch dimension: whole chunks of it only
             batch, total = fixed, total - total % fixed
+        calib = CalibrationSet({k: v[:total] for k, v in feeds.items()}, batch, opts.calibration_mixup)
+        ctx.report["calibration"] = {"samples": calib.samples, "mixed": len(calib) - calib.samples}
+        if opts.calibration_mixup and not calib.pairs:
+            log.info("calibration inputs are not all floating point: no mixed samples, %d samples alone", calib.samples)
         layers = ctx.report.setdefault("layers", [])
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
         for chain, plan_opts, comp in steps:
@@ -224,7 +233,7 @@ class CalibrateConsumers:
             # rows kept for refinement: the budget bounds its time and memory
             cap = 0 if slope is None else int(min(opts.calibration_rows,
                                                   MAX_REFINE_WORK // refine_parameters(index, chain, len(comp.kept))))
-            fit, rows = self._statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts,
+            fit, rows = self._statistics(index, orig_index, orig_nodes, chain, calib, opts,
                                          keep_rows=cap if cap >= MIN_REFINE_ROWS else 0)
             if fit is None:
                 entry = apply_plan(index, chain, comp, plan_opts)
@@ -259,7 +268,7 @@ class CalibrateConsumers:
         return True
 
     @staticmethod
-    def _statistics(index, orig_index, orig_nodes, chain, feeds, total, batch, opts, keep_rows: int
+    def _statistics(index, orig_index, orig_nodes, chain, calib: CalibrationSet, opts, keep_rows: int
                     ) -> tuple[LeastSquaresFit | None, tuple[np.ndarray, np.ndarray] | None]:
         """Least-squares statistics of the consumer: compressed inputs -> original outputs; with
         ``keep_rows`` > 0, also up to that many of the producer's input rows and their targets,
@@ -280,8 +289,12 @@ class CalibrateConsumers:
         fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
         inputs, targets = [], []
         rng = np.random.default_rng(0)
-        for start in range(0, total, batch):
-            part = {k: v[start:start + batch] for k, v in feeds.items()}
+        def batches():
+            yield from calib.batches()
+            if fit.rows < MIXED_BELOW_ROWS_PER_FEATURE * w_orig.shape[1]:
+                yield from calib.mixed_batches()
+
+        for part in batches():
             x_orig, *skip_orig = orig_session.run(taps, {i.name: part[i.name] for i in orig_session.get_inputs()})
             x_new, *rest = session.run(new_taps, {i.name: part[i.name] for i in session.get_inputs()})
             skip_new = rest[:len(taps) - 1]

@@ -92,6 +92,7 @@ def test_usage_errors_exit_2(tmp_path, lenet_file, capsys):
     assert main(["compress", str(lenet_file), "-o", str(lenet_file)]) == 2  # never overwrite the input
     assert main(["compress", str(lenet_file), "-o", str(tmp_path / "o.onnx"), "--ratio", "1.5"]) == 2
     assert main(["compress", str(lenet_file), "-o", str(tmp_path / "nodir" / "o.onnx")]) == 2
+    assert main(["compress", str(lenet_file), "-o", str(tmp_path / "o.onnx"), "--calibration-mixup", "-1"]) == 2
     with pytest.raises(SystemExit) as exc:
         main(["compress", str(lenet_file)])
     assert exc.value.code == 2

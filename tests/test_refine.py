@@ -93,7 +93,7 @@ def test_refined_chains_reproduce_the_original_better_on_the_calibration_data(la
 def test_too_few_calibration_rows_are_named():
     model = mlp("gemm")
     calib = {"x": np.random.default_rng(6).standard_normal((100, 16)).astype(np.float32)}
-    _, report = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    _, report = compress(model, CompressOptions(ratio=0.5, calibration=calib, calibration_mixup=0))
     notes = [layer["refinement"] for layer in report["layers"]]
     assert notes and all(n == "not refined: 100 calibration rows (refinement needs 256)" for n in notes), notes
 
