@@ -26,8 +26,8 @@ class CalibrationSet:
         self.feeds = feeds
         self.batch = batch
         self.samples = len(next(iter(feeds.values())))
-        self.mixable = all(np.issubdtype(v.dtype, np.floating) for v in feeds.values())
-        copies = mixed_copies if self.mixable and self.samples > 1 else 0
+        mixable = all(np.issubdtype(v.dtype, np.floating) for v in feeds.values())
+        copies = mixed_copies if mixable and self.samples > 1 else 0
         rng = np.random.default_rng(seed)
         self.pairs = [(rng.permutation(self.samples), rng.uniform(0.0, 1.0, self.samples)) for _ in range(copies)]
 

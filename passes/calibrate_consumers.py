@@ -11,7 +11,9 @@ elimination on the consumer's least-squares problem (``select_channels``). The r
 only where it beats the data-free plan on the same statistics; an ill-conditioned or
 unsupported layer falls back to the data-free plan with a note. A fully connected chain is
 then refined as a block, producer and consumer together (``math/refine.py``), where that
-lowers the error on held-out calibration rows.
+lowers the error on held-out calibration rows. A consumer that its samples give too few rows
+(a fully connected layer: one per sample) is also fitted on mixed samples
+(``onnx_merge/calibration.py``).
 """
 
 from __future__ import annotations
@@ -289,7 +291,8 @@ class CalibrateConsumers:
         fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
         inputs, targets = [], []
         rng = np.random.default_rng(0)
-        def batches():
+
+        def batches():  # the mixed samples only where the samples' own rows, counted first, are too few
             yield from calib.batches()
             if fit.rows < MIXED_BELOW_ROWS_PER_FEATURE * w_orig.shape[1]:
                 yield from calib.mixed_batches()
