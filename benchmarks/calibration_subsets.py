@@ -1,6 +1,6 @@
 """How much calibrated LeNet-300-100 depends on which 512 images calibrate it.
 
-    python benchmarks/calibration_subsets.py [--subsets 6]     (about 5 minutes on 2 cores)
+    python benchmarks/calibration_subsets.py [--subsets 6]     (about 11 minutes on 2 cores)
 
 Compresses with the default calibrated settings on disjoint 512-image slices of the FashionMNIST
 *training* set (images 0-511, 512-1023, ...) and prints test accuracy per slice, the mean and the
