@@ -31,8 +31,10 @@ class CalibrationSet:
         rng = np.random.default_rng(seed)
         self.pairs = [(rng.permutation(self.samples), rng.uniform(0.0, 1.0, self.samples)) for _ in range(copies)]
 
-    def __len__(self) -> int:
-        return self.samples * (1 + len(self.pairs))
+    @property
+    def mixed(self) -> int:
+        """How many mixed samples there are (consumers with rows enough do not read them)."""
+        return self.samples * len(self.pairs)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """The samples as given."""

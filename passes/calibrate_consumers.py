@@ -37,11 +37,11 @@ from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, co
 log = logging.getLogger("onnx_merge")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
 MAX_REFINE_WORK = 5e8  # rows x parameters of one block refinement: bounds its time and the rows it holds
-MIN_REFINE_ROWS = 256
+MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and still fit a block
 # A consumer whose samples give fewer rows than this per feature is also fitted on mixed samples
 # (onnx_merge/calibration.py): a Gemm reading one row per sample. A convolution's patches give
 # hundreds of rows per sample; there mixed images only cost time (measured on ResNet-56).
-MIXED_BELOW_ROWS_PER_FEATURE = 10  # fewer rows than this cannot hold a quarter out and still fit a block
+MIXED_BELOW_ROWS_PER_FEATURE = 10
 
 
 def truncated(model: onnx.ModelProto, taps: list[str]) -> bytes:
@@ -224,8 +224,8 @@ class CalibrateConsumers:
         if isinstance(fixed, int) and fixed > 0:  # a fixed batch dimension: whole chunks of it only
             batch, total = fixed, total - total % fixed
         calib = CalibrationSet({k: v[:total] for k, v in feeds.items()}, batch, opts.calibration_mixup)
-        ctx.report["calibration"] = {"samples": calib.samples, "mixed": len(calib) - calib.samples}
-        if opts.calibration_mixup and not calib.pairs:
+        ctx.report["calibration"] = {"samples": calib.samples, "mixed": calib.mixed}
+        if opts.calibration_mixup and not calib.mixed:
             log.info("calibration inputs are not all floating point: no mixed samples, %d samples alone", calib.samples)
         layers = ctx.report.setdefault("layers", [])
         steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
