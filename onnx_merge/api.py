@@ -56,12 +56,16 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
     options = (options or CompressOptions(**kwargs)).validate()
     if not inplace:
         model = copy.deepcopy(model)
-    report = {"options": {k: v for k, v in vars(options).items() if k != "calibration"}}
+    report = {"options": {k: v for k, v in vars(options).items() if k not in ("calibration", "allocated")}}
     report["options"]["calibrated"] = options.calibration is not None
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
     # counted after canonicalizing: weights computed by constant subgraphs count too
     report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
+    if options.target is not None:  # a global budget: per-layer ratios where they cost least
+        from .allocation import allocate_budget
+
+        ctx.options = options = allocate_budget(model, options, report, _progress)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), count_macs(model)
     return model, report

@@ -86,14 +86,27 @@ def objective(fit: LeastSquaresFit, w: np.ndarray, b: np.ndarray) -> float:
 
 def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
                     max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Greedy backward elimination of whole channels (groups of features) by the group
-    Optimal-Brain-Surgeon cost, then the least-squares consumer on what is kept.
+    """Greedy backward elimination of whole channels (``eliminate``), then the least-squares
+    consumer on what is kept: (kept channels, W' (M, P * g), b' (M,)), or None when the Gram
+    matrix is ill-conditioned."""
+    order = eliminate(fit, channels, n_keep, ridge, max_condition)
+    if order is None:
+        return None
+    alive = np.ones(channels, dtype=bool)
+    alive[order[0]] = False
+    kept = np.flatnonzero(alive)
+    return (kept,) + refit(fit, kept, channels, ridge)
+
+
+def eliminate(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
+              max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray] | None:
+    """Channels removed one at a time by the group Optimal-Brain-Surgeon cost, in order, and
+    what each removal added to the error; None when the Gram matrix is ill-conditioned.
 
     Features are channel-major: channel n owns features [n * g, (n + 1) * g), g = F / N.
     Removing group G from the ridge solution beta = A^-1 C raises the error by
     tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated after
     each removal (Schur complement), so only one F x F inverse is ever formed.
-    Returns (kept channels, W' (M, P * g), b' (M,)), or None when A is ill-conditioned.
     """
     f = fit.gram.shape[0] - 1
     g = f // channels
@@ -104,13 +117,17 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
     beta = inv @ fit.cross
     groups = np.arange(channels * g).reshape(channels, g)
     alive = np.ones(channels, dtype=bool)
+    order, costs = [], []
     for _ in range(channels - n_keep):
         live = np.flatnonzero(alive)
         idx = groups[live]  # (G, g)
         blocks = inv[idx[:, :, None], idx[:, None, :]]  # (G, g, g)
         sol = np.linalg.solve(blocks, beta[idx])  # (G, g, M)
         cost = np.einsum("ngm,ngm->n", beta[idx], sol)
-        pick = live[int(np.argmin(cost))]
+        best_live = int(np.argmin(cost))
+        pick = live[best_live]
+        order.append(pick)
+        costs.append(max(float(cost[best_live]), 0.0))
         best = groups[pick]
         solve_block = np.linalg.inv(inv[np.ix_(best, best)])
         cols = inv[:, best]
@@ -120,8 +137,7 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
         inv[:, best] = 0.0
         beta[best] = 0.0
         alive[pick] = False
-    kept = np.flatnonzero(alive)
-    return (kept,) + refit(fit, kept, channels, ridge)
+    return np.array(order, dtype=np.int64), np.array(costs)
 
 
 def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:

@@ -144,6 +144,16 @@ def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
     return offset
 
 
+def activation_gram(arrays: ProducerArrays) -> np.ndarray:
+    """(N + 1, N + 1) second moments of the layer's activations with a 1 appended: sampled from
+    the Gaussian model that a kept BatchNormalization's statistics give, otherwise the
+    white-input kernel model of the rows [w; b] (BN folded in)."""
+    if arrays.bn is not None:
+        mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
+        return activation_moments(sample_activations(mean, cov, arrays.slope))
+    return kernel_moments(arrays.folded_rows(), arrays.slope)
+
+
 def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
     """Gaussian-model regression (``regress.py``); exact positive multiples merged exactly.
 
@@ -153,11 +163,7 @@ def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Comp
     cosine merging (their patches overlap and their inputs are far from white).
     """
     rows = arrays.folded_rows()
-    if arrays.bn is not None:
-        mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
-        gram = activation_moments(sample_activations(mean, cov, arrays.slope))
-    else:
-        gram = kernel_moments(rows, arrays.slope)
+    gram = activation_gram(arrays)
     # Exact positive multiples add nothing: they leave first, through their representative.
     candidates = np.flatnonzero(duplicate_of(rows) < 0)
     if len(candidates) < n_keep:
