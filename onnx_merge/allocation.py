@@ -9,6 +9,7 @@ NumPy (math/sensitivity.py, math/budget.py). The result is a map layer name -> r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -22,14 +23,12 @@ from .graph import GraphIndex
 from .groups import Chain, find_chains
 from .math import PlanOptions, keep_count
 from .math.budget import BudgetGroup, BudgetTerm, BudgetUnreachable, allocate, per_channel, spend
-from .math.calibrate import LeastSquaresFit
-from .math.sensitivity import measured_curve, planned_curve
+from .math.sensitivity import planned_curve
 from .options import CompressOptions
 from .runtime import graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
 
 log = logging.getLogger("onnx_merge")
-CALIBRATION_ROWS = 4096  # patch rows per batch and chain entering a measured curve (a curve needs fewer than a fit)
 
 
 @dataclass
@@ -40,7 +39,7 @@ class ChainCurve:
     names: list[str]
     channels: int
     cost: np.ndarray
-    measured: bool = False
+    share: float | None = None  # of the residual stream its consumer feeds, measured on calibration data
 
 
 def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
@@ -84,69 +83,61 @@ def budget_chains(index: GraphIndex, options: CompressOptions) -> list[Chain]:
     return [c for c in find_chains(index)[0] if options.ratio_for(c.match_names()) is not None]
 
 
+def chain_output(chain: Chain) -> str:
+    """The consumer's output, where the plan's error is measured (after a MatMul's bias Add)."""
+    return chain.consumer.output or chain.consumer.node.output[0]
+
+
 def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
-    """Every chain's cost curve: data-free, or measured on ``options.calibration``."""
+    """Every chain's data-free cost curve; with ``options.calibration``, a consumer that feeds a
+    residual Add has its curve scaled by its share of the stream."""
     from .passes.merge_channels import producer_arrays
 
     model = index.model
-    measured = measured_costs(model, chains, options) if options.calibration is not None else {}
+    shares = {} if options.calibration is None else stream_shares(
+        index, chains, match_inputs(graph_inputs(model), options.calibration, "--calibration"))
     curves = []
     for chain in (chains if progress is None else progress(chains, desc="cost curves", unit="layer")):
-        cost = measured.get(chain.name)
-        if cost is None:
-            arrays = producer_arrays(index, chain, consumer_norms=True, consumer_rows=True)
-            cost = planned_curve(arrays, chain_plan_options(options, chain))
-        curves.append(ChainCurve(chain.name, chain.match_names(), chain.channels, cost, chain.name in measured))
+        arrays = producer_arrays(index, chain, consumer_norms=True, consumer_rows=True)
+        cost = planned_curve(arrays, chain_plan_options(options, chain)) * shares.get(chain.name, 1.0)
+        curves.append(ChainCurve(chain.name, chain.match_names(), chain.channels, cost, shares.get(chain.name)))
     return curves
 
 
-def measured_costs(model: onnx.ModelProto, chains: list[Chain], options: CompressOptions) -> dict[str, np.ndarray]:
-    """Curves measured on the calibration inputs: per consumer, its inputs in the original
-    model against its outputs, eliminated channel by channel as the calibrated pass selects.
-    A consumer the calibrated pass cannot fit keeps its data-free curve."""
-    from .passes.calibrate_consumers import MAX_FEATURES, _features, _matrix, channel_major, truncated
+def residual_sum(index: GraphIndex, chain: Chain) -> tuple[str, str] | None:
+    """(the branch, the sum) where the consumer's output, directly or through a
+    BatchNormalization, is added to a residual stream; None where it is not."""
+    branch = chain_output(chain)
+    reader = index.sole_reader(branch)
+    if isinstance(reader, onnx.NodeProto) and reader.op_type == "BatchNormalization":
+        branch = reader.output[0]
+        reader = index.sole_reader(branch)
+    if isinstance(reader, onnx.NodeProto) and reader.op_type == "Add" and len(reader.input) == 2:
+        return branch, reader.output[0]
+    return None
 
-    index = GraphIndex(model)
-    fits, weights = {}, {}
-    for chain in chains:
-        layer = chain.consumer
-        if layer.node.op_type in ("Conv", "Gemm", "MatMul"):
-            w = _matrix(layer, index.array(layer.weight).astype(np.float64)) * layer.alpha
-            if w.shape[1] <= MAX_FEATURES:
-                weights[chain.name] = w
-                fits[chain.name] = [LeastSquaresFit(w.shape[1], w.shape[0]), 0.0]
-    by_name = {c.name: c for c in chains if c.name in fits}
-    if not by_name:
+
+def stream_shares(index: GraphIndex, chains: list[Chain], feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """E|branch|^2 / E|sum|^2 on ``feeds`` for every chain whose consumer feeds a residual Add.
+
+    A consumer's curve is relative to its own output; where that output is added to a
+    residual stream, the network sees the error relative to the sum. A branch that carries
+    little of its stream can lose much of itself; one that carries most of it (a
+    downsampling block) cannot."""
+    from .passes.calibrate_consumers import truncated
+
+    pairs = {c.name: residual_sum(index, c) for c in chains}
+    pairs = {k: v for k, v in pairs.items() if v is not None}
+    if not pairs:
         return {}
-    taps = list(dict.fromkeys(c.consumer.node.input[0] for c in by_name.values()))
-    session = make_session(truncated(model, taps), optimize=True)
-    feeds = match_inputs(graph_inputs(model), options.calibration, "--calibration")
-    rng = np.random.default_rng(0)
-    for part in CalibrationSet(feeds, options.calibration_batch, 0).batches():
-        values = dict(zip(taps, session.run(taps, {i.name: part[i.name] for i in session.get_inputs()})))
-        for name, chain in by_name.items():
-            layer = chain.consumer
-            x = _features(layer, values[layer.node.input[0]], index.initializers[layer.weight].dims)
-            if x is None or x.shape[1] != weights[name].shape[1]:
-                fits.pop(name, None)
-                continue
-            if name not in fits:
-                continue
-            if chain.interleaved:
-                x = x[:, channel_major(chain.channels, x.shape[1] // chain.channels)]
-            if len(x) > CALIBRATION_ROWS:
-                x = x[rng.choice(len(x), CALIBRATION_ROWS, replace=False)]
-            y = x @ (weights[name][:, channel_major(chain.channels, x.shape[1] // chain.channels)].T
-                     if chain.interleaved else weights[name].T)
-            fits[name][0].add(x, y)
-            fits[name][1] += float(np.sum(y * y))
-        by_name = {k: v for k, v in by_name.items() if k in fits}
-    curves = {}
-    for name, (fit, energy) in fits.items():
-        curve = measured_curve(fit, by_name[name].channels, energy, options.calibration_ridge) if fit.rows else None
-        if curve is not None:
-            curves[name] = curve
-    return curves
+    taps = list(dict.fromkeys(t for pair in pairs.values() for t in pair))
+    session = make_session(truncated(index.model, taps), optimize=True)
+    energy = dict.fromkeys(taps, 0.0)
+    for part in CalibrationSet(feeds, 64, 0).batches():
+        values = session.run(taps, {i.name: part[i.name] for i in session.get_inputs()})
+        for t, v in zip(taps, values):
+            energy[t] += float(np.sum(np.square(v, dtype=np.float64)))
+    return {k: energy[b] / max(energy[s], 1e-30) for k, (b, s) in pairs.items()}
 
 
 def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: dict, progress=None) -> CompressOptions:
@@ -177,9 +168,31 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
         rows.append({"layer": c.layer, "channels": c.channels, "kept": kept, "ratio": round(ratio, 4),
                      "pinned": g.keep is not None, "predicted_error": float(c.cost[c.channels - kept]),
                      f"{what}_per_channel": per_channel(terms, groups, full, i),
-                     "curve": "measured" if c.measured else "data-free"})
+                     "stream_share": None if c.share is None else round(c.share, 4)})
     kept_fraction = 1 - (spend(terms, groups, full) - spend(terms, groups, keeps)) / total
     report["allocation"] = {"target": what, "fraction": fraction, "predicted_fraction": round(kept_fraction, 6),
                             "groups": rows}
     log.info("allocation: %.4f of the %s kept (target %g)", kept_fraction, what, fraction)
     return dataclasses.replace(options, ratio=0.0, allocated=allocated)
+
+
+def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None) -> dict:
+    """Every chain's cost curve with what one of its channels saves: what ``onnx-merge
+    sensitivity`` shows, and what a budget allocates on."""
+    from .api import canonicalize
+    from .manager import Context
+
+    model = copy.deepcopy(model)
+    canonicalize().run(model, Context(options=None))
+    index = GraphIndex(model)
+    chains = budget_chains(index, options)
+    curves = chain_curves(index, chains, options, progress)
+    groups = [BudgetGroup(c.cost) for c in curves]
+    full = [c.channels for c in curves]
+    per = {what: budget_terms(index, chains, what, options.fold_bn) for what in ("macs", "params")}
+    return {"macs": count_macs(model), "params": count_parameters(model), "calibrated": options.calibration is not None,
+            "groups": [{"layer": c.layer, "channels": c.channels,
+                        "macs_per_channel": per_channel(per["macs"], groups, full, i),
+                        "params_per_channel": per_channel(per["params"], groups, full, i),
+                        "stream_share": c.share, "curve": [round(float(v), 6) for v in c.cost]}
+                       for i, c in enumerate(curves)]}

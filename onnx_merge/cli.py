@@ -24,6 +24,8 @@ EPILOG = """\
 examples:
   onnx-merge inspect model.onnx
   onnx-merge compress model.onnx -o small.onnx --ratio 0.5
+  onnx-merge compress model.onnx -o small.onnx --target-macs 0.5
+  onnx-merge sensitivity model.onnx --plot costs.png
   onnx-merge compress model.onnx -o small.onnx --layer-ratio 'layer3.*=0.7' --exclude 'conv1'
   onnx-merge verify model.onnx small.onnx --inputs samples.npz --atol 1e-3
 
@@ -78,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "against the original in onnxruntime.")
     c.add_argument("model", metavar="IN.onnx")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
-    c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
+    amount = c.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, help="fraction of channels to remove per layer (default 0.5)")
+    amount.add_argument("--target-macs", type=float, metavar="F",
+                        help="keep this fraction of the MACs (as the summary counts them), each layer's ratio "
+                        "allocated where removing channels costs least (onnx-merge sensitivity shows the costs); "
+                        "--layer-ratio and --exclude still pin the layers they match")
+    amount.add_argument("--target-params", type=float, metavar="F",
+                        help="keep this fraction of the parameters, allocated like --target-macs")
     c.add_argument("--method", choices=METHODS, default="regress",
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
                    "modelled from BatchNormalization statistics, or for a Gemm/MatMul layer without them from a "
@@ -171,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
 
+    s = sub.add_parser("sensitivity", parents=[common], help="each layer's cost curve: what removing channels "
+                       "costs, where a --target-macs / --target-params budget goes",
+                       description="For every chain, the error that removing 0 .. N-1 channels leaves in the "
+                       "consumer's output, as the plan predicts it, relative to that output; with --calibration "
+                       "scaled by the consumer's share of the residual stream it is added to. A budget removes "
+                       "channels where this error per MAC (or parameter) saved is least.")
+    s.add_argument("model", metavar="MODEL.onnx")
+    s.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
+    s.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
+    s.add_argument("--report", metavar="R.json", help="write every curve as JSON")
+    s.add_argument("--plot", metavar="S.png", help="draw the curves (matplotlib)")
+
     i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -187,7 +209,8 @@ def _print_verification(ver: dict) -> None:
 
 
 def cmd_compress(args) -> int:
-    options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
+    options = CompressOptions(ratio=0.5 if args.ratio is None else args.ratio, target_macs=args.target_macs,
+                              target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
@@ -202,6 +225,8 @@ def cmd_compress(args) -> int:
     print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
     for s in report.get("skipped", []):
         print(f"skipped {s['node']}: {s['reason']}")
+    if "allocation" in report:
+        _print_allocation(report["allocation"])
     pb, pa = report["params_before"], report["params_after"]
     print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / max(pb, 1):+.1f} %)")
     if report["macs_before"] and report["macs_after"]:
@@ -213,6 +238,62 @@ def cmd_compress(args) -> int:
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=2, default=str))
     return 0
+
+
+def _print_allocation(allocation: dict) -> None:
+    rows = [[g["layer"], f"{g['channels']} -> {g['kept']}", f"{g['ratio']:.3f}", f"{g['predicted_error']:.4f}",
+             "-" if g["stream_share"] is None else f"{g['stream_share']:.3f}", "pinned" if g["pinned"] else ""]
+            for g in allocation["groups"]]
+    print(tabulate(rows, headers=["layer", "channels", "ratio", "predicted error", "stream share", ""]))
+    print(f"allocation: {100 * allocation['predicted_fraction']:.2f} % of the {allocation['target']} kept "
+          f"(target {100 * allocation['fraction']:.2f} %)")
+
+
+def cmd_sensitivity(args) -> int:
+    from .allocation import sensitivity
+
+    options = CompressOptions(method=args.method, round_to=1, exclude=args.exclude,
+                              calibration=load_arrays(args.calibration) if args.calibration else None).validate()
+    result = sensitivity(load_model(args.model).model, options, progress=api._progress)
+    fractions = (0.25, 0.5, 0.75)
+    rows = [[g["layer"], g["channels"], f"{g['macs_per_channel']:,.0f}", f"{g['params_per_channel']:,.0f}",
+             "-" if g["stream_share"] is None else f"{g['stream_share']:.3f}"]
+            + [f"{g['curve'][int(f * g['channels'])]:.4f}" for f in fractions] for g in result["groups"]]
+    print(tabulate(rows, headers=["layer", "channels", "MACs/channel", "params/channel", "stream share"]
+                   + [f"error at {int(100 * f)} %" for f in fractions]))
+    print("error: the consumer's output error the plan predicts, relative to that output's energy"
+          + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
+    if args.report:
+        write_text_atomic(args.report, json.dumps(result, indent=2))
+    if args.plot:
+        _plot_curves(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_curves(result: dict, path: str) -> None:
+    import io as bytes_io
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'onnx-merge[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.viridis([i / max(len(result["groups"]) - 1, 1) for i in range(len(result["groups"]))])
+    for g, color in zip(result["groups"], colors):
+        n = g["channels"]
+        ax.plot([100 * k / n for k in range(n)], g["curve"], color=color, label=g["layer"])
+    ax.set(xlabel="channels removed (%)", ylabel="predicted relative output error", title="cost per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=max(1, len(result["groups"]) // 20))
+    fig.tight_layout()
+    buffer = bytes_io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def cmd_verify(args) -> int:
@@ -295,7 +376,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
+COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "sensitivity": cmd_sensitivity, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

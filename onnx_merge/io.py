@@ -198,11 +198,12 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ModelError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write ``text`` (or bytes: a PNG) to a temporary file beside ``path``, then rename it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".onnx-merge-", dir=path.parent if str(path.parent) else ".")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -2,10 +2,11 @@
 
 ``curve[k]`` is the squared error in the consumer's output once k of the layer's N channels
 are removed (k = 0 .. N - 1), divided by the consumer's output energy, so that curves of
-different layers are comparable. Data-free it is the error the plan predicts under the
-layer's activation model (``activation_gram``: BatchNormalization statistics, otherwise the
-white-input kernel model), weighted by the consumer's weights; with calibration it is the
-error measured on the calibration activations.
+different layers are comparable: the error the plan predicts under the layer's activation
+model (``activation_gram``: BatchNormalization statistics, otherwise the white-input kernel
+model), weighted by the consumer's weights. (Curves measured by greedy elimination on
+calibration activations allocated worse on the paper's ResNet-56 than these, and took
+minutes: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -73,10 +74,3 @@ def planned_curve(arrays: ProducerArrays, opts: PlanOptions) -> np.ndarray:
         np.linspace(0, n - 1, MAX_PLANNED_POINTS).round().astype(int))
     errors = [0.0 if k == 0 else plan_error(gram, metric, plan_layer(arrays, n - k, opts)) for k in counts]
     return np.interp(np.arange(n), counts, errors) / energy
-
-
-def measured_curve(fit: LeastSquaresFit, channels: int, energy: float, ridge: float) -> np.ndarray | None:
-    """The curve on calibration data: ``fit`` holds the consumer's inputs (channel-major
-    features) against its original outputs, ``energy`` their summed squares."""
-    curve = elimination_curve(fit, channels, ridge)
-    return None if curve is None else curve / max(energy, 1e-30)
