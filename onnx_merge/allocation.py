@@ -133,7 +133,10 @@ def stream_shares(index: GraphIndex, chains: list[Chain], feeds: dict[str, np.nd
     taps = list(dict.fromkeys(t for pair in pairs.values() for t in pair))
     session = make_session(truncated(index.model, taps), optimize=True)
     energy = dict.fromkeys(taps, 0.0)
-    for part in CalibrationSet(feeds, 64, 0).batches():
+    first = session.get_inputs()[0].shape
+    batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 64  # a fixed batch: its size
+    total = len(next(iter(feeds.values()))) // batch * batch
+    for part in CalibrationSet({k: v[:total] for k, v in feeds.items()}, batch, 0).batches():
         values = session.run(taps, {i.name: part[i.name] for i in session.get_inputs()})
         for t, v in zip(taps, values):
             energy[t] += float(np.sum(np.square(v, dtype=np.float64)))
