@@ -199,3 +199,29 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
                         "params_per_channel": per_channel(per["params"], groups, full, i),
                         "stream_share": c.share, "curve": [round(float(v), 6) for v in c.cost]}
                        for i, c in enumerate(curves)]}
+
+
+def plot_curves(result: dict) -> bytes:
+    """``sensitivity``'s curves, one line per layer, as PNG bytes."""
+    import io
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'onnx-merge[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = result["groups"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(groups), 1)))
+    for g, color in zip(groups, colors):
+        ax.plot(100 * np.arange(g["channels"]) / g["channels"], g["curve"], color=color, label=g["layer"])
+    ax.set(xlabel="channels removed (%)", ylabel="predicted relative output error", title="cost per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=max(1, len(groups) // 20))
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return png.getvalue()

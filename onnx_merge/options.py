@@ -41,6 +41,9 @@ class CompressOptions:
     target_macs: float | None = None
     target_params: float | None = None
     allocated: dict[str, float] = field(default_factory=dict)
+    skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
+    fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
+    fold_max_mb: float = 1024.0  # ... and this many MiB; a bigger one is refused, naming its node
 
     def validate(self) -> "CompressOptions":
         ratios = [self.ratio] + [r for _, r in self.layer_ratios]
@@ -66,6 +69,9 @@ class CompressOptions:
             raise UsageError(f"--calibration-mixup must be 0 (off) or more, got {self.calibration_mixup}")
         if self.refine_iterations < 0:
             raise UsageError(f"--refine-iterations must be 0 (off) or more, got {self.refine_iterations}")
+        if not self.fold_max_elements >= 1 or not self.fold_max_mb > 0:
+            raise UsageError(f"--fold-max-elements and --fold-max-mb must be positive, got "
+                             f"{self.fold_max_elements} and {self.fold_max_mb}")
         return self
 
     def plan_options(self, method: str, bn_hidden: bool = False, dense: bool = False, channels: int = 0) -> PlanOptions:
