@@ -17,6 +17,7 @@ from onnx_merge.math.sensitivity import plan_error
 from onnx_merge.models.lenet import lenet_300_100
 from onnx_merge.models.resnet import resnet_paper
 
+from .conftest import shared_file
 from .helpers import build, header, run
 
 D, N, M = 24, 16, 12
@@ -168,3 +169,37 @@ def test_resnet56_half_the_macs_data_free(paper_weights, cifar):
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     top1 = evaluate(small.SerializeToString(), cifar["x_exact"], cifar["y"][:1017], CIFAR, progress=False)["top1"]
     assert 100 * top1 >= 57.0  # uniform 0.5: 48.77
+
+
+def test_calibrated_curves_are_scaled_by_the_branch_share_of_its_stream():
+    rng = np.random.default_rng(3)
+    weights = {"A1": rng.standard_normal((N, D)).astype(np.float32),
+               "A2": (0.1 * rng.standard_normal((D, N))).astype(np.float32)}
+    text = header() + """
+    g (float[1, 24] x) => (float[1, 24] y) {
+        h = Gemm <transB = 1> (x, A1)
+        r = Relu (h)
+        branch = Gemm <transB = 1> (r, A2)
+        y = Add (x, branch)
+    }"""
+    model = build(text, weights)
+    x = rng.standard_normal((200, D)).astype(np.float32)
+    branch = np.maximum(x @ weights["A1"].T, 0) @ weights["A2"].T
+    share = np.sum(branch.astype(np.float64) ** 2) / np.sum((x + branch).astype(np.float64) ** 2)
+    from onnx_merge.allocation import sensitivity
+
+    free = sensitivity(model, CompressOptions())["groups"][0]
+    calibrated = sensitivity(model, CompressOptions(calibration={"x": x}))["groups"][0]
+    assert free["stream_share"] is None
+    assert calibrated["stream_share"] == pytest.approx(share, rel=1e-4)
+    np.testing.assert_allclose(calibrated["curve"], np.array(free["curve"]) * share, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_resnet56_half_the_macs_calibrated(paper_weights, cifar):
+    shared_calibration = {"input": CIFAR(np.load(shared_file("data", "cifar10_calib.npz"))["x"])}
+    small, report = compress(resnet_paper(paper_weights, fold=True),
+                             CompressOptions(target_macs=0.5, calibration=shared_calibration))
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    top1 = evaluate(small.SerializeToString(), cifar["x_exact"], cifar["y"][:1017], CIFAR, progress=False)["top1"]
+    assert 100 * top1 >= 89.7  # uniform 0.5: 88.20
