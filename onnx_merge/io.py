@@ -186,6 +186,15 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool
     return out
 
 
+def remove_model(path: str | os.PathLike) -> None:
+    """Delete a model this run wrote and the external-data files it references."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    for location in {e.value for t in _external_tensors(model) for e in t.external_data if e.key == "location"}:
+        (path.parent / location).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Arrays of an .npz file, as a dict."""
     path = Path(path)
