@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     _STDOUT = sys.stdout
     from .runtime import ort
 
-    if ort is not None and not args.debug:  # onnxruntime's own warnings would break the one-line stderr
-        ort.set_default_logger_severity(3)
+    if ort is not None:  # onnxruntime's own lines (graphsurgeon's folding sessions) only with -v or --debug
+        ort.set_default_logger_severity(3 if args.verbose or args.debug else 4)
     try:
         if getattr(args, "config", None):
             args.command_parser.set_defaults(**load_config(args.config, args.command_parser))

@@ -142,8 +142,19 @@ def prepare_inputs(arrays: dict[str, np.ndarray], specs: list, preprocess: Prepr
     feeds = dict(arrays)
     for spec in specs:
         if spec.name in feeds and spec.type in ("tensor(float)", "tensor(double)", "tensor(float16)"):
-            feeds[spec.name] = pre(feeds[spec.name], len(spec.shape), f"{source} [{spec.name}]")
+            rank = len(spec.shape) if _fits_reshaped(np.shape(feeds[spec.name]), spec.shape) else None
+            feeds[spec.name] = pre(feeds[spec.name], rank, f"{source} [{spec.name}]")
     return match_inputs(specs, feeds, source)
+
+
+def _fits_reshaped(data_shape: tuple, model_shape: list) -> bool:
+    """Whether images flattened for a rank-2 input, or given a channel axis for a rank-4 one,
+    match the model's fixed dims (otherwise the data's own shape is what the error names)."""
+    if len(model_shape) == 2 and len(data_shape) > 2:
+        return not isinstance(model_shape[1], int) or int(np.prod(data_shape[1:])) == model_shape[1]
+    if len(model_shape) == 4 and len(data_shape) == 3:
+        return not isinstance(model_shape[1], int) or model_shape[1] == 1
+    return True
 
 
 def parse_floats(text: str | None) -> tuple[float, ...] | None:
