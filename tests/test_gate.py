@@ -111,7 +111,7 @@ def test_reports_of_every_command_follow_the_schema(tmp_path, lenet_file, capsys
     np.savez(data, x=np.random.default_rng(0).integers(0, 256, (20, 28, 28)).astype(np.uint8),
              y=np.arange(20) % 10)
     assert main(["eval", str(out), "--data", str(data), "--scale", "255", "--report", str(reports["eval"])]) == 0
-    assert main(["bench", str(lenet_file), str(out), "--runs", "2", "--warmup", "0",
+    assert main(["bench", str(lenet_file), str(out), "--runs", "2", "--warmup", "0", "--no-memory",
                  "--report", str(reports["bench"])]) == 0
     capsys.readouterr()
     assert main(["inspect", str(lenet_file), "--json"]) == 0
