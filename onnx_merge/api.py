@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -140,6 +141,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     ``preprocess``/``input_key`` turn stored arrays (inputs, calibration) into model inputs.
     """
     started = time.perf_counter()
+    options = dataclasses.replace(options)  # the caller's options (and calibration arrays) stay as given
     src, dst = Path(src), Path(dst)
     providers = parse_providers(providers)
     if tolerance is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import sys
 import time
@@ -13,7 +12,7 @@ import traceback
 
 from tabulate import tabulate
 
-from . import __version__, api, report, terminal
+from . import api, report, terminal
 from .checkdata import CHECK_SAMPLES, CheckData, parse_input_shape
 from .config import load_config, options_of
 from .data import Preprocess, parse_floats, prepare_inputs
@@ -359,7 +358,7 @@ def cmd_verify(args) -> int:
                            check=_check(args), input_source=str(args.inputs))
     ver = result.as_dict()
     _echo(terminal.verification_table(ver))
-    _echo(f"verification {'passed' if result.ok else 'FAILED'}: {terminal.verdict(ver)}")
+    _echo(f"verification {terminal.verdict(ver)}")
     if args.report:
         _write_report(args.report, report.new_report(
             "verify", options=options_of(args.command_parser, args),
