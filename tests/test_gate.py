@@ -253,3 +253,17 @@ def test_python_m_and_version(tmp_path):
     assert run.returncode == 0 and "compress" in run.stdout
     run = subprocess.run([sys.executable, "-m", "onnx_merge", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("onnx-merge ") and onnx.__version__ in run.stdout
+
+
+@pytest.mark.slow
+def test_akamaster_resnet20_acceptance(tmp_path, resnet20_weights, capsys):
+    """Issue 19: at --ratio 0.5 the option-A ResNet-20 moves far; a 0.99 cosine gate refuses it."""
+    from onnx_merge.models.resnet import resnet_akamaster
+
+    src, out, rep = tmp_path / "r20.onnx", tmp_path / "small.onnx", tmp_path / "r.json"
+    onnx.save(resnet_akamaster(resnet20_weights, fold=True), src)
+    assert main(["compress", str(src), "-o", str(out), "--ratio", "0.5", "--min-cosine", "0.99"]) == 1
+    assert not out.exists() and "--min-cosine 0.99" in capsys.readouterr().err
+    assert main(["compress", str(src), "-o", str(out), "--ratio", "0.5", "--report", str(rep)]) == 0
+    assert out.exists() and "onnx-merge: WARNING:" in capsys.readouterr().err
+    report.validate(json.loads(rep.read_text()))
