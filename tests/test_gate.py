@@ -167,6 +167,26 @@ def test_third_party_prints_stay_off_stdout(lenet_file, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["command"] == "inspect"
 
 
+def test_graphsurgeon_warnings_of_a_real_fold_go_to_the_log(tmp_path, capsys, caplog):
+    """A constant subgraph that onnxruntime cannot fold (a Reshape of 6 values to 4) makes
+    onnx-graphsurgeon print 'Inference failed'; stdout stays JSON, the line reaches the -v log."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.FLOAT, [6], np.ones(6))),
+             helper.make_node("Constant", [], ["s"], value=helper.make_tensor("sv", TensorProto.INT64, [1], [4])),
+             helper.make_node("Reshape", ["c", "s"], ["b"]), helper.make_node("Conv", ["x", "w", "b"], ["y"]),
+             helper.make_node("Relu", ["y"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["z"])]
+    weights = [helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], rng.standard_normal(108)),
+               helper.make_tensor("w2", TensorProto.FLOAT, [2, 4, 1, 1], rng.standard_normal(8))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 6, 6])], weights)
+    path = tmp_path / "unfoldable.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    with caplog.at_level(logging.INFO, logger="onnx_merge.thirdparty"):
+        assert main(["-v", "inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["chains"] == 0
+    assert "Inference failed" in caplog.text
+
+
 def _embedding_model() -> onnx.ModelProto:
     table = helper.make_tensor("emb", TensorProto.FLOAT, [100, 8], np.ones(800, np.float32))
     nodes = [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
