@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", parents=[common], help="prune and merge channels, save, verify",
                        description="Find Conv/Gemm -> (BN) -> ReLU -> Conv/Gemm chains, remove channels of the first "
-                       "layer and fold what they carried into the second. Saves atomically, then verifies the result "
-                       "against the original in onnxruntime before writing it. Without gates, a result whose "
+                       "layer and fold what they carried into the second. Verifies the result against the original "
+                       "in onnxruntime, then saves it atomically. Without gates, a result whose "
                        f"top-1 agreement or cosine falls below {WARN_BELOW} ends with a WARNING (exit 0); with "
                        "gates, one that fails them exits 1 and is not written.")
     c.add_argument("model", metavar="IN.onnx")
@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
     c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
     c.add_argument("--calibration", metavar="FILE.npz",
-                   help="unlabelled inputs keyed by graph input name, preprocessed as the model expects: "
-                   "each consumer is refitted by least squares to reproduce the original layer's output")
+                   help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
+                   "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce the original layer's output")
     c.add_argument("--calibration-mixup", type=int, default=3, metavar="K",
                    help="with --calibration: add K mixed samples per calibration sample, each a random convex "
                    "combination of two of them, with the original model's outputs as targets. They go to "

@@ -112,7 +112,10 @@ def schema() -> dict:
 
 def validate(report: dict) -> None:
     """Raise jsonschema.ValidationError when ``report`` (as written) does not follow the schema."""
-    import jsonschema
+    try:
+        import jsonschema
+    except ImportError:
+        raise ImportError("validating a report needs jsonschema: pip install 'onnx-merge[test]' or jsonschema") from None
 
     jsonschema.validate(json.loads(to_json(report)), schema())
 
