@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
-                   "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce the original layer's output")
+                   "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
+                   "the original layer's output")
     c.add_argument("--calibration-mixup", type=int, default=3, metavar="K",
                    help="with --calibration: add K mixed samples per calibration sample, each a random convex "
                    "combination of two of them, with the original model's outputs as targets. They go to "
@@ -264,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STDOUT = None  # the real stdout while a command runs; sys.stdout is then a _LogLines
+
+
 def _echo(text: str = "") -> None:
-    """Our own output; stdout itself is the log while a command runs (_third_party_to_log)."""
+    """Our own output (libraries' prints go to the log)."""
     print(text, file=_STDOUT or sys.stdout)
-
-
-_STDOUT = None
 
 
 class _LogLines(io.TextIOBase):
