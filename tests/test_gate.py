@@ -48,11 +48,12 @@ def _nan_lenet(tmp_path):
 
 def test_a_failed_gate_exits_1_names_the_figure_and_writes_nothing(tmp_path, lenet_file, capsys):
     out = tmp_path / "small.onnx"
-    assert main(["compress", str(lenet_file), "-o", str(out), "--min-cosine", "0.9999"]) == 1
+    assert main(["compress", str(lenet_file), "-o", str(out), "--method", "prune", "--min-cosine", "0.9999"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cosine similarity" in err[0] and "--min-cosine 0.9999" in err[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx"]
-    assert main(["compress", str(lenet_file), "-o", str(out), "--max-top1-disagreement", "0", "--keep-failed",
+    assert main(["compress", str(lenet_file), "-o", str(out), "--method", "prune", "--max-top1-disagreement", "0",
+                 "--keep-failed",
                  "--report", str(tmp_path / "r.json")]) == 1
     data = json.loads((tmp_path / "r.json").read_text())
     assert out.exists() and data["verification"]["ok"] is False and data["summary"]["written"] is True
