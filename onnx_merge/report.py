@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 SCHEMA_VERSION = "1.0"
+SMALL_MODEL_FILE = 64 << 20  # bytes; larger model files keep (most of) their weights inline
 COMMANDS = ("compress", "verify", "eval", "bench", "inspect", "sweep")
 
 
@@ -73,11 +74,17 @@ def describe_model(model: onnx.ModelProto, path: str | os.PathLike | None = None
 
 
 def file_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes of a model file and the external-data files it references."""
+    """Bytes of a model file and the external-data files it references.
+
+    Only a small file is parsed for references: one holding its weights inline is its own size,
+    and parsing it again would cost as much memory as the model.
+    """
     path = Path(path)
     if not path.is_file():
         return None
     total = path.stat().st_size
+    if total > SMALL_MODEL_FILE:
+        return total
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not a model: its own size only
