@@ -17,18 +17,22 @@ from .coupling import describe_group, find_groups
 from .data import Preprocess, prepare_inputs
 from .groups import find_chains
 from .graph import GraphIndex
-from .io import load_arrays, load_model, remove_model, save_model, weights_size
+from .files import check_targets
+from .io import load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
 from .report import describe_model, file_bytes
-from .runtime import graph_inputs, parse_providers
+from .runtime import graph_inputs, make_session, parse_providers
 from .shapes import skeleton
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
 MAX_HOLDOUT = 256  # calibration samples held out to check the result on
-MAX_IN_MEMORY = 2**31 - (64 << 20)  # a model verified from memory must serialize (protobuf: 2 GB)
+
+
+class _Unpublished(Exception):
+    """Raised in save_model's check: the staged result failed verification and is dropped."""
 
 
 def _progress(iterable, **kw):
@@ -131,22 +135,26 @@ def _split_check(options: CompressOptions, holdout: int | None) -> tuple[dict | 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: CompressOptions, *, verify: bool = True,
                   inputs: str | os.PathLike | dict | None = None, providers=None, tolerance: Tolerance | None = None,
                   keep_failed: bool = False, check: CheckData | None = None, preprocess: Preprocess | None = None,
-                  input_key: str | None = None, check_holdout: int | None = None) -> dict:
-    """Load, compress, verify, save atomically; report what changed and how far the outputs moved.
+                  input_key: str | None = None, check_holdout: int | None = None, also_writes=()) -> dict:
+    """Validate, compress, prove, then publish; report what changed and how far the outputs moved.
 
-    The result is checked on ``inputs`` (a .npz path or arrays), else on a held-out part of the
+    Every output path (``dst`` and ``also_writes``, e.g. the report) is checked and the original
+    loaded in onnxruntime before any work. The result is verified from the staged file before it
+    appears at ``dst``, on ``inputs`` (a .npz path or arrays), else on a held-out part of the
     calibration data, else on random ``check`` data. ``tolerance`` None: figures only (warnings
-    below verify.WARN_BELOW); with gates, a result that fails them is not written unless
-    ``keep_failed`` (report["verification"]["ok"] is False either way; the CLI exits 1).
+    below verify.WARN_BELOW). A result that fails (its gates, or NaN, missing outputs) is not
+    written unless ``keep_failed``; report["verification"]["ok"] says so (the CLI exits 1).
     ``preprocess``/``input_key`` turn stored arrays (inputs, calibration) into model inputs.
     """
     started = time.perf_counter()
     options = dataclasses.replace(options)  # the caller's options (and calibration arrays) stay as given
     src, dst = Path(src), Path(dst)
+    check_targets([dst, *also_writes], model_files(src))
     providers = parse_providers(providers)
     if tolerance is not None:
         tolerance.validate()
     loaded = load_model(src)
+    make_session(src, providers[0])  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     source = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "--inputs"
     arrays = load_arrays(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -162,22 +170,23 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     model, report = compress(loaded.model, options, inplace=True, input_shapes=input_shapes)
     report["input"], report["output"] = str(src), str(dst)
     report["input_shapes"] = input_shapes
-    verification, saved = None, False
-    if verify:
-        in_memory = weights_size(model) < MAX_IN_MEMORY
-        if not in_memory:  # too large to serialize: checked from the file, removed if it fails
-            save_model(model, dst, external=loaded.external, source=src)
-            saved = True
-        verification = verify_models(src, model if in_memory else dst, inputs=arrays, providers=providers,
-                                     tolerance=tolerance, check=check, input_source=source)
-        report["verification"] = verification.as_dict()
-    written = verification is None or verification.ok or keep_failed
-    if written and not saved:
-        save_model(model, dst, external=loaded.external, source=src)
-    elif saved and not written:
-        remove_model(dst)
-    report["written"] = written
-    after = describe_model(model, dst, "output", file_bytes=file_bytes(dst) if written else None)
+
+    def prove(staged: Path) -> None:
+        if not verify:
+            make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+            return
+        result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance, check=check,
+                               input_source=source)
+        report["verification"] = result.as_dict()
+        if not result.ok and not keep_failed:
+            raise _Unpublished
+
+    try:
+        save_model(model, dst, external=loaded.external, source=src, protect=also_writes, check=prove)
+        report["written"] = True
+    except _Unpublished:
+        report["written"] = False
+    after = describe_model(model, dst, "output", file_bytes=file_bytes(dst) if report["written"] else None)
     before.update(params=report["params_before"], macs=report["macs_before"])
     after.update(params=report["params_after"], macs=report["macs_after"])
     report["models"] = [before, after]

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import io
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -16,11 +18,12 @@ from . import api, report, terminal
 from .checkdata import CHECK_SAMPLES, CheckData, parse_input_shape
 from .config import load_config, options_of
 from .data import Preprocess, parse_floats, prepare_inputs
-from .errors import OnnxMergeError, UsageError
-from .io import load_arrays, load_model, write_text_atomic
+from .errors import Interrupted, OnnxMergeError, UsageError
+from .files import check_targets, remove_live_staging, write_bytes_atomic
+from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
 from .options import AUTO, METHODS, CompressOptions
-from .runtime import graph_inputs, parse_providers
+from .runtime import graph_inputs, parse_providers, set_runtime_logging
 from .verify import WARN_BELOW, Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
@@ -201,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
                    "L-BFGS iterations kept near the fitted weights; it is used only where it lowers the "
                    "error on a held-out quarter of the calibration rows (default 100; 0: off)")
+    c.add_argument("--skip-fold", action="store_true",
+                   help="leave constant subgraphs unfolded (weights computed by nodes are then not compressed)")
+    c.add_argument("--fold-max-elements", type=int, default=2**28, metavar="N",
+                   help="largest constant that folding may compute, in elements (default 2^28); a model "
+                   "computing a bigger one is refused, naming the node")
+    c.add_argument("--fold-max-mb", type=float, default=1024.0, metavar="MB",
+                   help="largest constant that folding may compute, in MiB (default 1024)")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     c.add_argument("--keep-failed", action="store_true",
                    help="write the result even when it fails a gate (the exit code is still 1)")
@@ -274,7 +284,7 @@ def _echo(text: str = "") -> None:
 
 
 class _LogLines(io.TextIOBase):
-    """Lines that libraries print (onnx-graphsurgeon's warnings), sent to the log instead."""
+    """Lines that libraries print to stdout, sent to the log instead (-v shows them)."""
 
     def __init__(self):
         self.pending = ""
@@ -288,8 +298,8 @@ class _LogLines(io.TextIOBase):
         return len(text)
 
 
-def _write_report(path, data: dict) -> None:
-    write_text_atomic(path, report.to_json(data))
+def _write_report(path, data: dict, protect=()) -> None:
+    write_text_atomic(path, report.to_json(data), protect=protect)
 
 
 def _preprocess(args) -> Preprocess:
@@ -310,6 +320,7 @@ def _bounded(text: str) -> str:
 
 
 def cmd_compress(args) -> int:
+    check_targets([args.output, args.report], model_files(args.model))  # before any data is read
     tolerance = _tolerance(args)
     gated = any(v is not None for v in (args.atol, args.rtol, args.min_cosine, args.max_top1_disagreement))
     if gated and args.no_verify:
@@ -321,20 +332,22 @@ def cmd_compress(args) -> int:
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
-                              calibration_mixup=args.calibration_mixup,
+                              calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
+                              fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     if args.check_holdout is not None and args.check_holdout < 0:
         raise UsageError(f"--check-holdout must be 0 or more, got {args.check_holdout}")
     result = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
                                providers=args.providers, tolerance=tolerance if gated else None,
                                keep_failed=args.keep_failed, check=_check(args), preprocess=_preprocess(args),
-                               input_key=args.input_key, check_holdout=args.check_holdout)
+                               input_key=args.input_key, check_holdout=args.check_holdout,
+                               also_writes=[args.report] if args.report else [])
     data = report.compress_report(result, options_of(args.command_parser, args))
     _echo(terminal.compress_text(data, verbose=args.verbose))
     ver = data["verification"]
     _echo(f"\nwrote {args.output}" if result["written"] else f"\nnothing written to {args.output}")
     if args.report:
-        _write_report(args.report, data)
+        _write_report(args.report, data, model_files(args.model) + model_files(args.output))
     if ver is not None and not ver["ok"]:
         kept = "kept at -o (--keep-failed)" if result["written"] else "nothing written (--keep-failed keeps it)"
         more = f" (and {len(ver['failures']) - 1} more)" if len(ver["failures"]) > 1 else ""
@@ -347,6 +360,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    protect = model_files(args.original) + model_files(args.candidate)
+    check_targets([args.report], protect)
     providers = parse_providers(args.providers)
     tol = _tolerance(args)
     models = [load_model(path) for path in (args.original, args.candidate)]  # a clear exit 3 before onnxruntime
@@ -366,7 +381,7 @@ def cmd_verify(args) -> int:
             models=[report.describe_model(m.model, m.path, role, file_bytes=report.file_bytes(m.path))
                     for m, role in zip(models, ("original", "candidate"))],
             summary={"ok": result.ok, "checked_on": ver["data"]}, verification=ver,
-            elapsed_s=time.perf_counter() - started))
+            elapsed_s=time.perf_counter() - started), protect)
     return 0 if result.ok else 1
 
 
@@ -407,6 +422,7 @@ def cmd_eval(args) -> int:
     from .data import load_data
     from .evaluate import evaluate
 
+    check_targets([args.report], model_files(args.model))
     provider = parse_providers(args.providers)[0]
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch and --limit must be at least 1")
@@ -429,7 +445,8 @@ def cmd_eval(args) -> int:
         _write_report(args.report, report.new_report(
             "eval", options=options_of(args.command_parser, args),
             models=[report.describe_model(loaded.model, loaded.path, file_bytes=report.file_bytes(loaded.path))],
-            summary={**result, "data": str(args.data)}, elapsed_s=time.perf_counter() - started))
+            summary={**result, "data": str(args.data)}, elapsed_s=time.perf_counter() - started),
+            model_files(args.model))
     return 0
 
 
@@ -450,6 +467,8 @@ def cmd_bench(args) -> int:
     threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    protect = [p for m in args.models for p in model_files(m)]
+    check_targets([args.report, args.plot], protect)
     for path in args.models:
         load_model(path)
     results = []
@@ -467,7 +486,7 @@ def cmd_bench(args) -> int:
     _echo(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
                                   "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
     if args.plot:
-        plot_latencies(results, args.plot)
+        write_bytes_atomic(args.plot, plot_latencies(results), protect=protect)
         _echo(f"wrote {args.plot}")
     if args.report:
         _write_report(args.report, report.new_report(
@@ -475,38 +494,34 @@ def cmd_bench(args) -> int:
             models=[{"role": "model", "path": r["model"], "params": r["params"]} for r in results[:len(args.models)]],
             summary={"configurations": len(results) // len(args.models),
                      "p50_ratio": {r["model"]: r["p50_ratio"] for r in results[:len(args.models)]}},
-            details={"results": results}))
+            details={"results": results}), protect)
     return 0
 
 
 COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
-    global _STDOUT
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
-    _STDOUT = sys.stdout
-    from .runtime import ort
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
-    if ort is not None:  # onnxruntime's own lines (graphsurgeon's folding sessions) only with -v or --debug
-        ort.set_default_logger_severity(3 if args.verbose or args.debug else 4)
+
+def _run(parser: argparse.ArgumentParser, args, argv) -> int:
+    global _STDOUT
+    _STDOUT = sys.stdout
     try:
         if getattr(args, "config", None):
             args.command_parser.set_defaults(**load_config(args.config, args.command_parser))
             args = parser.parse_args(argv)
-        with contextlib.redirect_stdout(_LogLines()):  # only our own lines reach stdout
+        with contextlib.redirect_stdout(_LogLines()):  # only our own lines reach stdout (libraries': the log)
             return COMMANDS[args.command](args)
     except OnnxMergeError as exc:
         if args.debug:
             traceback.print_exc()
         print(_bounded(f"onnx-merge: error: {exc}"), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-merge: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("onnx-merge: error: out of memory (the model or data is too large for this machine)", file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
         if args.debug:
             traceback.print_exc()
@@ -515,6 +530,31 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         _STDOUT = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes as EPILOG says; SIGINT exits 130 and SIGTERM 143 at any time, no traceback, and
+    the temporary files of a save in progress are removed (they unwind as an exception)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    logging.captureWarnings(True)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+        # third-party warnings (onnx, numpy, Python's) are log lines, shown with -v only
+        logging.getLogger("py.warnings").setLevel(logging.WARNING if args.verbose or args.debug else logging.CRITICAL)
+        set_runtime_logging("debug" if args.debug else "verbose" if args.verbose else "quiet")
+        return _run(parser, args, argv)
+    except KeyboardInterrupt as exc:
+        remove_live_staging()
+        print("onnx-merge: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        logging.captureWarnings(False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

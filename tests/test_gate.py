@@ -151,16 +151,13 @@ def test_a_report_repeats_its_run_with_config(tmp_path, lenet_file):
 
 
 def test_third_party_prints_stay_off_stdout(lenet_file, monkeypatch, capsys):
-    """onnx-graphsurgeon prints its warnings; inspect --json must stay JSON."""
-    import onnx_graphsurgeon as gs
-
+    """Libraries that print their warnings (onnx-graphsurgeon did): inspect --json stays JSON."""
     from onnx_merge import api
 
     real = api.inspect_model
 
     def noisy(model):
-        gs.logger.G_LOGGER.warning("Inference failed. You may want to try enabling partitioning")
-        print("a stray line")
+        print("[W] Inference failed. You may want to try enabling partitioning")
         return real(model)
 
     monkeypatch.setattr(api, "inspect_model", noisy)
@@ -168,9 +165,9 @@ def test_third_party_prints_stay_off_stdout(lenet_file, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["command"] == "inspect"
 
 
-def test_graphsurgeon_warnings_of_a_real_fold_go_to_the_log(tmp_path, capsys, caplog):
-    """A constant subgraph that onnxruntime cannot fold (a Reshape of 6 values to 4) makes
-    onnx-graphsurgeon print 'Inference failed'; stdout stays JSON, the line reaches the -v log."""
+def test_a_constant_subgraph_that_cannot_fold_leaves_stdout_json_and_stderr_quiet(tmp_path, capfd):
+    """A Reshape of 6 values to 4 in a constant subgraph: onnxruntime fails on it while folding
+    and logs from C++ (file descriptor 2), as onnx-graphsurgeon printed to stdout when it folded."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.FLOAT, [6], np.ones(6))),
              helper.make_node("Constant", [], ["s"], value=helper.make_tensor("sv", TensorProto.INT64, [1], [4])),
@@ -182,10 +179,9 @@ def test_graphsurgeon_warnings_of_a_real_fold_go_to_the_log(tmp_path, capsys, ca
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 6, 6])], weights)
     path = tmp_path / "unfoldable.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
-    with caplog.at_level(logging.INFO, logger="onnx_merge.thirdparty"):
-        assert main(["-v", "inspect", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["chains"] == 0
-    assert "Inference failed" in caplog.text
+    assert main(["inspect", str(path), "--json"]) == 0
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["summary"]["chains"] == 0 and "onnxruntime" not in captured.err
 
 
 def _embedding_model() -> onnx.ModelProto:
