@@ -17,6 +17,7 @@ from .coupling import describe_group, find_groups
 from .data import Preprocess, prepare_inputs
 from .groups import find_chains
 from .graph import GraphIndex
+from .errors import VerificationError
 from .files import check_targets
 from .io import load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
@@ -143,7 +144,8 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     appears at ``dst``, on ``inputs`` (a .npz path or arrays), else on a held-out part of the
     calibration data, else on random ``check`` data. ``tolerance`` None: figures only (warnings
     below verify.WARN_BELOW). A result that fails (its gates, or NaN, missing outputs) is not
-    written unless ``keep_failed``; report["verification"]["ok"] says so (the CLI exits 1).
+    written, and VerificationError (with the report) is raised; with ``keep_failed`` it is
+    written and returned, report["verification"]["ok"] False (the CLI exits 1 either way).
     ``preprocess``/``input_key`` turn stored arrays (inputs, calibration) into model inputs.
     """
     started = time.perf_counter()
@@ -191,4 +193,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     after.update(params=report["params_after"], macs=report["macs_after"])
     report["models"] = [before, after]
     report["elapsed_s"] = time.perf_counter() - started
+    if not report["written"]:
+        first = report["verification"]["failures"][0]
+        raise VerificationError(f"{dst}: not written, verification failed: {first}", report)
     return report

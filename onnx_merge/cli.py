@@ -18,7 +18,7 @@ from . import api, report, terminal
 from .checkdata import CHECK_SAMPLES, CheckData, parse_input_shape
 from .config import load_config, options_of
 from .data import Preprocess, parse_floats, prepare_inputs
-from .errors import Interrupted, OnnxMergeError, UsageError
+from .errors import Interrupted, OnnxMergeError, UsageError, VerificationError
 from .files import check_targets, remove_live_staging, write_bytes_atomic
 from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
@@ -337,11 +337,16 @@ def cmd_compress(args) -> int:
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     if args.check_holdout is not None and args.check_holdout < 0:
         raise UsageError(f"--check-holdout must be 0 or more, got {args.check_holdout}")
-    result = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
-                               providers=args.providers, tolerance=tolerance if gated else None,
-                               keep_failed=args.keep_failed, check=_check(args), preprocess=_preprocess(args),
-                               input_key=args.input_key, check_holdout=args.check_holdout,
-                               also_writes=[args.report] if args.report else [])
+    try:
+        result = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
+                                   providers=args.providers, tolerance=tolerance if gated else None,
+                                   keep_failed=args.keep_failed, check=_check(args), preprocess=_preprocess(args),
+                                   input_key=args.input_key, check_holdout=args.check_holdout,
+                                   also_writes=[args.report] if args.report else [])
+    except VerificationError as exc:  # not written; the summary and the report still say why
+        if exc.report is None:
+            raise
+        result = exc.report
     data = report.compress_report(result, options_of(args.command_parser, args))
     _echo(terminal.compress_text(data, verbose=args.verbose))
     ver = data["verification"]

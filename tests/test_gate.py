@@ -284,3 +284,18 @@ def test_akamaster_resnet20_acceptance(tmp_path, resnet20_weights, capsys):
     assert main(["compress", str(src), "-o", str(out), "--ratio", "0.5", "--report", str(rep)]) == 0
     assert out.exists() and "onnx-merge: WARNING:" in capsys.readouterr().err
     report.validate(json.loads(rep.read_text()))
+
+
+def test_api_raises_with_the_report_when_a_result_fails(tmp_path, lenet_file):
+    from onnx_merge import compress_file
+    from onnx_merge.errors import VerificationError
+    from onnx_merge.options import CompressOptions
+
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"old")
+    with pytest.raises(VerificationError, match="not written") as exc:
+        compress_file(lenet_file, out, CompressOptions(ratio=0.5), tolerance=Tolerance(min_cosine=0.9999))
+    assert exc.value.report["written"] is False and out.read_bytes() == b"old"
+    rep = compress_file(lenet_file, out, CompressOptions(ratio=0.5), tolerance=Tolerance(min_cosine=0.9999),
+                        keep_failed=True)
+    assert rep["written"] and not rep["verification"]["ok"] and out.read_bytes() != b"old"
