@@ -142,7 +142,7 @@ def test_cli_reports_the_allocation_and_sensitivity_draws_curves(tmp_path, capsy
                  "--report", str(report), "--no-verify"]) == 0
     out = capsys.readouterr().out
     assert "allocation:" in out and "predicted error" in out
-    groups = json.loads(report.read_text())["allocation"]["groups"]
+    groups = json.loads(report.read_text())["details"]["allocation"]["groups"]
     assert {g["layer"] for g in groups} == {"ha", "hb"} and all(0 <= g["ratio"] < 1 for g in groups)
     with pytest.raises(SystemExit) as usage:
         main(["compress", str(model_path), "-o", str(tmp_path / "s.onnx"), "--target-macs", "0.5", "--ratio", "0.5"])
@@ -150,7 +150,7 @@ def test_cli_reports_the_allocation_and_sensitivity_draws_curves(tmp_path, capsy
     curves, plot = tmp_path / "c.json", tmp_path / "c.png"
     assert main(["sensitivity", str(model_path), "--report", str(curves), "--plot", str(plot)]) == 0
     result = json.loads(curves.read_text())
-    by_layer = {g["layer"]: g for g in result["groups"]}
+    by_layer = {g["layer"]: g for g in result["details"]["groups"]}
     assert len(by_layer["ha"]["curve"]) == N
     assert max(by_layer["ha"]["curve"][:N // 2 + 1]) < 1e-6 < by_layer["hb"]["curve"][1]
     assert plot.read_bytes()[:4] == b"\x89PNG"
