@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a report, whose 'options' section repeats its run; flags given here win")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
     amount = c.add_mutually_exclusive_group()
-    amount.add_argument("--ratio", type=float, help="fraction of channels to remove per layer (default 0.5)")
+    amount.add_argument("--ratio", type=float, default=0.5,
+                        help="fraction of channels to remove per layer (default 0.5)")
     amount.add_argument("--target-macs", type=float, metavar="F",
                         help="keep this fraction of the MACs (as the summary counts them), each layer's ratio "
                         "allocated where removing channels costs least (onnx-merge sensitivity shows the costs); "
@@ -349,7 +350,7 @@ def cmd_compress(args) -> int:
     if gated and args.no_verify:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
-    options = CompressOptions(ratio=0.5 if args.ratio is None else args.ratio, target_macs=args.target_macs,
+    options = CompressOptions(ratio=args.ratio, target_macs=args.target_macs,
                               target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
