@@ -30,13 +30,14 @@ def _progress(iterable, **kw):
 def canonicalize() -> PassManager:
     """Name nodes, turn computed weights into initializers and batch-keeping reshapes into
     Flatten: what every later step expects."""
-    from .passes import FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, NameNodes
+    from .passes import FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, NameNodes, UnshareWeights
 
-    return PassManager([NameNodes(), FoldConstantWeights(), FoldChannelAffine(), FlattenBatchReshape()])
+    return PassManager([NameNodes(), FoldConstantWeights(), UnshareWeights(), FoldChannelAffine(),
+                        FlattenBatchReshape()])
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused
+    from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused, ReshareCopies
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
     steps = [MergeChannels()]
@@ -46,7 +47,7 @@ def build_pipeline(options: CompressOptions) -> PassManager:
         steps.append(PruneCoupled())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
-    steps.append(RemoveUnused())
+    steps += [RemoveUnused(), ReshareCopies()]
     return PassManager(steps)
 
 
@@ -60,8 +61,9 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
     report["options"]["calibrated"] = options.calibration is not None
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
-    # counted after canonicalizing: weights computed by constant subgraphs count too
-    report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
+    # counted after canonicalizing: weights computed by constant subgraphs count too, copies of shared ones do not
+    report["params_before"] = count_parameters(model) - report.get("unshared_params", 0)
+    report["macs_before"] = count_macs(model)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), count_macs(model)
     return model, report

@@ -9,5 +9,7 @@ from .fold_constants import FoldConstantWeights
 from .merge_channels import MergeChannels
 from .name_nodes import NameNodes
 from .prune_coupled import PruneCoupled
+from .unshare_weights import ReshareCopies, UnshareWeights
 
-__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldChannelAffine", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused"]
+__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldChannelAffine", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused",
+           "ReshareCopies", "UnshareWeights"]
