@@ -37,10 +37,12 @@ def canonicalize() -> PassManager:
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused, ReshareCopies
+    from .passes import (CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, PruneHeads, RemoveUnused,
+                         ReshareCopies)
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
-    steps = [MergeChannels()]
+    steps = [PruneHeads()] if options.heads else []
+    steps.append(MergeChannels())
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
     if options.coupled == "prune":

@@ -9,7 +9,8 @@ from .fold_constants import FoldConstantWeights
 from .merge_channels import MergeChannels
 from .name_nodes import NameNodes
 from .prune_coupled import PruneCoupled
+from .prune_heads import PruneHeads
 from .unshare_weights import ReshareCopies, UnshareWeights
 
-__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldChannelAffine", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "RemoveUnused",
+__all__ = ["CalibrateConsumers", "FlattenBatchReshape", "FoldBatchNorm", "FoldChannelAffine", "FoldConstantWeights", "MergeChannels", "NameNodes", "PruneCoupled", "PruneHeads", "RemoveUnused",
            "ReshareCopies", "UnshareWeights"]
