@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
+from .attention import find_attention
 from .coupling import describe_group, find_groups
 from .groups import find_chains
 from .graph import GraphIndex
@@ -84,9 +85,18 @@ def inspect_model(model: onnx.ModelProto) -> dict:
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
         "groups": [describe_group(index, g) for g in find_groups(index) if g.coupled or len(g.consumers) > 1],
+        **_attention_summary(index),
         "params": count_parameters(model),
         "macs": count_macs(model),
     }
+
+
+def _attention_summary(index: GraphIndex) -> dict:
+    found, declined = find_attention(index)
+    return {"attention": [{"layer": a.name, "heads": len(a.heads), "head_dim": a.head_dim, "q": a.q.name, "k": a.k.name,
+                           "v": a.v.name, "out": a.out.name} for a in found],
+            "attention_skipped": [{"node": n, "reason": r} for n, r in declined],
+            "layer_norms": sum(n.op_type == "LayerNormalization" for n in index.graph.node)}
 
 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: CompressOptions, *, verify: bool = True,

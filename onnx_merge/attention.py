@@ -122,15 +122,24 @@ class Finder:
     def const(self, name: str) -> np.ndarray | None:
         return self.index.array(name) if name and self.index.is_weight(name) else None
 
-    def data_input(self, node: onnx.NodeProto) -> str:
-        """The input of an elementwise node that carries the full output shape."""
+    def data_input(self, node: onnx.NodeProto, scores: bool = False) -> str:
+        """The input of an elementwise node that carries the full output shape (with ``scores``,
+        the one that comes from a product of two tensors: a full-size mask is not it)."""
         full = [i for i in node.input if i and not self.index.is_weight(i) and self.dims.get(i) == self.dims.get(
             node.output[0])]
         if node.op_type in ("Where",):
             full = [i for i in node.input[1:] if i in full]
+        if scores and len(full) > 1:
+            full = [i for i in full if self._from_product(i)]
         if len(full) != 1:
             raise Rejected(f"{_label(node)} has no single full-shape data input")
         return full[0]
+
+    def _from_product(self, tensor: str) -> bool:
+        node = self.index.producer.get(tensor)
+        while node is not None and node.op_type in SCORE_OPS:
+            node = self.index.producer.get(self.data_input(node, scores=True))
+        return node is not None and node.op_type == "MatMul" and not any(self.index.is_weight(i) for i in node.input)
 
     # -- walking --------------------------------------------------------------------------
     def projection(self, tensor: str) -> tuple[Layer, list[onnx.NodeProto]]:
@@ -220,7 +229,7 @@ class Finder:
         tensor = softmax.input[0]
         while (node := self.index.producer.get(tensor)) is not None and node.op_type in SCORE_OPS:
             score_nodes.append(node)
-            tensor = self.data_input(node)
+            tensor = self.data_input(node, scores=True)
         if node is None or node.op_type != "MatMul" or any(self.index.is_weight(i) for i in node.input):
             raise Rejected(f"{_label(softmax)}'s scores do not come from a product of two tensors")
         qk = node

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="IN.onnx")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
+    c.add_argument("--heads", type=float, default=0.0, metavar="R",
+                   help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
+                   "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
+                   "--ratio still means channels and neurons; see 'inspect' for the heads found")
     c.add_argument("--method", choices=METHODS, default="regress",
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
                    "modelled from BatchNormalization statistics, or for a Gemm/MatMul layer without them from a "
@@ -187,7 +191,7 @@ def _print_verification(ver: dict) -> None:
 
 
 def cmd_compress(args) -> int:
-    options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
+    options = CompressOptions(ratio=args.ratio, heads=args.heads, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
@@ -200,6 +204,10 @@ def cmd_compress(args) -> int:
     rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],
              r["method"]] for r in report.get("layers", [])]
     print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
+    if report.get("heads"):
+        rows = [[h["layer"], f"{h['heads']} -> {h['kept']}", h["head_dim"], ", ".join(map(str, h["removed"]))]
+                for h in report["heads"]]
+        print(tabulate(rows, headers=["attention", "heads", "head dim", "removed"]))
     for s in report.get("skipped", []):
         print(f"skipped {s['node']}: {s['reason']}")
     pb, pa = report["params_before"], report["params_after"]
@@ -247,6 +255,16 @@ def cmd_inspect(args) -> int:
                  g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
         print(tabulate(rows, headers=["producers", "consumers", "depthwise", "channels", "params/channel", "status"],
                        maxcolwidths=[40, 40, 20, None, None, 50]))
+    if info["attention"]:
+        print("\nattention layers (heads removed with --heads R):")
+        rows = [[a["layer"], a["heads"], a["head_dim"], " / ".join(dict.fromkeys((a["q"], a["k"], a["v"]))), a["out"]]
+                for a in info["attention"]]
+        print(tabulate(rows, headers=["attention", "heads", "head dim", "Q / K / V", "output projection"]))
+    for s in info["attention_skipped"]:
+        print(f"heads left whole in {s['node']}: {s['reason']}")
+    if info["layer_norms"]:
+        print(f"{info['layer_norms']} LayerNormalization nodes mix the channels of the residual stream: "
+              "it and their channels stay whole")
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
     print(f"{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0

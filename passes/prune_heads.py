@@ -268,9 +268,8 @@ class PruneHeads:
         model.CopyFrom(trial)
         for name, reason in reasons.items():
             ctx.skip(name, f"heads left whole: {reason}")
-        rows = ctx.report.setdefault("heads", [])
         for att, kept in done:
-            rows.append({"layer": att.name, "heads": len(att.heads), "kept": len(kept), "head_dim": att.head_dim,
+            ctx.report.setdefault("heads", []).append({"layer": att.name, "heads": len(att.heads), "kept": len(kept), "head_dim": att.head_dim,
                          "removed": [i for i in range(len(att.heads)) if i not in set(kept.tolist())],
                          "q": att.q.name, "k": att.k.name, "v": att.v.name, "out": att.out.name})
             log.info("%s: heads %d -> %d", att.name, len(att.heads), len(kept))

@@ -1,5 +1,7 @@
 """Transformer forms: shared biases, attention heads, feed-forward blocks (onnx.parser graphs)."""
 
+import copy
+
 import numpy as np
 import pytest
 from onnx import numpy_helper
@@ -59,3 +61,107 @@ def test_copies_left_unchanged_are_shared_again():
     feeds = {"x": RNG.standard_normal((4, 8)).astype(np.float32)}
     np.testing.assert_array_equal(run(small, feeds)[0], run(model, feeds)[0])
     assert rep["params_after"] == rep["params_before"] == sum(v.size for v in ws.values())
+
+
+# -- attention heads -----------------------------------------------------------------------
+H, D, T = 4, 2, 5
+C = H * D
+
+
+def typed(ws: dict) -> str:
+    kinds = {np.dtype(np.float32): "float", np.dtype(np.int64): "int64"}
+    return ", ".join(f"{kinds[v.dtype]}[{','.join(map(str, v.shape))}] {k}" for k, v in ws.items())
+
+
+def attention(shapes: str, extra: dict, score: str = "ss = Mul (s, scale)", inputs: str = "") -> tuple:
+    """One self-attention block on x (N, T, C); ``shapes`` defines shape4 (to N, T, H, d) and
+    shape3 (back to N, T, C)."""
+    ws = rng_weights(RNG, wq=(C, C), wk=(C, C), wv=(C, C), wo=(C, C))
+    ws |= {f"b{n}": RNG.standard_normal(C).astype(np.float32) for n in "qkvo"}
+    ws |= {"scale": np.array(D ** -0.5, np.float32)} | extra
+    body = f"""
+        q = MatMul (x, wq)
+        qb = Add (q, bq)
+        k = MatMul (x, wk)
+        kb = Add (k, bk)
+        v = MatMul (x, wv)
+        vb = Add (v, bv)
+        {shapes}
+        q4 = Reshape (qb, shape4)
+        qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+        k4 = Reshape (kb, shape4)
+        kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+        v4 = Reshape (vb, shape4)
+        vt = Transpose <perm = [0, 2, 1, 3]> (v4)
+        s = MatMul (qt, kt)
+        {score}
+        p = Softmax <axis = -1> (ss)
+        o = MatMul (p, vt)
+        ot = Transpose <perm = [0, 2, 1, 3]> (o)
+        o3 = Reshape (ot, shape3)
+        y0 = MatMul (o3, wo)
+        y = Add (y0, bo)"""
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, {T}, {C}] x, {inputs + ", " if inputs else ""}{typed(ws)}) => (float[N, {T}, {C}] y) {{{body}
+    }}"""
+    from tests.helpers import build
+
+    return build(text, ws), ws
+
+
+CONSTANT_SHAPES = ("", {"shape4": np.array([0, 0, H, D], np.int64), "shape3": np.array([0, 0, C], np.int64)})
+# the head count a constant inside a Shape computation, the merged width read from x's shape (timm)
+COMPUTED_SHAPES = ("""sx = Shape (x)
+        nt = Slice (sx, zero, two)
+        c = Slice (sx, two, three)
+        shape4 = Concat <axis = 0> (nt, heads, dim)
+        shape3 = Concat <axis = 0> (nt, c)""", {
+    "zero": np.array([0], np.int64), "two": np.array([2], np.int64), "three": np.array([3], np.int64),
+    "heads": np.array([H], np.int64), "dim": np.array([D], np.int64)})
+
+
+def zeroed_values(model, ws: dict, removed: list[int]):
+    """The oracle: ``model`` with the V weight columns of the ``removed`` heads zeroed (biases kept)."""
+    wv = ws["wv"].copy()
+    for h in removed:
+        wv[:, h * D:(h + 1) * D] = 0
+    oracle = copy.deepcopy(model)
+    next(t for t in oracle.graph.initializer if t.name == "wv").CopyFrom(numpy_helper.from_array(wv, "wv"))
+    return oracle
+
+
+@pytest.mark.parametrize("shapes", [CONSTANT_SHAPES, COMPUTED_SHAPES], ids=["constant", "computed"])
+def test_removed_heads_equal_zeroed_value_columns(shapes):
+    model, ws = attention(*shapes)
+    small, rep = compress(model, ratio=0.0, heads=0.25)
+    (row,) = rep["heads"]
+    assert (row["heads"], row["kept"], row["head_dim"]) == (H, H - 1, D)
+    sizes = initializer_shapes(small)
+    assert sizes["wq"] == sizes["wk"] == sizes["wv"] == (C, C - D) and sizes["wo"] == (C - D, C)
+    oracle = zeroed_values(model, ws, row["removed"])
+    feeds = {"x": RNG.standard_normal((3, T, C)).astype(np.float32)}
+    got, want, before = run(small, feeds)[0], run(oracle, feeds)[0], run(model, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - before).max() > 1e-3  # a head really went
+
+
+def test_a_per_head_constant_bias_is_sliced_with_its_heads():
+    bias = RNG.standard_normal((1, H, T, T)).astype(np.float32)
+    model, ws = attention(*CONSTANT_SHAPES[:1], CONSTANT_SHAPES[1] | {"rel": bias},
+                          score="sm = Mul (s, scale)\n        ss = Add (sm, rel)")
+    small, rep = compress(model, ratio=0.0, heads=0.5)
+    (row,) = rep["heads"]
+    kept = [h for h in range(H) if h not in row["removed"]]
+    rel = next(t for t in small.graph.initializer if t.name.startswith("rel"))
+    np.testing.assert_array_equal(numpy_helper.to_array(rel), bias[:, kept])
+    feeds = {"x": RNG.standard_normal((2, T, C)).astype(np.float32)}
+    oracle = zeroed_values(model, ws, row["removed"])
+    np.testing.assert_allclose(run(small, feeds)[0], run(oracle, feeds)[0], atol=1e-5)
+
+
+def test_a_mask_that_differs_per_head_leaves_the_layer_whole():
+    model, _ = attention(*CONSTANT_SHAPES, score="sm = Mul (s, scale)\n        ss = Add (sm, mask)",
+                         inputs=f"float[N, {H}, {T}, {T}] mask")
+    small, rep = compress(model, ratio=0.0, heads=0.5)
+    assert "heads" not in rep and initializer_shapes(small)["wv"] == (C, C)
+    assert any("heads left whole" in s["reason"] and "'mask' differs per head" in s["reason"] for s in rep["skipped"])
