@@ -31,10 +31,11 @@ def _progress(iterable, **kw):
 def canonicalize() -> PassManager:
     """Name nodes, turn computed weights into initializers and batch-keeping reshapes into
     Flatten: what every later step expects."""
-    from .passes import FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, NameNodes, UnshareWeights
+    from .passes import (FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, GemmToMatMul, NameNodes,
+                         UnshareWeights)
 
     return PassManager([NameNodes(), FoldConstantWeights(), UnshareWeights(), FoldChannelAffine(),
-                        FlattenBatchReshape()])
+                        FlattenBatchReshape(), GemmToMatMul()])
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:

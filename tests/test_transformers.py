@@ -165,3 +165,39 @@ def test_a_mask_that_differs_per_head_leaves_the_layer_whole():
     small, rep = compress(model, ratio=0.0, heads=0.5)
     assert "heads" not in rep and initializer_shapes(small)["wv"] == (C, C)
     assert any("heads left whole" in s["reason"] and "'mask' differs per head" in s["reason"] for s in rep["skipped"])
+
+
+# -- Gemm between Reshapes (GPT-2's Conv1D) ------------------------------------------------
+def conv1d_block(back: str) -> tuple:
+    ws = rng_weights(RNG, w=(6, 8)) | {"b": RNG.standard_normal(6).astype(np.float32)}
+    ws |= {"flat": np.array([-1, 8], np.int64), "zero": np.array([0], np.int64), "two": np.array([2], np.int64),
+           "width": np.array([6], np.int64), "rows": np.array([-1, 6], np.int64)}
+    body = f"""
+        f = Reshape (x, flat)
+        g = Gemm <transB = 1, alpha = 0.5> (f, w, b)
+        sx = Shape (x)
+        nt = Slice (sx, zero, two)
+        back = Concat <axis = 0> (nt, width)
+        {back}"""
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 5, 8] x, {typed(ws)}) => (float[N, 5, 6] y) {{{body}
+    }}"""
+    from tests.helpers import build
+
+    return build(text, ws)
+
+
+def test_a_gemm_between_reshapes_becomes_a_matmul_on_the_sequence():
+    model = conv1d_block("y = Reshape (g, back)")
+    small, rep = compress(model, ratio=0.0)
+    ops = [n.op_type for n in small.graph.node]
+    assert "Gemm" not in ops and ops.count("MatMul") == 1 and rep["gemm_to_matmul"]
+    feeds = {"x": RNG.standard_normal((3, 5, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(small, feeds)[0], run(model, feeds)[0], atol=1e-6)
+    assert rep["params_before"] == rep["params_after"]
+
+
+def test_a_gemm_whose_rows_do_not_go_back_is_left_alone():
+    model = conv1d_block("r = Reshape (g, rows)\n        y = Reshape (r, back)")  # (N*T, C') is read as such
+    small, rep = compress(model, ratio=0.0)
+    assert "Gemm" in [n.op_type for n in small.graph.node] and "gemm_to_matmul" not in rep
