@@ -58,11 +58,12 @@ class Attention:
         return list({id(p.node): p for p in (self.q, self.k, self.v)}.values())
 
 
-def concrete_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+def concrete_dims(model: onnx.ModelProto, measure: tuple = ()) -> dict[str, list[int]]:
     """Every tensor's dims from shape inference with the graph inputs' free dims fixed (the first
     to 2, the others to 1, as random verification inputs are), so that shapes computed from Shape
     ops become numbers. Operands of elementwise ops that inference leaves open (a mask built by
-    Expand from the inputs) are measured by running the model once in onnxruntime."""
+    Expand from the inputs), and the tensors in ``measure`` that inference leaves open, are
+    measured by running the model once in onnxruntime."""
     sk = skeleton(model)
     weights = {t.name for t in model.graph.initializer}
     for value in sk.graph.input:
@@ -82,6 +83,7 @@ def concrete_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     missing = list(dict.fromkeys(i for n in model.graph.node if n.op_type in ELEMENTWISE | {"Where"}
                                  for i in n.input if i and i not in dims and types.get(i)))
+    missing += [n for n in measure if n not in dims and types.get(n) and n not in missing]
     if missing and any(n.op_type == "Softmax" for n in model.graph.node):
         dims.update(_measured_dims(model, missing, types))
     return dims

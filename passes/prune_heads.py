@@ -255,7 +255,8 @@ class PruneHeads:
             trial.CopyFrom(model)
             done, declined, expected = _apply(trial, ratio, skip)
             reasons.update(dict(declined))
-            dims = concrete_dims(trial) if done else {}
+            planned = tuple(t for att, _ in done for t in expected[att.name])
+            dims = concrete_dims(trial, measure=planned) if done else {}
             wrong = {att.name for att, _ in done
                      if any(dims.get(t) != d for t, d in expected[att.name].items())}
             if not wrong:
