@@ -201,3 +201,17 @@ def test_a_gemm_whose_rows_do_not_go_back_is_left_alone():
     model = conv1d_block("r = Reshape (g, rows)\n        y = Reshape (r, back)")  # (N*T, C') is read as such
     small, rep = compress(model, ratio=0.0)
     assert "Gemm" in [n.op_type for n in small.graph.node] and "gemm_to_matmul" not in rep
+
+
+def test_head_importance_and_the_value_bias_offset_on_arrays():
+    from onnx_merge.math.heads import head_importance, kept_heads, value_bias_offset
+
+    v = [np.eye(3, 2), 2 * np.eye(3, 2), 0.5 * np.eye(3, 2), 3 * np.eye(3, 2)]
+    o = [np.ones((2, 4))] * 4
+    imp = head_importance(v, o)
+    np.testing.assert_allclose(imp, np.array([1, 2, 0.5, 3]) * np.sqrt(8))
+    assert kept_heads(imp, 0.25).tolist() == [0, 1, 3] and kept_heads(imp, 0.5).tolist() == [1, 3]
+    assert kept_heads(np.ones(4), 0.5).tolist() == [0, 1]  # ties keep the earlier heads
+    b = [np.array([1.0, 2.0]), np.array([0.5, -1.0])]
+    w = [np.arange(8.0).reshape(2, 4), np.ones((2, 4))]
+    np.testing.assert_allclose(value_bias_offset(b, w), b[0] @ w[0] + b[1] @ w[1])
