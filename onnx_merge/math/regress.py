@@ -71,6 +71,17 @@ def layer_preactivations(rows: np.ndarray, bias: np.ndarray | None, inputs: Inpu
     return mean, (w * var_x) @ w.T
 
 
+def depthwise_preactivations(mean: np.ndarray, cov: np.ndarray, filters: np.ndarray,
+                             bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a depthwise conv's outputs, o_c = sum_t k_c[t] a_c(p + t) + b_c, whose
+    input a has channel mean ``mean`` and covariance ``cov`` at every position, independently from
+    position to position: E[o_c] = m_c sum_t k_c[t] + b_c, Cov(o_c, o_d) = C_cd sum_t k_c[t] k_d[t]
+    (only taps at the same position meet). filters: (C, taps)."""
+    k = np.asarray(filters, np.float64).reshape(len(mean), -1)
+    out = np.asarray(mean, np.float64) * k.sum(axis=1) + (0.0 if bias is None else np.asarray(bias, np.float64))
+    return out, np.asarray(cov, np.float64) * (k @ k.T)
+
+
 def model_moments(name: str, params: dict | None, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """(N + 1, N + 1) moments of [f(u), 1], u ~ N(mean, cov), f the activation ``name``."""
     return gaussian_activation_moments(activation(name, params), mean, cov)
