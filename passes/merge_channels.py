@@ -18,8 +18,8 @@ import onnx
 from onnx_merge.datafree import chain_activation, input_model
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
-from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
-                             rank_kept, ranks_by_criterion)
+from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count,
+                             models_activations, plan_layer, rank_kept, ranks_by_criterion)
 from onnx_merge.shapes import drop_value_info
 
 log = logging.getLogger("onnx_merge")
@@ -253,10 +253,12 @@ class MergeChannels:
     @staticmethod
     def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions, ranking: bool) -> ProducerArrays:
         # l2-path ranks by the consumer's column norms (a re-plan with the ranking given does not);
-        # regress reads the consumer's rows where it models the layer (after BN, or fully connected)
-        return producer_arrays(index, chain, consumer_norms=ranking and plan_opts.criterion == "l2-path",
-                               consumer_rows=plan_opts.method == "regress" and (chain.bn is not None or is_dense(chain)
-                                                                                or input_model(index, chain.producer) is not None))
+        # regress reads the consumer's rows where it models the layer's activations
+        norms = ranking and plan_opts.criterion == "l2-path"
+        arrays = producer_arrays(index, chain, consumer_norms=norms)
+        if plan_opts.method == "regress" and models_activations(arrays):
+            arrays = producer_arrays(index, chain, consumer_norms=norms, consumer_rows=True)
+        return arrays
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: PlanOptions) -> dict:

@@ -58,6 +58,11 @@ class ProducerArrays:
         return ("relu", {}) if self.slope == 0 else ("leaky_relu", {"alpha": self.slope})
 
     @property
+    def pointwise(self) -> bool:
+        """A fully connected layer, or a 1x1 convolution (the same layer at every position)."""
+        return self.dense or (self.in_channels > 0 and self.weight.shape[1] == self.in_channels)
+
+    @property
     def homogeneous(self) -> bool:
         """Whether merging commutes with the activation (METHOD.md section 1)."""
         return self.act[0] in HOMOGENEOUS
@@ -102,12 +107,18 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
     return arrays.weight if arrays.bn is not None else arrays.rows()
 
 
+def models_activations(arrays: ProducerArrays) -> bool:
+    """Whether ``regress`` has a model of the layer's activations: a kept BatchNormalization's
+    statistics, the statistics of its input that the graph gives (a LayerNorm or BN before it),
+    or a white input for a fully connected or 1x1 layer; and a named activation, at most
+    MAX_REGRESS_CHANNELS wide."""
+    return ((arrays.bn is not None or arrays.pointwise or arrays.inputs is not None)
+            and arrays.n <= MAX_REGRESS_CHANNELS and arrays.act[0] in FUNCTIONS)
+
+
 def regress_applies(arrays: ProducerArrays) -> bool:
-    """``regress`` models a layer where a kept BatchNormalization gives its statistics, where the
-    graph gives its input's (a LayerNorm or BN before it), and a fully connected layer without
-    either by a white input."""
-    return ((arrays.bn is not None or arrays.dense or arrays.inputs is not None) and arrays.n <= MAX_REGRESS_CHANNELS
-            and arrays.consumer_rows is not None and arrays.act[0] in FUNCTIONS)
+    """``regress`` runs where it models the activations and has the consumer's rows."""
+    return models_activations(arrays) and arrays.consumer_rows is not None
 
 
 def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
@@ -134,7 +145,7 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
                                                          "bias_from_bn": opts.bias_from_bn or method == "prune"}), kept)
         comp.notes["method"] = method
         comp.notes["fallback"] = (f"{method}d: a convolution without statistics (BatchNormalization, or its "
-                                  "input's) to model its activations" if arrays.bn is None and not arrays.dense else
+                                  "input's) to model its activations" if arrays.bn is None and not arrays.pointwise else
                                   f"{method}d: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
         return comp
     kept = rank_kept(arrays, n_keep, opts) if kept is None else kept
