@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 
 from onnx_merge.datafree import chain_activation, input_model
+from onnx_merge.math.planner import models_activations
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, find_chains
-from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count,
-                             models_activations, plan_layer, rank_kept, ranks_by_criterion)
+from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+                             rank_kept, ranks_by_criterion)
 from onnx_merge.shapes import drop_value_info
 
 log = logging.getLogger("onnx_merge")

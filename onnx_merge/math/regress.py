@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import activation
-
 from .batchnorm import BatchNorm
 from .calibrate import LeastSquaresFit, refit, select_channels
 from .compensation import Compensation
