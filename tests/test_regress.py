@@ -177,3 +177,24 @@ def test_pruned_hardswish_chain_after_a_kept_bn_gets_the_removed_means():
     regressed, entry = error()
     assert entry["method"] == "regress" and "predicted_error" in entry
     assert means < 0.7 * plain and regressed < means
+
+
+def test_the_graph_gives_a_layernorm_input_model_and_one_named_activation():
+    from onnx_merge.datafree import chain_activation, input_model
+    from onnx_merge.graph import GraphIndex
+    from onnx_merge.groups import find_chains
+
+    rng = np.random.default_rng(7)
+    ws = {"g": rng.random(32) + 0.5, "be": rng.standard_normal(32), "w1": rng.standard_normal((32, 96)),
+          "b1": rng.standard_normal(96), "w2": rng.standard_normal((96, 32)), "b2": np.zeros(32)}
+    model = build(header(20) + FFN.format(act="Gelu"), {k: np.asarray(v, np.float32) for k, v in ws.items()})
+    index = GraphIndex(model)
+    (chain,), _ = find_chains(index)
+    assert chain_activation(index, chain) == ("gelu", {})
+    inputs = input_model(index, chain.producer)
+    assert inputs.source == "layernorm" and np.allclose(inputs.mean, ws["be"]) and np.allclose(inputs.var, ws["g"] ** 2)
+    two = build(header(20) + FFN.format(act="Tanh").replace("a = Tanh (hb)", "t = Tanh (hb)\n        a = Sigmoid (t)"),
+                {k: np.asarray(v, np.float32) for k, v in ws.items()})
+    index = GraphIndex(two)
+    (chain,), _ = find_chains(index)
+    assert chain_activation(index, chain) is None  # two activations: no one function to model
