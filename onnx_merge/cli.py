@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--layer-ratio and --exclude still pin the layers they match")
     amount.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction of the parameters, allocated like --target-macs")
+    c.add_argument("--heads", type=float, default=0.0, metavar="R",
+                   help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
+                   "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
+                   "--ratio still means channels and neurons; see 'inspect' for the heads found")
     c.add_argument("--method", choices=METHODS, default="regress",
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
                    "modelled from BatchNormalization statistics, or for a Gemm/MatMul layer without them from a "
@@ -350,7 +354,7 @@ def cmd_compress(args) -> int:
     if gated and args.no_verify:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
-    options = CompressOptions(ratio=args.ratio, target_macs=args.target_macs,
+    options = CompressOptions(ratio=args.ratio, heads=args.heads, target_macs=args.target_macs,
                               target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
@@ -455,7 +459,7 @@ def cmd_inspect(args) -> int:
             "inspect", options=options_of(args.command_parser, args), models=[model],
             summary={"chains": len(info["chains"]), "skipped": len(info["skipped"]), "groups": len(info["groups"]),
                      "params": info["params"], "macs": info["macs"]},
-            details={k: info[k] for k in ("chains", "skipped", "groups")})))
+            details={k: info[k] for k in ("chains", "skipped", "groups", "attention", "attention_skipped")})))
         return 0
     _echo(terminal.header(report.describe_model(loaded.model, loaded.path)))
     _echo()
@@ -473,6 +477,16 @@ def cmd_inspect(args) -> int:
                  g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
         _echo(tabulate(rows, headers=["producers", "consumers", "depthwise", "channels", "params/channel", "status"],
                        maxcolwidths=[40, 40, 20, None, None, 50]))
+    if info["attention"]:
+        _echo("\nattention layers (heads removed with --heads R):")
+        rows = [[a["layer"], a["heads"], a["head_dim"], " / ".join(dict.fromkeys((a["q"], a["k"], a["v"]))), a["out"]]
+                for a in info["attention"]]
+        _echo(tabulate(rows, headers=["attention", "heads", "head dim", "Q / K / V", "output projection"]))
+    for s in info["attention_skipped"]:
+        _echo(f"heads left whole in {s['node']}: {s['reason']}")
+    if info["layer_norms"]:
+        _echo(f"{info['layer_norms']} LayerNormalization nodes mix the channels of the residual stream: "
+              "it and their channels stay whole")
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
     _echo(f"\n{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0

@@ -41,12 +41,13 @@ class CompressOptions:
     target_macs: float | None = None
     target_params: float | None = None
     allocated: dict[str, float] = field(default_factory=dict)
+    heads: float = 0.0  # fraction of attention heads removed per attention layer (passes/prune_heads.py)
     skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
     fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
     fold_max_mb: float = 1024.0  # ... and this many MiB; a bigger one is refused, naming its node
 
     def validate(self) -> "CompressOptions":
-        ratios = [self.ratio] + [r for _, r in self.layer_ratios]
+        ratios = [self.ratio, self.heads] + [r for _, r in self.layer_ratios]
         if any(not 0.0 <= r < 1.0 for r in ratios):
             raise UsageError(f"ratios must lie in [0, 1): got {', '.join(map(str, ratios))}")
         for value, allowed, what in ((self.method, METHODS, "method"), (self.criterion, CRITERIA + (AUTO,), "criterion"),

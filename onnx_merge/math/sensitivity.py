@@ -3,8 +3,8 @@
 ``curve[k]`` is the squared error in the consumer's output once k of the layer's N channels
 are removed (k = 0 .. N - 1), divided by the consumer's output energy, so that curves of
 different layers are comparable: the error the plan predicts under the layer's activation
-model (``activation_gram``: BatchNormalization statistics, otherwise the white-input kernel
-model), weighted by the consumer's weights. (Curves measured by greedy elimination on
+model (``activation_model``: BatchNormalization statistics, the white-input kernel model, or
+the Gaussian model of the layer's inputs), weighted by the consumer's weights. (Curves measured by greedy elimination on
 calibration activations allocated worse on the paper's ResNet-56 than these, and took
 minutes: BENCHMARKS.md.)
 """
@@ -16,7 +16,7 @@ import numpy as np
 from .calibrate import LeastSquaresFit, eliminate
 from .compensation import Compensation
 from .merge import duplicate_of
-from .planner import PlanOptions, ProducerArrays, activation_gram, plan_layer, regress_applies
+from .planner import PlanOptions, ProducerArrays, activation_model, plan_layer, regress_applies
 from .regress import consumer_metric_root, moment_problem
 
 MAX_PLANNED_POINTS = 48  # a wider layer is planned at this many counts, the curve interpolated between
@@ -59,12 +59,13 @@ def planned_curve(arrays: ProducerArrays, opts: PlanOptions) -> np.ndarray:
     if arrays.consumer_rows is None:
         raise ValueError("a layer's curve needs the consumer's rows")
     n = arrays.n
-    gram = activation_gram(arrays)
+    gram = activation_model(arrays)[0]
     metric = np.asarray(arrays.consumer_rows, np.float64)
     metric = metric @ metric.T
     energy = max(output_energy(gram, metric), 1e-30)
     if opts.method == "regress" and regress_applies(arrays):
-        candidates = np.flatnonzero(duplicate_of(arrays.folded_rows()) < 0)
+        candidates = (np.flatnonzero(duplicate_of(arrays.folded_rows()) < 0) if arrays.homogeneous
+                      else np.arange(n))
         select = moment_problem(gram, candidates, gram[:, :n] @ consumer_metric_root(arrays.consumer_rows))
         curve = elimination_curve(select, len(candidates), opts.ridge, free=n - len(candidates))
         if curve is not None:
