@@ -192,12 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
 
     s = sub.add_parser("sweep", parents=[common], help="compress, verify, score (and time) a grid of configurations",
-                       description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original on "
-                       "the eval data, score on it (and time it with --bench). Results go to DIR as sweep.json, "
-                       "sweep.csv, sweep.md and sweep.png (accuracy against MACs, and latency, with the Pareto "
-                       "frontier). Finished jobs are cached in DIR/jobs by a hash of their configuration and of "
-                       "the files they read: a rerun only runs what is missing or failed. A failing job is "
-                       "reported in its row; the others go on.",
+                       description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original\n"
+                       "on the eval data, score on it (and time it with --bench). Each model's original is scored\n"
+                       "too, for the accuracy drop. Results go to DIR as sweep.json, sweep.csv, sweep.md and\n"
+                       "sweep.png (accuracy against MACs, and latency, with the Pareto frontier marked).\n"
+                       "Finished jobs are cached in DIR/jobs by a hash of their configuration and of the files\n"
+                       "they read: a rerun only runs what is missing or failed. A failing job is reported in its\n"
+                       "row; the others go on.",
                        epilog="example:\n  onnx-merge sweep resnet56.onnx --ratios 0.2,0.3,0.4,0.5 --methods merge,regress \\\n"
                        "      --data cifar10_test.npz --input-key x_exact --scale 255 --layout nhwc \\\n"
                        "      --mean 0.4914,0.4822,0.4465 --std 0.2023,0.1994,0.2010 --out sweep/ \\\n"
@@ -233,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads per job (default: the cores shared out among the workers; 1 on a Ray cluster)")
     s.add_argument("--ray-address", metavar="ADDRESS", help="with --engine ray: an existing cluster (e.g. auto)")
     s.add_argument("--pick", metavar="RULE", help="choose a configuration meeting RULE, e.g. 'accuracy_drop<=1.0' "
-                   "(any figure of the rows; several comma-separated), and write it to DIR/picked.onnx")
+                   "(points of top-1), and write it to DIR/picked.onnx; any figure of the rows (accuracy, "
+                   "accuracy_drop, macs_kept, params_kept, cosine, latency_ratio, ...), several comma-separated; "
+                   "exit 1 when none meets it")
     s.add_argument("--minimize", choices=("macs", "params", "latency"), default="macs",
                    help="with --pick: the figure to make least (default macs; latency needs --bench)")
 

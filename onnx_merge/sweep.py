@@ -322,6 +322,8 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
     if not methods or not settings:
         raise UsageError("a sweep needs at least one method and one setting")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: its folder {out.parent} does not exist")
     out.mkdir(exist_ok=True)
