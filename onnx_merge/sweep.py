@@ -313,6 +313,7 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
     from .engines import ENGINES, require_ray, run_jobs
     from .sweep_output import write_outputs
 
+    start = time.perf_counter()
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "ray":
@@ -334,7 +335,6 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
                      threads=threads)
     if pick_rule:
         parse_constraints(pick_rule[0])
-    start = time.perf_counter()
     rows = {job.key: cached_row(job) for job in jobs}
     todo = [job for job in jobs if rows[job.key] is None]
     show = progress and todo
