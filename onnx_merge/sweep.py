@@ -188,8 +188,8 @@ def run_job(job: Job) -> dict:
             figures.update(_score(job, Path(figures["output"]), x, y, pre))
             if job.bench:
                 timed = [job.model] if job.method is None else [job.model, figures["output"]]
-                runs = bench_models(timed, batch=job.bench.batch, runs=job.bench.runs, warmup=job.bench.warmup,
-                                    threads=job.threads)
+                runs = bench_models(timed, batches=(job.bench.batch,), threads=(job.threads,), runs=job.bench.runs,
+                                    warmup=job.bench.warmup, memory=False)
                 figures.update(latency_ms=runs[-1]["p50_ms"], latency_ratio=runs[-1]["p50_ratio"])
             row = job.row(status="ok", **figures)
         except Exception as exc:  # any failure belongs to this job's row; the sweep goes on

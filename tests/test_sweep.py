@@ -156,10 +156,14 @@ def test_cli_sweep_and_usage_errors(files, capsys):
     out = files / "cli"
     args = ["sweep", str(files / "lenet.onnx"), "--ratios", "0.5", "--methods", "merge", "--data",
             str(files / "eval.npz"), "--scale", "255", "--out", str(out), "--workers", "1"]
-    assert main(args + ["--pick", "accuracy_drop<=100", "--minimize", "params"]) == 0
+    timed = ["--bench", "--bench-runs", "5"]
+    assert main(args + timed + ["--pick", "accuracy_drop<=100,latency_ratio<=10", "--minimize", "latency"]) == 0
     printed = capsys.readouterr().out
-    assert "lenet merge ratio=0.5" in printed and (out / "picked.onnx").is_file()
-    assert main(args + ["--pick", "accuracy_drop<=-5"]) == 1  # served from the cache; nothing meets it
+    assert "lenet merge ratio=0.5" in printed and "least latency" in printed and (out / "picked.onnx").is_file()
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert all(r["latency_ms"] > 0 for r in rows) and rows[0]["latency_ratio"] == 1.0
+    assert main(args + timed + ["--pick", "accuracy_drop<=-5"]) == 1  # served from the cache; nothing meets it
+    assert "2 from the cache" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
         main(args[:4] + ["--methods", "fold"] + args[6:])
     assert refused.value.code == 2
