@@ -49,6 +49,9 @@ class EvalSpec:
     layout: str = "nchw"
     batch: int = 256
 
+    def __post_init__(self):
+        object.__setattr__(self, "data", str(self.data))  # a path given as Path: it keys the file hashes
+
     def load(self):
         """Inputs, labels (cut to the inputs, as eval does) and the preprocessing."""
         from .data import Preprocess, load_data
@@ -108,16 +111,21 @@ class Job:
         return self.row(status="error", error=message[:500])
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, and for a model of the external-data files it names too."""
-    path = Path(path)
-    files = [path]
-    if path.suffix == ".onnx":
-        model = onnx.load(str(path), load_external_data=False)
-        tensors = onnx.external_data_helper._get_all_tensors(model)
-        files += sorted({path.parent / e.value for t in tensors for e in t.external_data if e.key == "location"})
-    digest = hashlib.sha256()
-    for f in files:
+def _files_read(spec: str) -> list[Path]:
+    """The files a model or data spec reads: a model's external data too; every file of an ``idx:DIR``."""
+    if spec.startswith("idx:"):
+        return sorted(f for f in Path(spec[4:].split(":")[0]).iterdir() if f.is_file())
+    path = Path(spec)
+    if path.suffix != ".onnx":
+        return [path]
+    tensors = onnx.external_data_helper._get_all_tensors(onnx.load(str(path), load_external_data=False))
+    return [path] + sorted({path.parent / e.value for t in tensors for e in t.external_data if e.key == "location"})
+
+
+def fingerprint(spec: str) -> str:
+    """SHA-256 of the spec's file contents (and of an ``idx:`` spec itself, whose split matters)."""
+    digest = hashlib.sha256(spec.encode() if spec.startswith("idx:") else b"")
+    for f in _files_read(spec):
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
@@ -292,7 +300,7 @@ def plan_jobs(models: list[str], methods: list[str], settings: list[dict], evalu
     evaluation.load()
     if calibration:
         load_arrays(calibration)
-    files = [*models, evaluation.data] + ([calibration] if calibration else [])
+    files = [*models, evaluation.data] + ([calibration] if calibration else [])  # strings: they key the hashes
     fingerprints = {f: fingerprint(f) for f in files}
     common = dict(evaluation=evaluation, out=out, calibration=calibration, bench=bench, threads=threads,
                   fingerprints=fingerprints)
@@ -331,8 +339,8 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
     (out / "models").mkdir(exist_ok=True)
     if threads is None:  # the machine's cores shared out among the jobs that run at once
         threads = 1 if ray_address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1))
-    jobs = plan_jobs(models, methods, settings, evaluation, str(out), calibration=calibration, bench=bench,
-                     threads=threads)
+    jobs = plan_jobs([str(m) for m in models], methods, settings, evaluation, str(out),
+                     calibration=calibration and str(calibration), bench=bench, threads=threads)
     if pick_rule:
         parse_constraints(pick_rule[0])
     rows = {job.key: cached_row(job) for job in jobs}

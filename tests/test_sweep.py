@@ -171,3 +171,19 @@ def test_cli_sweep_and_usage_errors(files, capsys):
     assert main(args + ["--input-key", "nothing"]) == 2
     assert main(args[:1] + [str(files / "missing.onnx")] + args[2:]) == 3
     assert main(args[:3] + ["1.5"] + args[4:]) == 2
+
+
+def test_fingerprint_follows_contents_not_names(tmp_path):
+    from onnx_merge.sweep import fingerprint
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    (folder / "t10k-images-idx3-ubyte").write_bytes(b"\0\0\x08\x01\0\0\0\x02ab")
+    first = fingerprint(f"idx:{folder}")
+    assert fingerprint(f"idx:{folder}:train") != first
+    (folder / "t10k-images-idx3-ubyte").write_bytes(b"\0\0\x08\x01\0\0\0\x02ac")
+    assert fingerprint(f"idx:{folder}") != first
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(a, x=np.zeros(3))
+    np.savez(b, x=np.zeros(3))
+    assert fingerprint(str(a)) == fingerprint(str(b))
