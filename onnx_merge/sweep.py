@@ -33,6 +33,8 @@ log = logging.getLogger("onnx_merge")
 ORIGINAL = "original"  # the method name of each model's uncompressed row
 VERIFY_SAMPLES = 64  # eval samples the compressed model is compared with the original on
 MINIMIZE = {"macs": "macs", "params": "params", "latency": "latency_ms"}
+FIGURES = ("accuracy", "accuracy_drop", "top5", "samples", "params", "params_kept", "macs", "macs_kept", "cosine",
+           "top1_agreement", "latency_ms", "latency_ratio", "seconds")  # what a finished row can be judged on
 
 
 @dataclass(frozen=True)
@@ -239,13 +241,15 @@ _CONSTRAINT = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>|==)\s*([-+]?[0-9.]+(?:e
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 
 
-def parse_constraints(text: str) -> list[tuple[str, str, float]]:
-    """'accuracy_drop<=1.0,latency_ratio<0.8' -> [(field, op, value), ...]."""
+def parse_constraints(text: str, settings: tuple[str, ...] = ("ratio",)) -> list[tuple[str, str, float]]:
+    """'accuracy_drop<=1.0,latency_ratio<0.8' -> [(field, op, value), ...]; fields are FIGURES or ``settings``."""
     out = []
     for part in text.split(","):
         match = _CONSTRAINT.match(part)
         if not match:
             raise UsageError(f"--pick: expected FIELD<=VALUE (also <, >=, >, ==), comma-separated; got {part!r}")
+        if match[1] not in FIGURES + settings:
+            raise UsageError(f"--pick: no figure {match[1]!r}; choose from {', '.join(FIGURES + settings)}")
         out.append((match[1], match[2], float(match[3])))
     return out
 
@@ -253,17 +257,14 @@ def parse_constraints(text: str) -> list[tuple[str, str, float]]:
 def pick(rows: list[dict], constraints: str, minimize: str) -> dict:
     """The compressed row meeting every constraint with the least ``minimize`` (ties: higher
     accuracy), and a sentence saying why. ``row`` is None when no row meets them."""
-    conditions = parse_constraints(constraints)
+    settings = tuple(k for r in rows for k in r if k not in FIGURES and isinstance(r[k], (int, float)))
+    conditions = parse_constraints(constraints, settings)
     if minimize not in MINIMIZE:
         raise UsageError(f"--minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
     target = MINIMIZE[minimize]
     done = [r for r in rows if r["status"] == "ok" and r["method"] != ORIGINAL]
     if done and target not in done[0]:
         raise UsageError(f"--minimize {minimize} needs figures the sweep did not take (latency: --bench)")
-    names = {k for r in done for k, v in r.items() if isinstance(v, (int, float))}
-    for name, _, _ in conditions:
-        if name not in names:
-            raise UsageError(f"--pick: no figure {name!r}; the rows have {', '.join(sorted(names))}")
     meets = [r for r in done if all(r.get(n) is not None and _OPS[op](r[n], v) for n, op, v in conditions)
              and r.get(target) is not None]
     if not meets:
@@ -335,14 +336,16 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
         raise UsageError(f"{out}: not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: its folder {out.parent} does not exist")
-    out.mkdir(exist_ok=True)
-    (out / "models").mkdir(exist_ok=True)
+    if pick_rule:  # refused before the work, not after it
+        parse_constraints(pick_rule[0], tuple(k for setting in settings for k in setting))
+        if pick_rule[1] not in MINIMIZE or (pick_rule[1] == "latency" and bench is None):
+            raise UsageError(f"--minimize must be one of {', '.join(MINIMIZE)} (latency needs --bench), "
+                             f"got {pick_rule[1]!r}")
     if threads is None:  # the machine's cores shared out among the jobs that run at once
         threads = 1 if ray_address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1))
     jobs = plan_jobs([str(m) for m in models], methods, settings, evaluation, str(out),
                      calibration=calibration and str(calibration), bench=bench, threads=threads)
-    if pick_rule:
-        parse_constraints(pick_rule[0])
+    (out / "models").mkdir(parents=True, exist_ok=True)
     rows = {job.key: cached_row(job) for job in jobs}
     todo = [job for job in jobs if rows[job.key] is None]
     show = progress and todo

@@ -170,6 +170,8 @@ def test_cli_sweep_and_usage_errors(files, capsys):
     assert main(args + ["--minimize", "latency", "--pick", "accuracy_drop<=1"]) == 2
     assert main(args + ["--input-key", "nothing"]) == 2
     assert main(args[:1] + [str(files / "missing.onnx")] + args[2:]) == 3
+    fresh = args[:-4] + ["--out", str(files / "never")]
+    assert main(fresh + ["--pick", "speed<=1"]) == 2 and not (files / "never").exists()  # refused before any work
     assert main(args[:3] + ["1.5"] + args[4:]) == 2
 
 
