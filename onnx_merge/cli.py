@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 from tabulate import tabulate
 
 from . import api
-from .errors import OnnxMergeError, UsageError
-from .io import load_arrays, load_model, write_text_atomic
+from .errors import Interrupted, OnnxMergeError, UsageError
+from .files import check_targets, remove_live_staging, write_bytes_atomic
+from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
 from .options import AUTO, METHODS, CompressOptions
-from .runtime import parse_providers
+from .runtime import parse_providers, set_runtime_logging
 from .verify import Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
@@ -149,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
                    "L-BFGS iterations kept near the fitted weights; it is used only where it lowers the "
                    "error on a held-out quarter of the calibration rows (default 100; 0: off)")
+    c.add_argument("--skip-fold", action="store_true",
+                   help="leave constant subgraphs unfolded (weights computed by nodes are then not compressed)")
+    c.add_argument("--fold-max-elements", type=int, default=2**28, metavar="N",
+                   help="largest constant that folding may compute, in elements (default 2^28); a model "
+                   "computing a bigger one is refused, naming the node")
+    c.add_argument("--fold-max-mb", type=float, default=1024.0, metavar="MB",
+                   help="largest constant that folding may compute, in MiB (default 1024)")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     _add_verify_args(c)
 
@@ -266,16 +276,18 @@ def _print_verification(ver: dict) -> None:
 
 
 def cmd_compress(args) -> int:
+    check_targets([args.output, args.report], model_files(args.model))  # before any data is read
     options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
-                              calibration_mixup=args.calibration_mixup,
+                              calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
+                              fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
-                               providers=args.providers)
+                               providers=args.providers, also_writes=[args.report] if args.report else [])
     rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],
              r["method"]] for r in report.get("layers", [])]
     print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
@@ -290,11 +302,14 @@ def cmd_compress(args) -> int:
     if "verification" in report:
         _print_verification(report["verification"])
     if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=2, default=str))
+        write_text_atomic(args.report, json.dumps(report, indent=2, default=str),
+                          protect=model_files(args.model) + model_files(args.output))
     return 0
 
 
 def cmd_verify(args) -> int:
+    protect = model_files(args.original) + model_files(args.candidate)
+    check_targets([args.report], protect)
     providers = parse_providers(args.providers)
     for path in (args.original, args.candidate):
         load_model(path)  # a clear exit 3 for a bad file before onnxruntime sees it
@@ -305,7 +320,7 @@ def cmd_verify(args) -> int:
                            input_source=str(args.inputs))
     _print_verification(result.as_dict())
     if args.report:
-        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2))
+        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2), protect=protect)
     print("verification passed" if result.ok else "verification FAILED")
     return 0 if result.ok else 1
 
@@ -370,6 +385,8 @@ def cmd_bench(args) -> int:
     threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    protect = [p for m in args.models for p in model_files(m)]
+    check_targets([args.report, args.plot], protect)
     for path in args.models:
         load_model(path)
     results = []
@@ -387,10 +404,10 @@ def cmd_bench(args) -> int:
     print(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
                                   "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
     if args.plot:
-        plot_latencies(results, args.plot)
+        write_bytes_atomic(args.plot, plot_latencies(results), protect=protect)
         print(f"wrote {args.plot}")
     if args.report:
-        write_text_atomic(args.report, json.dumps(results, indent=2))
+        write_text_atomic(args.report, json.dumps(results, indent=2), protect=protect)
     return 0
 
 
@@ -426,10 +443,11 @@ COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, 
             "sweep": cmd_sweep}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _run(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except OnnxMergeError as exc:
@@ -437,14 +455,38 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onnx-merge: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-merge: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("onnx-merge: error: out of memory (the model or data is too large for this machine)", file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
         if args.debug:
             traceback.print_exc()
         print(f"onnx-merge: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
         return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes as EPILOG says; SIGINT exits 130 and SIGTERM 143 at any time, no traceback, and
+    the temporary files of a save in progress are removed (they unwind as an exception)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    logging.captureWarnings(True)
+    try:
+        args = build_parser().parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+        # third-party warnings (onnx, numpy, Python's) are log lines, shown with -v only
+        logging.getLogger("py.warnings").setLevel(logging.WARNING if args.verbose or args.debug else logging.CRITICAL)
+        set_runtime_logging("debug" if args.debug else "verbose" if args.verbose else "quiet")
+        return _run(args)
+    except KeyboardInterrupt as exc:
+        remove_live_staging()
+        print("onnx-merge: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        logging.captureWarnings(False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
