@@ -21,12 +21,11 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import onnx
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import UsageError
-from .io import load_arrays, load_model, save_model, write_text_atomic
+from .io import load_arrays, load_model, model_files, save_model, write_text_atomic
 
 log = logging.getLogger("onnx_merge")
 
@@ -117,11 +116,7 @@ def _files_read(spec: str) -> list[Path]:
     """The files a model or data spec reads: a model's external data too; every file of an ``idx:DIR``."""
     if spec.startswith("idx:"):
         return sorted(f for f in Path(spec[4:].split(":")[0]).iterdir() if f.is_file())
-    path = Path(spec)
-    if path.suffix != ".onnx":
-        return [path]
-    tensors = onnx.external_data_helper._get_all_tensors(onnx.load(str(path), load_external_data=False))
-    return [path] + sorted({path.parent / e.value for t in tensors for e in t.external_data if e.key == "location"})
+    return model_files(spec) if spec.endswith(".onnx") else [Path(spec)]
 
 
 def fingerprint(spec: str) -> str:
@@ -377,7 +372,8 @@ def _progress_line(row: dict) -> str:
 def _write_pick(row: dict, out: Path) -> Path:
     loaded = load_model(row["output"])
     dst = out / "picked.onnx"
-    save_model(loaded.model, dst, external=loaded.external)
+    save_model(loaded.model, dst, external=loaded.external, source=Path(row["output"]),
+               protect=model_files(row["model"]))
     return dst
 
 

@@ -7,15 +7,13 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
 from . import __version__
-from .io import write_text_atomic
+from .files import write_bytes_atomic, write_text_atomic
 from .math.pareto import pareto_front
 
 log = logging.getLogger("onnx_merge")
@@ -67,17 +65,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-merge-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def frontier(rows: list[dict], cost: str) -> list[dict]:
@@ -145,11 +132,12 @@ def write_outputs(result, out: Path) -> dict:
     if result.pick:
         markdown += f"\n\nPicked: {result.pick['why']}\n"
     png = plot(rows)
-    write_text_atomic(files["csv"], _csv(rows))
-    write_text_atomic(files["markdown"], markdown + "\n")
+    inputs = {r["model"] for r in rows}  # an input named like an output is never overwritten
+    write_text_atomic(files["csv"], _csv(rows), inputs)
+    write_text_atomic(files["markdown"], markdown + "\n", inputs)
     if png is not None:
         files["png"] = out / "sweep.png"
-        _write_bytes_atomic(files["png"], png)
+        write_bytes_atomic(files["png"], png, inputs)
     report["files"] = {k: str(v) for k, v in files.items()}
-    write_text_atomic(files["json"], json.dumps(report, indent=2, default=str))
+    write_text_atomic(files["json"], json.dumps(report, indent=2, default=str), inputs)
     return files
