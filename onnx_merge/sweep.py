@@ -44,7 +44,7 @@ class EvalSpec:
     input_key: str = "x"
     label_key: str = "y"
     limit: int | None = None
-    scale: float = 1.0
+    scale: float | None = None  # None: not given (uint8 data is then fed as it is, with a warning)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layout: str = "nchw"
@@ -63,7 +63,7 @@ class EvalSpec:
                 raise UsageError(f"{self.data}: no array {key!r} (found {', '.join(arrays)})")
         x = arrays[self.input_key][:self.limit] if self.limit else arrays[self.input_key]
         y = arrays[self.label_key][:len(x)]
-        return x, y, Preprocess(self.scale, self.mean, self.std, self.layout)
+        return x, y, Preprocess(self.scale, self.mean, self.std, self.layout).validate()
 
 
 @dataclass(frozen=True)
@@ -280,6 +280,7 @@ class SweepResult:
     files: dict  # kind -> path written
     ran: int  # jobs run (the others came from the cache)
     seconds: float
+    options: dict = field(default_factory=dict)  # as the report records them
     pick: dict | None = None
 
 
@@ -293,7 +294,8 @@ def plan_jobs(models: list[str], methods: list[str], settings: list[dict], evalu
             CompressOptions(method=method, **setting).validate()
     for path in models:
         load_model(path)  # a bad model is a usage problem, found before any job runs
-    evaluation.load()
+    x, _, pre = evaluation.load()
+    pre(x[:1], None, f"{evaluation.data} [{evaluation.input_key}]")  # its warnings and refusals once, here
     if calibration:
         load_arrays(calibration)
     files = [*models, evaluation.data] + ([calibration] if calibration else [])  # strings: they key the hashes
@@ -311,9 +313,10 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
               out: str | os.PathLike, *, calibration: str | None = None, bench: BenchSpec | None = None,
               engine: str = "local", workers: int | None = None, threads: int | None = None,
               ray_address: str | None = None, pick_rule: tuple[str, str] | None = None,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, options: dict | None = None) -> SweepResult:
     """Run (or take from the cache) every job, then write DIR/sweep.{json,csv,md,png}; with
-    ``pick_rule`` (constraints, minimize) also DIR/picked.onnx."""
+    ``pick_rule`` (constraints, minimize) also DIR/picked.onnx. ``options``: what the report's
+    options record (the CLI's flags; by default these arguments)."""
     from .engines import ENGINES, require_ray, run_jobs
     from .sweep_output import write_outputs
 
@@ -353,7 +356,12 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
             if show:
                 tqdm.write(_progress_line(row), file=sys.stderr)
     rows = _with_baseline([rows[job.key] for job in jobs])
-    result = SweepResult(rows=rows, files={}, ran=len(todo), seconds=time.perf_counter() - start)
+    if options is None:
+        options = {"models": [str(m) for m in models], "methods": methods, "settings": settings,
+                   "evaluation": asdict(evaluation), "calibration": calibration, "bench": bench and asdict(bench),
+                   "engine": engine, "workers": workers, "threads": threads, "ray-address": ray_address,
+                   "pick": pick_rule and pick_rule[0], "minimize": pick_rule and pick_rule[1]}
+    result = SweepResult(rows=rows, files={}, ran=len(todo), seconds=time.perf_counter() - start, options=options)
     if pick_rule:
         result.pick = pick(rows, *pick_rule)
         if result.pick["row"] is not None:

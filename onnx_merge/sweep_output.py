@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
-from . import __version__
+from . import report
 from .files import write_bytes_atomic, write_text_atomic
 from .math.pareto import pareto_front
 
@@ -124,9 +123,13 @@ def write_outputs(result, out: Path) -> dict:
     rows = result.rows
     files = {"json": out / "sweep.json", "csv": out / "sweep.csv", "markdown": out / "sweep.md"}
     front = {cost: [r["label"] for r in frontier(rows, cost)] for cost in ("macs", "latency_ms")}
-    report = {"tool": "onnx-merge", "version": __version__, "command": "sweep", "jobs": len(rows),
-              "jobs_run": result.ran, "seconds": round(result.seconds, 2), "frontier": front, "pick": result.pick,
-              "rows": rows}
+    originals = [r for r in rows if r["method"] == "original"]
+    models = [{"role": "input", "path": r["model"], "params": r.get("params"), "macs": r.get("macs")}
+              for r in originals]
+    summary = {"jobs": len(rows), "jobs_run": result.ran, "failed": sum(r["status"] != "ok" for r in rows),
+               "frontier": front, "pick": result.pick}
+    data = report.new_report("sweep", options=result.options, models=models, summary=summary,
+                             details={"rows": rows}, elapsed_s=result.seconds)
     headers, table = summary_table(rows)
     markdown = tabulate(table, headers=headers, tablefmt="github")
     if result.pick:
@@ -138,6 +141,6 @@ def write_outputs(result, out: Path) -> dict:
     if png is not None:
         files["png"] = out / "sweep.png"
         write_bytes_atomic(files["png"], png, inputs)
-    report["files"] = {k: str(v) for k, v in files.items()}
-    write_text_atomic(files["json"], json.dumps(report, indent=2, default=str), inputs)
+    summary["files"] = {k: str(v) for k, v in files.items()}
+    write_text_atomic(files["json"], report.to_json(data), inputs)
     return files

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from onnx_merge import report
 from onnx_merge.api import compress_file
 from onnx_merge.cli import main
 from onnx_merge.data import Preprocess
@@ -99,9 +100,11 @@ def test_local_sweep_rows_files_and_failures(local, files):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "sweep.md").read_text()
     assert markdown.count("FAILED") == 5 and "Picked:" in markdown
-    report = json.loads((out / "sweep.json").read_text())
-    assert report["jobs"] == 10 and len(report["rows"]) == 10 and report["frontier"]["macs"]
-    failed = report["rows"][-1]
+    written = json.loads((out / "sweep.json").read_text())
+    report.validate(written)  # the shipped report schema
+    assert written["command"] == "sweep" and written["summary"]["jobs"] == 10 and written["summary"]["failed"] == 5
+    assert len(written["details"]["rows"]) == 10 and written["summary"]["frontier"]["macs"]
+    failed = written["details"]["rows"][-1]
     assert "784" in failed["error"] and "Traceback" in (out / "jobs" / f"{failed['key']}.log").read_text()
 
 
@@ -160,7 +163,10 @@ def test_cli_sweep_and_usage_errors(files, capsys):
     assert main(args + timed + ["--pick", "accuracy_drop<=100,latency_ratio<=10", "--minimize", "latency"]) == 0
     printed = capsys.readouterr().out
     assert "lenet merge ratio=0.5" in printed and "least latency" in printed and (out / "picked.onnx").is_file()
-    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    written = json.loads((out / "sweep.json").read_text())
+    report.validate(written)
+    assert written["options"]["ratios"] == [0.5] and written["options"]["scale"] == 255
+    rows = written["details"]["rows"]
     assert all(r["latency_ms"] > 0 for r in rows) and rows[0]["latency_ratio"] == 1.0
     assert main(args + timed + ["--pick", "accuracy_drop<=-5"]) == 1  # served from the cache; nothing meets it
     assert "2 from the cache" in capsys.readouterr().out
