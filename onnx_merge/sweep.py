@@ -325,8 +325,8 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
         raise UsageError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "ray":
         require_ray()
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if workers is not None and workers < 1 or threads is not None and threads < 1:
+        raise UsageError(f"--workers and --threads must be at least 1, got {workers} and {threads}")
     if not methods or not settings:
         raise UsageError("a sweep needs at least one method and one setting")
     out = Path(out)
