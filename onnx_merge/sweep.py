@@ -9,6 +9,7 @@ and runs only what is missing or failed. Jobs run on an engine (``engines``: a p
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -89,7 +90,7 @@ class Job:
 
     @property
     def key(self) -> str:
-        config = {"version": __version__, "model": self.fingerprints[self.model], "method": self.method,
+        config = {"version": __version__, "code": code_fingerprint(), "model": self.fingerprints[self.model], "method": self.method,
                   "setting": self.setting, "calibration": self.calibration and self.fingerprints[self.calibration],
                   "evaluation": {**asdict(self.evaluation), "data": self.fingerprints[self.evaluation.data]},
                   "bench": self.bench and asdict(self.bench)}
@@ -110,6 +111,18 @@ class Job:
     def failed(self, exc: BaseException) -> dict:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         return self.row(status="error", error=message[:500])
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """SHA-256 of onnx-merge's own sources: results made by other code are not served from the cache."""
+    from . import passes
+
+    digest = hashlib.sha256()
+    for folder in sorted({Path(__file__).parent, *map(Path, passes.__path__)}):
+        for f in sorted(folder.rglob("*.py")):
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def _files_read(spec: str) -> list[Path]:
