@@ -13,10 +13,12 @@ from tqdm.auto import tqdm
 from .coupling import describe_group, find_groups
 from .groups import find_chains
 from .graph import GraphIndex
-from .io import load_arrays, load_model, save_model
+from .errors import VerificationError
+from .files import check_targets
+from .io import load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
-from .runtime import graph_inputs, match_inputs, parse_providers
+from .runtime import graph_inputs, make_session, match_inputs, parse_providers
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
 
@@ -86,23 +88,35 @@ def inspect_model(model: onnx.ModelProto) -> dict:
 
 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: CompressOptions, *, verify: bool = True,
-                  inputs: str | os.PathLike | None = None, providers=None, tolerance: Tolerance | None = None) -> dict:
-    """Load, compress, save atomically, and report how far the outputs moved (``tolerance``
-    None: figures only; the CLI's ``verify`` is the gate)."""
+                  inputs: str | os.PathLike | None = None, providers=None, tolerance: Tolerance | None = None,
+                  also_writes=()) -> dict:
+    """Validate, compress, prove, then publish: every output path (``dst`` and ``also_writes``,
+    e.g. the report) is checked and the original loaded in onnxruntime before any work; the
+    result is verified from the staged file before it appears at ``dst`` (``tolerance`` None:
+    figures only, and a failing ``tolerance`` raises VerificationError with ``dst`` untouched)."""
     src, dst = Path(src), Path(dst)
+    check_targets([dst, *also_writes], model_files(src))
     providers = parse_providers(providers)
     arrays = load_arrays(inputs) if inputs else None
     loaded = load_model(src)
+    make_session(src, providers[0])  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     if arrays is not None:
         match_inputs(specs, arrays, str(inputs))
     if options.calibration is not None:
         match_inputs(specs, options.calibration, "--calibration")
     model, report = compress(loaded.model, options, inplace=True)
-    save_model(model, dst, external=loaded.external, source=src)
     report["input"], report["output"] = str(src), str(dst)
-    if verify:
-        result = verify_models(src, dst, inputs=arrays, providers=providers, tolerance=tolerance,
+
+    def prove(staged: Path) -> None:
+        if not verify:
+            make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+            return
+        result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance,
                                input_source=str(inputs))
         report["verification"] = result.as_dict()
+        if tolerance is not None and not result.ok:
+            raise VerificationError(f"{dst}: not written, verification failed: {result.failures[0]}")
+
+    save_model(model, dst, external=loaded.external, source=src, protect=also_writes, check=prove)
     return report

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 from tabulate import tabulate
 
 from . import api
-from .errors import OnnxMergeError, UsageError
-from .io import load_arrays, load_model, write_text_atomic
+from .errors import Interrupted, OnnxMergeError, UsageError
+from .files import check_targets, remove_live_staging, write_bytes_atomic
+from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
 from .options import AUTO, METHODS, CompressOptions
-from .runtime import parse_providers
+from .runtime import parse_providers, set_runtime_logging
 from .verify import Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
@@ -129,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
                    "L-BFGS iterations kept near the fitted weights; it is used only where it lowers the "
                    "error on a held-out quarter of the calibration rows (default 100; 0: off)")
+    c.add_argument("--skip-fold", action="store_true",
+                   help="leave constant subgraphs unfolded (weights computed by nodes are then not compressed)")
+    c.add_argument("--fold-max-elements", type=int, default=2**28, metavar="N",
+                   help="largest constant that folding may compute, in elements (default 2^28); a model "
+                   "computing a bigger one is refused, naming the node")
+    c.add_argument("--fold-max-mb", type=float, default=1024.0, metavar="MB",
+                   help="largest constant that folding may compute, in MiB (default 1024)")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
     _add_verify_args(c)
 
@@ -161,14 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
 
     b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of one or more models, side by side",
-                       description="Latency with graph optimizations on, models interleaved run by run; "
-                       "p50/p90/p99, throughput, parameters, MACs and the p50 ratio to the first model.")
+                       description="Latency of each model in onnxruntime, models interleaved run by run so that "
+                       "drift hits all alike: p50/p90/p99, throughput, session creation time, peak memory of a "
+                       "session (a fresh process per model), parameters, MACs of the batch, and p50 and MAC "
+                       "ratios to the first model, for every batch x threads configuration.",
+                       epilog="example: onnx-merge bench original.onnx small.onnx --batch 1,8 --threads 1,2 "
+                       "--plot latency.png")
     b.add_argument("models", nargs="+", metavar="MODEL.onnx")
     b.add_argument("--providers", default="cpu", metavar="cpu,cuda", help="execution providers (default cpu)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    b.add_argument("--batch", default="1", metavar="B[,B...]", help="batch sizes, e.g. 1,8 (default 1; fixed "
+                   "batch dimensions stay as exported)")
+    b.add_argument("--threads", default="", metavar="T[,T...]", help="intra-op thread counts, e.g. 1,2 "
+                   "(default: onnxruntime's choice)")
+    b.add_argument("--level", choices=("disable", "basic", "extended", "all"), default="all",
+                   help="onnxruntime graph optimization level (default all, as deployed)")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per model)")
+    b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
     b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
 
     i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
@@ -187,16 +207,18 @@ def _print_verification(ver: dict) -> None:
 
 
 def cmd_compress(args) -> int:
+    check_targets([args.output, args.report], model_files(args.model))  # before any data is read
     options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
-                              calibration_mixup=args.calibration_mixup,
+                              calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
+                              fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
-                               providers=args.providers)
+                               providers=args.providers, also_writes=[args.report] if args.report else [])
     rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],
              r["method"]] for r in report.get("layers", [])]
     print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
@@ -211,11 +233,14 @@ def cmd_compress(args) -> int:
     if "verification" in report:
         _print_verification(report["verification"])
     if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=2, default=str))
+        write_text_atomic(args.report, json.dumps(report, indent=2, default=str),
+                          protect=model_files(args.model) + model_files(args.output))
     return 0
 
 
 def cmd_verify(args) -> int:
+    protect = model_files(args.original) + model_files(args.candidate)
+    check_targets([args.report], protect)
     providers = parse_providers(args.providers)
     for path in (args.original, args.candidate):
         load_model(path)  # a clear exit 3 for a bad file before onnxruntime sees it
@@ -226,7 +251,7 @@ def cmd_verify(args) -> int:
                            input_source=str(args.inputs))
     _print_verification(result.as_dict())
     if args.report:
-        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2))
+        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2), protect=protect)
     print("verification passed" if result.ok else "verification FAILED")
     return 0 if result.ok else 1
 
@@ -274,34 +299,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import bench_models
+def _int_list(text: str, flag: str, allow_empty: bool = False) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if not values and not allow_empty or any(v < 1 for v in values):
+        raise UsageError(f"{flag} values must be at least 1, got {text!r}")
+    return values
 
-    if args.runs < 1 or args.batch < 1:
-        raise UsageError("--runs and --batch must be at least 1")
+
+def cmd_bench(args) -> int:
+    from .bench import bench_models, plot_latencies
+
+    batches = _int_list(args.batch, "--batch")
+    threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    protect = [p for m in args.models for p in model_files(m)]
+    check_targets([args.report, args.plot], protect)
     for path in args.models:
         load_model(path)
     results = []
     for provider in parse_providers(args.providers):
-        results += bench_models(args.models, provider=provider, batch=args.batch, threads=args.threads,
-                                runs=args.runs, warmup=args.warmup)
-    rows = [[r["model"], r["provider"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-             f"{r['throughput_per_s']:.1f}", f"{r['params']:,}", f"{r['macs']:,}" if r["macs"] else "-",
-             f"{r['p50_ratio']:.3f}"] for r in results]
-    print(tabulate(rows, headers=["model", "provider", "p50 ms", "p90 ms", "p99 ms", "items/s", "params", "MACs",
-                                  "p50 vs first"]))
+        results += bench_models(args.models, provider=provider, batches=batches, threads=threads, level=args.level,
+                                runs=args.runs, warmup=args.warmup, memory=not args.no_memory)
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    rows = [[r["model"], r["provider"], r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}",
+             f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['session_create_s']:.2f}",
+             fmt(r["peak_memory_mib"], ".0f"), f"{r['params']:,}", fmt(r["macs"], ","), f"{r['p50_ratio']:.3f}",
+             fmt(r["macs_ratio"], ".3f")] for r in results]
+    print(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
+                                  "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
+    if args.plot:
+        write_bytes_atomic(args.plot, plot_latencies(results), protect=protect)
+        print(f"wrote {args.plot}")
     if args.report:
-        write_text_atomic(args.report, json.dumps(results, indent=2))
+        write_text_atomic(args.report, json.dumps(results, indent=2), protect=protect)
     return 0
 
 
 COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _run(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except OnnxMergeError as exc:
@@ -309,14 +357,38 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onnx-merge: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-merge: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("onnx-merge: error: out of memory (the model or data is too large for this machine)", file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
         if args.debug:
             traceback.print_exc()
         print(f"onnx-merge: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
         return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes as EPILOG says; SIGINT exits 130 and SIGTERM 143 at any time, no traceback, and
+    the temporary files of a save in progress are removed (they unwind as an exception)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    logging.captureWarnings(True)
+    try:
+        args = build_parser().parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+        # third-party warnings (onnx, numpy, Python's) are log lines, shown with -v only
+        logging.getLogger("py.warnings").setLevel(logging.WARNING if args.verbose or args.debug else logging.CRITICAL)
+        set_runtime_logging("debug" if args.debug else "verbose" if args.verbose else "quiet")
+        return _run(args)
+    except KeyboardInterrupt as exc:
+        remove_live_staging()
+        print("onnx-merge: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        logging.captureWarnings(False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

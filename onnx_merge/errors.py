@@ -17,7 +17,21 @@ class ModelError(OnnxMergeError):
     exit_code = 3
 
 
+class OutputError(OnnxMergeError):
+    """A file could not be written: full disk, read-only folder (exit 3). Nothing is left half-written."""
+
+    exit_code = 3
+
+
 class VerificationError(OnnxMergeError):
     """The candidate's outputs are outside tolerance (exit 1)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program was, so that clean-up code runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
