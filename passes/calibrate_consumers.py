@@ -48,7 +48,6 @@ MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and stil
 # wide one (ImageNet's 512 x 3 x 3) whose rows already cost MIXED_WORK does without.
 MIXED_BELOW_ROWS_PER_FEATURE = 10
 MIXED_WORK = 2 ** 36  # rows x features^2 of a consumer's Gram matrix past which no mixed samples are added
-ROW_WORK = 2 ** 34  # rows x features^2 of one batch's Gram update below which a consumer takes all its rows
 STORE_BYTES = 1 << 30  # original-model rows held at once for the coming consumers
 
 
@@ -233,10 +232,6 @@ class Problem:
         """Whether ``rows`` of the samples are too few for the fit, and mixed rows affordable."""
         return rows < MIXED_BELOW_ROWS_PER_FEATURE * self.features and rows * self.features ** 2 <= MIXED_WORK
 
-    def rows_per_batch(self, opts) -> int:
-        """Rows of one batch entering the statistics: all of a narrow consumer's, whose Gram
-        update is cheap; ``calibration_rows`` (a random subset) of a wide one's."""
-        return max(opts.calibration_rows, ROW_WORK // self.features ** 2)
 
 
 @dataclass
@@ -320,7 +315,7 @@ class OriginalTargets:
         problem = self.problems[j]
         y = out[problem.target]
         count = _row_count(problem.layer, y)
-        cap = problem.rows_per_batch(self.opts)
+        cap = self.opts.calibration_rows
         rows = None
         if count > cap:  # a fixed random subset, the same in the compressed model's run
             rows = np.sort(np.random.default_rng([j, batch, int(mixed)]).choice(count, cap, replace=False))

@@ -365,8 +365,8 @@ def test_original_targets_are_read_in_one_run_and_a_small_store_gives_the_same_m
     holds one chain at a time, each chain reads its own, and the compressed model is the same."""
     import onnx_merge.passes.calibrate_consumers as calibrate
 
-    monkeypatch.setattr(calibrate, "ROW_WORK", 1)  # 300 random patch rows of each batch's 1,024 or 512
     model, calib = two_residual_blocks(with_bn=False), _calib(40)
+    # 300 random patch rows of each batch's 1,024 or 512
     opts = dict(ratio=0.5, calibration=calib, calibration_batch=16, calibration_rows=300)
     small, rep = compress(model, CompressOptions(**opts))
     assert len(rep["layers"]) == 2 and rep["calibration"]["original_runs"] == 1
