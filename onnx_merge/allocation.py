@@ -124,7 +124,7 @@ def stream_shares(index: GraphIndex, chains: list[Chain], feeds: dict[str, np.nd
     residual stream, the network sees the error relative to the sum. A branch that carries
     little of its stream can lose much of itself; one that carries most of it (a
     downsampling block) cannot."""
-    from .passes.calibrate_consumers import truncated
+    from .calibration import truncated
 
     pairs = {c.name: residual_sum(index, c) for c in chains}
     pairs = {k: v for k, v in pairs.items() if v is not None}
