@@ -2,6 +2,7 @@
 tool's other settings. Writes BENCHMARKS.md and benchmarks/accuracy_vs_params.png.
 
     python benchmarks/reproduce.py            (make reproduce; about 10 minutes on 2 cores)
+    python benchmarks/reproduce.py --only budget   (the global-budget section of BENCHMARKS.md alone)
 
 Data: LeNet on the real FashionMNIST test set (10,000); ResNet-56 on the 1,017 exact CIFAR-10
 test images (`x_exact`) and, for l1-norm, on the full 10,000-image JPEG copy (`x`).
@@ -9,6 +10,7 @@ test images (`x_exact`) and, for l1-norm, on the full 10,000-image JPEG copy (`x
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -218,6 +220,74 @@ def calibrated_section(lines: list[str], plot: dict) -> None:
               "", tabulate(rows, headers=["export", "r=0.3", "r=0.5", "slowest compress (s)"], tablefmt="github"), ""]
 
 
+def budget_section(lines: list[str]) -> None:
+    """Global budgets (--target-macs / --target-params) beside one uniform ratio keeping about as much."""
+    from onnx_merge.models.resnet import resnet_akamaster
+
+    cifar = dict(np.load(SHARED / "data" / "cifar10_test.npz"))
+    xe, ye = cifar["x_exact"], cifar["y"][:1017]
+    cal = {"input": CIFAR(np.load(SHARED / "data" / "cifar10_calib.npz")["x"])}
+    rows, curves = [], {}
+
+    def measure(label, model, x, y, pre, kind, target, calibration=None, uniform=True):
+        """(budget, uniform) rows: accuracy and the fraction of ``kind`` kept."""
+        out = []
+        settings = (("budget", {f"target_{kind}": target}), ("uniform", {"ratio": round(1 - target, 4)}))
+        for name, kw in settings[:2 if uniform else 1]:
+            small, rep = compress(model, CompressOptions(calibration=calibration, **kw))
+            kept = rep[f"{kind}_after"] / rep[f"{kind}_before"]
+            out.append([label, f"--target-{kind} {target}" if name == "budget" else f"--ratio {1 - target:.2f}",
+                        "calibrated" if calibration is not None else "data-free", f"{100 * kept:.1f}",
+                        acc(small, x, y, pre)])
+            curves.setdefault((label, name, out[-1][2]), []).append((100 * kept, out[-1][-1]))
+        return out
+
+    for label, build, file in (("ResNet-56 (paper)", resnet_paper, "resnet56_cifar10.npz"),
+                               ("ResNet-20 (akamaster, option A)", resnet_akamaster, "resnet20_cifar10_akamaster.npz"),
+                               ("ResNet-56 (akamaster, option A)", resnet_akamaster, "resnet56_cifar10_akamaster.npz")):
+        model = build(dict(np.load(SHARED / "weights" / file)), fold=True)
+        for target in (0.7, 0.5, 0.4):
+            rows += measure(label, model, xe, ye, CIFAR, "macs", target)
+        if "paper" in label:  # calibrated ResNet runs take minutes each; uniform: the calibrated section's r=0.5
+            rows += measure(label, model, xe, ye, CIFAR, "macs", 0.5, cal, uniform=False)
+    fashion = load_idx_dir("/usr/share/datasets/fashion-mnist")
+    train = load_idx_dir("/usr/share/datasets/fashion-mnist", "train")
+    lenet = lenet_300_100(dict(np.load(SHARED / "weights" / "lenet_300_100_fashionmnist.npz")))
+    for target in (0.5, 0.4, 0.25):
+        rows += measure("LeNet-300-100", lenet, fashion["x"], fashion["y"], FASHION, "params", target)
+    rows += measure("LeNet-300-100", lenet, fashion["x"], fashion["y"], FASHION, "params", 0.25,
+                    {"input": FASHION(train["x"][:512], 2)})
+    lines += ["## Global budgets: `--target-macs` / `--target-params`", "",
+              "Each layer's ratio allocated greedily by the error the plan predicts per MAC (or parameter) saved "
+              "(`onnx-merge sensitivity` shows the curves), beside the uniform ratio that keeps about as much. "
+              "BN folded; CIFAR accuracy on `x_exact` (1,017 images), calibrated on `cifar10_calib.npz`; LeNet on the "
+              "FashionMNIST test set, calibrated on the first 512 training images. With calibration a consumer "
+              "that feeds a residual Add has its curve scaled by its share of the stream, measured on the "
+              "calibration images (the uniform calibrated ResNet-56 at r=0.5 is in the section above).", "",
+              tabulate(rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), ""]
+    write_budget_plot(curves, ROOT / "benchmarks" / "budget.png")
+    lines += ["![accuracy vs MACs kept](benchmarks/budget.png)", ""]
+
+
+def write_budget_plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (label, name, data), points in curves.items():
+        if data == "data-free" and label != "LeNet-300-100":
+            points.sort()
+            ax.plot(*zip(*points), marker="o" if name == "budget" else "s",
+                    linestyle="-" if name == "budget" else "--", label=f"{label}: {name}")
+    ax.set(title="CIFAR ResNets, BN folded, data-free", xlabel="MACs kept (%)", ylabel="top-1 on x_exact (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_plot(plot: dict, path: Path) -> None:
     import matplotlib
 
@@ -249,6 +319,20 @@ def write_plot(plot: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def replace_section(text: str, heading: str, section: list[str]) -> str:
+    """``text`` with the section under ``heading`` (up to the next '## ' or the plot lines at
+    the end) replaced by ``section``, or ``section`` put before the plots when there is none."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line == heading), None)
+    tail = next(i for i, line in enumerate(lines) if line.startswith("![accuracy vs parameters]"))
+    if start is None:
+        start = end = tail
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), tail)
+        end = min(end, tail) if end > start else tail
+    return "\n".join(lines[:start] + section + lines[end:]) + "\n"
+
+
 def fashion_section(lines: list[str]) -> None:
     """The two FashionMNIST models of benchmarks/fashion/ (a ViT with GELU FFNs, a MobileNet-style CNN):
     data-free default vs prune vs merge, and calibrated on 512 training images."""
@@ -278,6 +362,16 @@ def fashion_section(lines: list[str]) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--only", "budget"]:  # regenerate that section of BENCHMARKS.md alone
+        section: list[str] = []
+        start = time.time()
+        budget_section(section)
+        section.append(f"Budget section run time: {time.time() - start:.0f} s.")
+        section.append("")
+        path = ROOT / "BENCHMARKS.md"
+        path.write_text(replace_section(path.read_text(), section[0], section))
+        print("\n".join(section))
+        return
     start = time.time()
     lines = ["# Benchmarks", "", "Generated by `make reproduce` (benchmarks/reproduce.py); every figure below was "
              "measured by that run. Data-free (no calibration) except the last section, which calibrates on training "
@@ -288,6 +382,7 @@ def main() -> None:
     defaults_section(lines)
     calibrated_section(lines, plot)
     fashion_section(lines)
+    budget_section(lines)
     write_plot(plot, ROOT / "benchmarks" / "accuracy_vs_params.png")
     lines += ["![accuracy vs parameters](benchmarks/accuracy_vs_params.png)", "",
               f"Run time: {time.time() - start:.0f} s."]

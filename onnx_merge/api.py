@@ -81,13 +81,17 @@ def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOption
         model, inplace = load_model(model).model, True
     if not inplace:
         model = copy.deepcopy(model)
-    report = {"options": {k: v for k, v in vars(options).items() if k != "calibration"}}
+    report = {"options": {k: v for k, v in vars(options).items() if k not in ("calibration", "allocated")}}
     report["options"]["calibrated"] = options.calibration is not None
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
     # counted after canonicalizing: weights computed by constant subgraphs count too, copies of shared ones do not
     report["params_before"] = count_parameters(model) - report.get("unshared_params", 0)
     report["macs_before"] = _macs(model, input_shapes)
+    if options.target is not None:  # a global budget: per-layer ratios where they cost least
+        from .allocation import allocate_budget
+
+        ctx.options = options = allocate_budget(model, options, report, _progress)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), _macs(model, input_shapes)
     return model, report

@@ -32,6 +32,8 @@ EPILOG = """\
 examples:
   onnx-merge inspect model.onnx
   onnx-merge compress model.onnx -o small.onnx --ratio 0.5
+  onnx-merge compress model.onnx -o small.onnx --target-macs 0.5
+  onnx-merge sensitivity model.onnx --plot costs.png
   onnx-merge compress model.onnx -o small.onnx --layer-ratio 'layer3.*=0.7' --exclude 'conv1'
   onnx-merge compress model.onnx -o small.onnx --ratio 0.3 --min-cosine 0.99 --input-shape x=1x3x224x224
   onnx-merge compress model.onnx -o small.onnx --config earlier_report.json
@@ -172,7 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options from a file: a flat table of long flag names (ratio = 0.5, keep-bn = true) or "
                    "a report, whose 'options' section repeats its run; flags given here win")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
-    c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
+    amount = c.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, default=0.5,
+                        help="fraction of channels to remove per layer (default 0.5)")
+    amount.add_argument("--target-macs", type=float, metavar="F",
+                        help="keep this fraction of the MACs (as the summary counts them), each layer's ratio "
+                        "allocated where removing channels costs least (onnx-merge sensitivity shows the costs); "
+                        "--layer-ratio and --exclude still pin the layers they match")
+    amount.add_argument("--target-params", type=float, metavar="F",
+                        help="keep this fraction of the parameters, allocated like --target-macs")
     c.add_argument("--heads", type=float, default=0.0, metavar="R",
                    help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
                    "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
@@ -292,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", metavar="R.json", help="write the figures as a JSON report")
     b.set_defaults(command_parser=b)
 
+    sens = sub.add_parser("sensitivity", parents=[common], help="each layer's cost curve: what removing channels "
+                       "costs, where a --target-macs / --target-params budget goes",
+                       description="For every chain, the error that removing 0 .. N-1 channels leaves in the "
+                       "consumer's output, as the plan predicts it, relative to that output; with --calibration "
+                       "scaled by the consumer's share of the residual stream it is added to. A budget removes "
+                       "channels where this error per MAC (or parameter) saved is least.")
+    sens.add_argument("model", metavar="MODEL.onnx")
+    sens.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
+    sens.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
+    sens.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
+    sens.add_argument("--report", metavar="R.json", help="write every curve as JSON")
+    sens.add_argument("--plot", metavar="S.png", help="draw the curves (matplotlib)")
+    sens.set_defaults(command_parser=sens)
+
     s = sub.add_parser("sweep", parents=[common], help="compress, verify, score (and time) a grid of configurations",
                        description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original\n"
                        "on the eval data, score on it (and time it with --bench). Each model's original is scored\n"
@@ -396,7 +420,8 @@ def cmd_compress(args) -> int:
     if gated and args.no_verify:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
-    options = CompressOptions(ratio=args.ratio, heads=args.heads, method=args.method, criterion=args.criterion,
+    options = CompressOptions(ratio=args.ratio, heads=args.heads, target_macs=args.target_macs,
+                              target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
@@ -431,6 +456,36 @@ def cmd_compress(args) -> int:
     if ver is not None and ver["warnings"]:
         print(f"onnx-merge: WARNING: {'; '.join(ver['warnings'])} on {terminal.data_phrase(ver['data'])}; "
               "set --min-cosine or --max-top1-disagreement to fail such a result", file=sys.stderr)
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from .allocation import plot_curves, sensitivity
+
+    started = time.perf_counter()
+    protect = model_files(args.model)
+    check_targets([args.report, args.plot], protect)
+    options = CompressOptions(method=args.method, exclude=args.exclude,
+                              calibration=load_arrays(args.calibration) if args.calibration else None).validate()
+    loaded = load_model(args.model)
+    result = sensitivity(loaded.model, options, progress=api._progress)
+    fractions = (0.25, 0.5, 0.75)
+    rows = [[g["layer"], g["channels"], f"{g['macs_per_channel']:,.0f}", f"{g['params_per_channel']:,.0f}",
+             "-" if g["stream_share"] is None else f"{g['stream_share']:.3f}"]
+            + [f"{g['curve'][int(f * g['channels'])]:.4f}" for f in fractions] for g in result["groups"]]
+    _echo(tabulate(rows, headers=["layer", "channels", "MACs/channel", "params/channel", "stream share"]
+                   + [f"error at {int(100 * f)} %" for f in fractions]))
+    _echo("error: the consumer's output error the plan predicts, relative to that output's energy"
+          + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
+    if args.report:
+        _write_report(args.report, report.new_report(
+            "sensitivity", options=options_of(args.command_parser, args),
+            models=[report.describe_model(loaded.model, loaded.path, file_bytes=report.file_bytes(loaded.path))],
+            summary={k: result[k] for k in ("macs", "params", "calibrated")}, details={"groups": result["groups"]},
+            elapsed_s=time.perf_counter() - started), protect)
+    if args.plot:
+        write_bytes_atomic(args.plot, plot_curves(result), protect=protect)
+        _echo(f"wrote {args.plot}")
     return 0
 
 
@@ -614,7 +669,7 @@ def cmd_sweep(args) -> int:
 
 
 COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "sensitivity": cmd_sensitivity}
 
 
 def _raise_interrupted(signum, frame):

@@ -35,6 +35,12 @@ class CompressOptions:
     calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
     refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
+    # A global budget instead of one ratio: keep this fraction of the MACs or parameters, the
+    # layers' ratios allocated where they cost least (onnx_merge/allocation.py fills ``allocated``,
+    # layer name -> ratio; --layer-ratio and --exclude still pin the layers they match).
+    target_macs: float | None = None
+    target_params: float | None = None
+    allocated: dict[str, float] = field(default_factory=dict)
     heads: float = 0.0  # fraction of attention heads removed per attention layer (passes/prune_heads.py)
     skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
     fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
@@ -50,6 +56,10 @@ class CompressOptions:
                 raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 <= self.lam <= 1.0:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise UsageError("--target-macs and --target-params exclude each other: give one")
+        if self.target is not None and not 0.0 < self.target[1] <= 1.0:
+            raise UsageError(f"--target-{self.target[0]} is the fraction to keep, in (0, 1]: got {self.target[1]}")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.coupled not in ("skip", "prune"):
@@ -89,11 +99,23 @@ class CompressOptions:
         return PlanOptions(method=method, criterion=criterion, threshold=self.threshold, lam=self.lam,
                            scale_rule=scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
 
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """("macs" | "params", fraction to keep), or None without a global budget."""
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        return None if self.target_params is None else ("params", self.target_params)
+
+    def pinned(self, names: list[str]) -> bool:
+        """Whether --layer-ratio or --exclude fixes this layer (a budget leaves it as it is)."""
+        return any(fnmatch.fnmatchcase(n, g) for g in self.exclude + [g for g, _ in self.layer_ratios] for n in names)
+
     def ratio_for(self, names: list[str]) -> float | None:
-        """The ratio for a layer known by ``names``; None when it is excluded. Last match wins."""
+        """The ratio for a layer known by ``names``; None when it is excluded. Last match wins;
+        a --layer-ratio match wins over the allocation, which wins over ``ratio``."""
         if any(fnmatch.fnmatchcase(n, g) for g in self.exclude for n in names):
             return None
-        ratio = self.ratio
+        ratio = next((self.allocated[n] for n in names if n in self.allocated), self.ratio)
         for glob, r in self.layer_ratios:
             if any(fnmatch.fnmatchcase(n, glob) for n in names):
                 ratio = r

@@ -23,7 +23,7 @@ import onnx
 
 SCHEMA_VERSION = "1.0"
 SMALL_MODEL_FILE = 64 << 20  # bytes; larger model files keep (most of) their weights inline
-COMMANDS = ("compress", "verify", "eval", "bench", "inspect", "sweep")
+COMMANDS = ("compress", "verify", "eval", "bench", "inspect", "sweep", "sensitivity")
 
 
 def versions() -> dict:
@@ -142,9 +142,8 @@ def compress_report(result: dict, options: dict) -> dict:
         summary["checked_on"] = ver["data"]
     details = {"layers": result.get("layers", []), "skipped": result.get("skipped", []),
                "passes": result.get("passes", [])}
-    if "calibration" in result:
-        details["calibration"] = result["calibration"]
-    if "heads" in result:
-        details["heads"] = result["heads"]
+    for key in ("calibration", "heads", "allocation"):  # allocation: a --target-macs / --target-params budget
+        if key in result:
+            details[key] = result[key]
     return new_report("compress", options=options, models=[before, after], summary=summary, verification=ver,
                       details=details, elapsed_s=result.get("elapsed_s"))

@@ -100,6 +100,18 @@ def layer_table(layers: list[dict]) -> str:
                                    "calibrated"], maxcolwidths=[WRAP, None, WRAP, None, None, None, None, 20, WRAP])
 
 
+def allocation_table(allocation: dict | None) -> str:
+    """Where a --target-macs / --target-params budget went: each layer's ratio and predicted error."""
+    if not allocation:
+        return ""
+    rows = [[g["layer"], f"{g['channels']} -> {g['kept']}", f"{g['ratio']:.3f}", f"{g['predicted_error']:.4f}",
+             "-" if g["stream_share"] is None else f"{g['stream_share']:.3f}", "pinned" if g["pinned"] else ""]
+            for g in allocation["groups"]]
+    return (tabulate(rows, headers=["layer", "channels", "ratio", "predicted error", "stream share", ""]) +
+            f"\nallocation: {100 * allocation['predicted_fraction']:.2f} % of the {allocation['target']} kept "
+            f"(target {100 * allocation['fraction']:.2f} %)")
+
+
 def _reason_kind(reason: str) -> str:
     """A reason with the names in it blanked, so that alike reasons group together."""
     return re.sub(r"'[^']*'", "'…'", reason)
@@ -148,6 +160,7 @@ def head_table(heads: list[dict]) -> str:
 def compress_text(report: dict, verbose: bool = False) -> str:
     before, after = report["models"]
     parts = [header(before), summary(report), layer_table(report["details"]["layers"]),
+             allocation_table(report["details"].get("allocation")),
              head_table(report["details"].get("heads", [])),
              skipped(report["details"]["skipped"], verbose), op_types(before["op_types"], after["op_types"])]
     if report["verification"] is not None and report["verification"]["providers"]:

@@ -224,3 +224,24 @@ def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 
     rows = np.r_[(np.asarray(kept)[:, None] * g + np.arange(g)).ravel(), f]
     sol = np.linalg.solve(a[np.ix_(rows, rows)], fit.cross[rows])
     return sol[:-1].T, sol[-1]
+
+
+def eliminate(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
+              max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray] | None:
+    """The channels that greedy elimination removes, in order, and what each removal added to
+    the error (a budget's cost curve); None when the problem is ill-conditioned."""
+    a = regularized(fit, ridge)
+    if not well_conditioned(a, max_condition):
+        return None
+    state = _Elimination(np.linalg.inv(a), fit.cross, (fit.gram.shape[0] - 1) // channels)
+    alive = np.ones(channels, dtype=bool)
+    order, costs = [], []
+    for _ in range(channels - n_keep):
+        live = np.flatnonzero(alive)
+        cost = state.costs(live)
+        best = int(np.argmin(cost))
+        order.append(live[best])
+        costs.append(max(float(cost[best]), 0.0))
+        state.remove(live[best])
+        alive[live[best]] = False
+    return np.array(order, dtype=np.int64), np.array(costs)

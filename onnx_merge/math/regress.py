@@ -187,6 +187,16 @@ def consumer_metric_root(consumer_rows: np.ndarray) -> np.ndarray:
     return psd_root(v @ v.T)
 
 
+def moment_problem(gram: np.ndarray, features: np.ndarray, targets: np.ndarray) -> LeastSquaresFit:
+    """The least-squares problem [a_features, 1] -> targets, where ``targets`` holds the second
+    moments of [a, 1] with what is fitted (rows of ``gram``'s layout)."""
+    rows = np.r_[features, len(gram) - 1]
+    fit = LeastSquaresFit(len(features), targets.shape[1])
+    fit.gram, fit.rows = gram[np.ix_(rows, rows)], 1
+    fit.cross = targets[rows]
+    return fit
+
+
 def regress_plan(gram: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: float = 1e-3,
                  candidates: np.ndarray | None = None) -> Compensation:
     """Kept channels (among ``candidates``, default all) by consumer-weighted greedy
@@ -197,23 +207,14 @@ def regress_plan(gram: np.ndarray, n_keep: int, metric_root: np.ndarray, ridge: 
     problem below."""
     n = len(gram) - 1
     candidates = np.arange(n) if candidates is None else np.asarray(candidates)
-    ones = n
-
-    def problem(features: np.ndarray, targets: np.ndarray) -> LeastSquaresFit:
-        rows = np.r_[features, ones]
-        fit = LeastSquaresFit(len(features), targets.shape[1])
-        fit.gram, fit.rows = gram[np.ix_(rows, rows)], 1
-        fit.cross = targets[rows]
-        return fit
-
-    select = problem(candidates, gram[:, :n] @ metric_root)  # targets: acts @ L
+    select = moment_problem(gram, candidates, gram[:, :n] @ metric_root)  # targets: acts @ L
     chosen = select_channels(select, len(candidates), n_keep, ridge=ridge)
     if chosen is None:
         raise np.linalg.LinAlgError("activation model is ill-conditioned")
     comp = Compensation.prune(n, candidates[chosen[0]])
     removed = comp.removed
     if len(removed):
-        target = problem(comp.kept, gram[:, removed])
+        target = moment_problem(gram, comp.kept, gram[:, removed])
         coef, intercept = refit(target, np.arange(len(comp.kept)), len(comp.kept), ridge)
         comp.dense = coef.T
         comp.offset = np.zeros(n)

@@ -1,0 +1,205 @@
+"""Global budgets: --target-macs / --target-params allocated where removing channels costs least."""
+
+import json
+
+import numpy as np
+import pytest
+
+from onnx_merge import CompressOptions, compress
+from onnx_merge.cli import main
+from onnx_merge.data import Preprocess
+from onnx_merge.errors import UsageError
+from onnx_merge.evaluate import evaluate
+from onnx_merge.math import Compensation
+from onnx_merge.math.budget import BudgetGroup, BudgetTerm, allocate, allowed_counts, spend
+from onnx_merge.math.regress import kernel_moments
+from onnx_merge.math.sensitivity import plan_error
+from onnx_merge.models.lenet import lenet_300_100
+from onnx_merge.models.resnet import resnet_paper
+
+from .conftest import shared_file
+from .helpers import build, header, run
+
+D, N, M = 24, 16, 12
+FASHION = Preprocess(255, (0.5,), (0.5,))
+CIFAR = Preprocess(255, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "nhwc")
+
+
+def two_branches(seed: int = 0):
+    """x -> A1 -> Relu -> A2 and x -> B1 -> Relu -> B2, equal MACs; A1's second half of rows
+    are positive multiples of its first half (removing them costs nothing), B1's are random."""
+    rng = np.random.default_rng(seed)
+    a1 = rng.standard_normal((N // 2, D)).astype(np.float32)
+    a1 = np.vstack([a1, a1 * rng.uniform(0.5, 2.0, (N // 2, 1)).astype(np.float32)])
+    weights = {"A1": a1, "B1": rng.standard_normal((N, D)).astype(np.float32),
+               "A2": rng.standard_normal((M, N)).astype(np.float32), "B2": rng.standard_normal((M, N)).astype(np.float32)}
+    text = header() + """
+    g (float[1, 24] x) => (float[1, 12] ya, float[1, 12] yb) {
+        ha = Gemm <transB = 1> (x, A1)
+        ra = Relu (ha)
+        ya = Gemm <transB = 1> (ra, A2)
+        hb = Gemm <transB = 1> (x, B1)
+        rb = Relu (hb)
+        yb = Gemm <transB = 1> (rb, B2)
+    }"""
+    model = build(text, weights)
+    for node in model.graph.node:
+        node.name = node.output[0]
+    return model
+
+
+def kept(report: dict) -> dict[str, int]:
+    return {g["layer"]: g["kept"] for g in report["allocation"]["groups"]}
+
+
+def test_budget_goes_to_the_redundant_layer_and_is_met_exactly():
+    model = two_branches()
+    small, report = compress(model, CompressOptions(target_macs=0.75))
+    # half of one branch is a quarter of the MACs: exactly the duplicates of A1
+    assert kept(report) == {"ha": N // 2, "hb": N}
+    assert report["macs_after"] == 0.75 * report["macs_before"]
+    x = np.random.default_rng(1).standard_normal((1, D)).astype(np.float32)
+    (ya, yb), (sa, sb) = run(model, {"x": x}), run(small, {"x": x})
+    np.testing.assert_allclose(sa, ya, rtol=1e-4, atol=1e-4)  # exact merges
+    np.testing.assert_array_equal(sb, yb)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.62, 0.41, 0.13])
+def test_target_met_to_one_channel(target):
+    _, report = compress(two_branches(), CompressOptions(target_macs=target))
+    one_channel = D + M  # MACs of one hidden channel: its row of the producer, its column of the consumer
+    assert report["macs_after"] <= target * report["macs_before"]
+    assert report["macs_after"] > target * report["macs_before"] - one_channel
+    assert min(kept(report).values()) >= 1
+
+
+def test_pinned_and_excluded_layers_stay_as_given():
+    _, report = compress(two_branches(), CompressOptions(target_macs=0.75, layer_ratios=[("ha", 0.0)]))
+    assert kept(report)["ha"] == N and report["allocation"]["groups"][0]["pinned"]
+    assert kept(report)["hb"] == N // 2  # the budget had to come from B
+    _, report = compress(two_branches(), CompressOptions(target_macs=0.75, layer_ratios=[("A1", 0.25)]))
+    assert kept(report)["ha"] == 12  # pinned by the weight's name
+    _, report = compress(two_branches(), CompressOptions(target_macs=0.8, exclude=["hb"]))
+    assert list(kept(report)) == ["ha"]
+    assert not any(r["layer"] == "hb" for r in report["layers"])
+
+
+def test_unreachable_and_contradictory_targets_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="cannot be met"):
+        compress(two_branches(), CompressOptions(target_macs=0.01))
+    with pytest.raises(UsageError, match="exclude each other"):
+        compress(two_branches(), CompressOptions(target_macs=0.5, target_params=0.5))
+    with pytest.raises(UsageError, match=r"in \(0, 1\]"):
+        compress(two_branches(), CompressOptions(target_params=1.5))
+
+
+def test_round_to_and_one_channel_minimum():
+    assert allowed_counts(10, 4).tolist() == [10, 8, 4]
+    assert allowed_counts(5).tolist() == [5, 4, 3, 2, 1]
+    groups = [BudgetGroup(np.linspace(0, 1, 10)), BudgetGroup(np.linspace(0, 2, 12))]
+    terms = [BudgetTerm(100.0, (0,)), BudgetTerm(120.0, (1,))]
+    keeps = allocate(groups, terms, 120.0, round_to=4)  # at most 60 + 80
+    assert all(k % 4 == 0 for k in keeps) and spend(terms, groups, [10, 12]) - spend(terms, groups, keeps) >= 120
+
+
+def test_shared_layers_are_counted_once():
+    """A layer between two groups shrinks with both (LeNet's middle layer): the spend is bilinear."""
+    groups = [BudgetGroup(np.zeros(10)), BudgetGroup(np.zeros(4))]
+    terms = [BudgetTerm(10 * 4.0, (0, 1)), BudgetTerm(4 * 2.0, (1,))]
+    assert spend(terms, groups, [5, 2]) == pytest.approx(10 + 4)
+    keeps = allocate(groups, terms, 30.0)
+    assert 48 - spend(terms, groups, keeps) >= 30
+
+
+def test_cheap_channels_behind_a_dear_one_are_found():
+    """Non-convex curve: the first removal is dear, the next ones free; averaged over them it wins."""
+    dear_then_free = np.r_[0.0, np.full(7, 0.3)]
+    steady = np.arange(8) * 0.1
+    keeps = allocate([BudgetGroup(dear_then_free), BudgetGroup(steady)],
+                     [BudgetTerm(8.0, (0,)), BudgetTerm(8.0, (1,))], 5.0)
+    assert keeps == [3, 8]
+
+
+def test_plan_error_is_zero_for_exact_merges_and_counts_what_pruning_drops():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((3, 5))
+    rows = np.vstack([rows, 2 * rows[:1]])  # channel 3 = 2 x channel 0
+    gram = kernel_moments(rows)
+    metric = np.eye(4)
+    merged = Compensation.prune(4, np.arange(3))
+    merged.partner[3], merged.scale[3] = 0, 2.0
+    assert plan_error(gram, metric, merged) == pytest.approx(0.0, abs=1e-9)
+    assert plan_error(gram, metric, Compensation.prune(4, np.arange(3))) == pytest.approx(gram[3, 3])
+
+
+def test_cli_reports_the_allocation_and_sensitivity_draws_curves(tmp_path, capsys):
+    model_path = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(two_branches(), model_path)
+    report = tmp_path / "r.json"
+    assert main(["compress", str(model_path), "-o", str(tmp_path / "s.onnx"), "--target-params", "0.8",
+                 "--report", str(report), "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "allocation:" in out and "predicted error" in out
+    groups = json.loads(report.read_text())["details"]["allocation"]["groups"]
+    assert {g["layer"] for g in groups} == {"ha", "hb"} and all(0 <= g["ratio"] < 1 for g in groups)
+    with pytest.raises(SystemExit) as usage:
+        main(["compress", str(model_path), "-o", str(tmp_path / "s.onnx"), "--target-macs", "0.5", "--ratio", "0.5"])
+    assert usage.value.code == 2
+    curves, plot = tmp_path / "c.json", tmp_path / "c.png"
+    assert main(["sensitivity", str(model_path), "--report", str(curves), "--plot", str(plot)]) == 0
+    result = json.loads(curves.read_text())
+    by_layer = {g["layer"]: g for g in result["details"]["groups"]}
+    assert len(by_layer["ha"]["curve"]) == N
+    assert max(by_layer["ha"]["curve"][:N // 2 + 1]) < 1e-6 < by_layer["hb"]["curve"][1]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lenet_quarter_of_the_parameters(lenet_weights, fashion_test):
+    small, report = compress(lenet_300_100(lenet_weights), CompressOptions(target_params=0.25))
+    assert report["params_after"] <= 0.25 * report["params_before"]
+    top1 = evaluate(small.SerializeToString(), fashion_test["x"], fashion_test["y"], FASHION, progress=False)["top1"]
+    assert 100 * top1 >= 87.2  # uniform 0.7 keeps 27.6 % at 86.94
+
+
+@pytest.mark.slow
+def test_resnet56_half_the_macs_data_free(paper_weights, cifar):
+    small, report = compress(resnet_paper(paper_weights, fold=True), CompressOptions(target_macs=0.5))
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    top1 = evaluate(small.SerializeToString(), cifar["x_exact"], cifar["y"][:1017], CIFAR, progress=False)["top1"]
+    assert 100 * top1 >= 57.0  # uniform 0.5: 48.77
+
+
+def test_calibrated_curves_are_scaled_by_the_branch_share_of_its_stream():
+    rng = np.random.default_rng(3)
+    weights = {"A1": rng.standard_normal((N, D)).astype(np.float32),
+               "A2": (0.1 * rng.standard_normal((D, N))).astype(np.float32)}
+    text = header() + """
+    g (float[1, 24] x) => (float[1, 24] y) {
+        h = Gemm <transB = 1> (x, A1)
+        r = Relu (h)
+        branch = Gemm <transB = 1> (r, A2)
+        y = Add (x, branch)
+    }"""
+    model = build(text, weights)
+    x = rng.standard_normal((200, D)).astype(np.float32)
+    branch = np.maximum(x @ weights["A1"].T, 0) @ weights["A2"].T
+    share = np.sum(branch.astype(np.float64) ** 2) / np.sum((x + branch).astype(np.float64) ** 2)
+    from onnx_merge.allocation import sensitivity
+
+    free = sensitivity(model, CompressOptions())["groups"][0]
+    calibrated = sensitivity(model, CompressOptions(calibration={"x": x}))["groups"][0]
+    assert free["stream_share"] is None
+    assert calibrated["stream_share"] == pytest.approx(share, rel=1e-4)
+    np.testing.assert_allclose(calibrated["curve"], np.array(free["curve"]) * share, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_resnet56_half_the_macs_calibrated(paper_weights, cifar):
+    shared_calibration = {"input": CIFAR(np.load(shared_file("data", "cifar10_calib.npz"))["x"])}
+    small, report = compress(resnet_paper(paper_weights, fold=True),
+                             CompressOptions(target_macs=0.5, calibration=shared_calibration))
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    top1 = evaluate(small.SerializeToString(), cifar["x_exact"], cifar["y"][:1017], CIFAR, progress=False)["top1"]
+    assert 100 * top1 >= 89.7  # uniform 0.5: 88.20
