@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .coupling import describe_group, find_groups
 from .groups import find_chains
 from .graph import GraphIndex
-from .errors import VerificationError
+from .errors import ModelError, VerificationError
 from .files import check_targets
 from .io import load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
@@ -109,11 +109,14 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     report["input"], report["output"] = str(src), str(dst)
 
     def prove(staged: Path) -> None:
-        if not verify:
-            make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
-            return
-        result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance,
-                               input_source=str(inputs))
+        try:
+            if not verify:
+                make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+                return
+            result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance,
+                                   input_source=str(inputs))
+        except ModelError as exc:  # named after the output, not the staging folder it was checked in
+            raise ModelError(str(exc).replace(str(staged), f"{dst} (not written)")) from None
         report["verification"] = result.as_dict()
         if tolerance is not None and not result.ok:
             raise VerificationError(f"{dst}: not written, verification failed: {result.failures[0]}")

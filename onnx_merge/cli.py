@@ -271,6 +271,8 @@ def cmd_eval(args) -> int:
     from .data import Preprocess, load_data, parse_floats
     from .evaluate import evaluate
 
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     provider = parse_providers(args.providers)[0]
     load_model(args.model)
     data = load_data(args.data)

@@ -110,6 +110,8 @@ def _concrete(shape, batch: int) -> list[int]:
 
 
 def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    from .io import MAX_DATA_ENV, max_data_bytes
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
@@ -117,6 +119,10 @@ def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) 
         if dtype is None:
             raise ModelError(f"input {inp.name!r} has type {inp.type}, which random inputs cannot fill; use --inputs")
         shape = _concrete(inp.shape, batch)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if nbytes > max_data_bytes():  # checked before anything is drawn
+            raise UsageError(f"random inputs for {inp.name!r} {shape} would take {nbytes / 2**20:,.0f} MiB, over the "
+                             f"cap of {max_data_bytes() / 2**20:,.0f} MiB ({MAX_DATA_ENV}); lower --batch")
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
@@ -187,6 +193,12 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], bat
     starts = range(0, total, batch)
     for start in (progress(starts, unit="batch") if progress else starts):
         part = {k: v[start:start + batch] for k, v in feeds.items()}
-        for n, out in zip(names, session.run(names, part)):
+        try:
+            outputs = session.run(names, part)
+        except Exception as exc:  # onnxruntime's own error types: a model it loads but cannot run
+            where = getattr(session, "_model_path", None) or "the model"
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{where}: onnxruntime cannot run it ({first})") from None
+        for n, out in zip(names, outputs):
             chunks[n].append(out)
     return {n: np.concatenate(v) if v[0].ndim else v[0] for n, v in chunks.items()}
