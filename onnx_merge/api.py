@@ -15,10 +15,10 @@ from .groups import find_chains
 from .graph import GraphIndex
 from .errors import ModelError, VerificationError
 from .files import check_targets
-from .io import load_arrays, load_model, model_files, save_model
+from .io import check_inferable, check_layer_weights, load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
-from .runtime import graph_inputs, make_session, match_inputs, parse_providers
+from .runtime import dry_run, graph_inputs, make_session, match_inputs, parse_providers
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
 
@@ -99,7 +99,9 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     providers = parse_providers(providers)
     arrays = load_arrays(inputs) if inputs else None
     loaded = load_model(src)
-    make_session(src, providers[0])  # the original must run (or we say why) before any work
+    check_inferable(loaded.model, src)  # what the output must pass, the input must already
+    check_layer_weights(loaded.model, src)
+    dry_run(make_session(src, providers[0]))  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     if arrays is not None:
         match_inputs(specs, arrays, str(inputs))

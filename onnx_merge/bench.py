@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .io import load_model
-from .runtime import make_session, random_inputs
+from .runtime import make_session, random_inputs, run_checked
 from .stats import count_macs, count_parameters
 
 
@@ -20,12 +20,12 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
     feeds = [random_inputs(s, batch=batch) for s in sessions]
     for s, f in zip(sessions, feeds):
         for _ in range(warmup):
-            s.run(None, f)
+            run_checked(s, f)
     times = [[] for _ in paths]
     for _ in tqdm(range(runs), desc="benchmarking", unit="round", leave=False, disable=None):
         for i, (s, f) in enumerate(zip(sessions, feeds)):
             start = time.perf_counter()
-            s.run(None, f)
+            run_checked(s, f)
             times[i].append(time.perf_counter() - start)
     results = []
     for path, t in zip(paths, times):
