@@ -101,6 +101,10 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     loaded = load_model(src)
     check_inferable(loaded.model, src)  # what the output must pass, the input must already
     check_layer_weights(loaded.model, src)
+    if not options.skip_fold:  # a constant bomb is refused before onnxruntime computes it
+        from .passes.fold_constants import check_constant_sizes
+
+        check_constant_sizes(loaded.model, options)
     dry_run(make_session(src, providers[0]))  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     if arrays is not None:
