@@ -24,9 +24,14 @@ class OutputError(OnnxMergeError):
 
 
 class VerificationError(OnnxMergeError):
-    """The candidate's outputs are outside tolerance (exit 1)."""
+    """The candidate's outputs are outside tolerance (exit 1). ``report``: what was done and
+    measured, for a caller that still shows or writes it."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 class Interrupted(KeyboardInterrupt):
