@@ -9,14 +9,16 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 $(BIN)/onnx-merge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,test,bench]'
+	$(BIN)/pip install -q -e '.[cpu,test,bench,ray]'
 	@touch $@
 
 install: $(BIN)/onnx-merge
 
-# Test-only extras: torch (a local CPU wheel on these machines) for the exporter tests.
+# Test-only extras for the exporter tests: torch (a local CPU wheel on these machines; torchvision
+# pinned beside it so that nothing pulls a CUDA build of torch), transformers and timm for real
+# architectures with random weights.
 $(VENV)/.torch: $(BIN)/onnx-merge
-	-$(BIN)/pip install -q torch==2.13.0 onnxscript && touch $@
+	-$(BIN)/pip install -q torch==2.13.0 torchvision==0.28.0 onnxscript transformers timm && touch $@
 
 fashion:
 	@test -f $(FASHION) || (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
