@@ -95,7 +95,10 @@ def _check_external_location(path: Path, tensor: onnx.TensorProto) -> Path:
 
 def _check_tensor_sizes(path: Path, model: onnx.ModelProto) -> None:
     """Every tensor holds as many values as its dims say (onnxruntime would read past them)."""
+    known = set(onnx.helper.get_all_tensor_dtypes())
     for tensor in _all_tensors(model):
+        if tensor.data_type not in known or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"{path}: tensor {tensor.name!r} has no known data type ({tensor.data_type})")
         if any(d < 0 for d in tensor.dims):
             raise ModelError(f"{path}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
         count = int(np.prod(tensor.dims, dtype=np.int64))
