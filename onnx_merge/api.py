@@ -18,13 +18,13 @@ from .coupling import describe_group, find_groups
 from .data import Preprocess, prepare_inputs
 from .groups import find_chains
 from .graph import GraphIndex
-from .errors import VerificationError
+from .errors import ModelError, VerificationError
 from .files import check_targets
-from .io import load_arrays, load_model, model_files, save_model
+from .io import check_inferable, check_layer_weights, load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
 from .report import describe_model, file_bytes
-from .runtime import graph_inputs, make_session, parse_providers
+from .runtime import dry_run, graph_inputs, make_session, parse_providers
 from .shapes import skeleton
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
@@ -174,7 +174,13 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     if tolerance is not None:
         tolerance.validate()
     loaded = load_model(src)
-    make_session(src, providers[0])  # the original must run (or we say why) before any work
+    check_inferable(loaded.model, src)  # what the output must pass, the input must already
+    check_layer_weights(loaded.model, src)
+    if not options.skip_fold:  # a constant bomb is refused before onnxruntime computes it
+        from .passes.fold_constants import check_constant_sizes
+
+        check_constant_sizes(loaded.model, options)
+    dry_run(make_session(src, providers[0]))  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     source = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "--inputs"
     arrays = load_arrays(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -192,11 +198,14 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     report["input_shapes"] = input_shapes
 
     def prove(staged: Path) -> None:
-        if not verify:
-            make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
-            return
-        result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance, check=check,
-                               input_source=source)
+        try:
+            if not verify:
+                make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+                return
+            result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance,
+                                   check=check, input_source=source)
+        except ModelError as exc:  # named after the output, not the staging folder it was checked in
+            raise ModelError(str(exc).replace(str(staged), f"{dst} (not written)")) from None
         report["verification"] = result.as_dict()
         if not result.ok and not keep_failed:
             raise _Unpublished

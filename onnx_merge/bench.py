@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .io import load_model
-from .runtime import make_session, random_inputs
+from .runtime import make_session, random_inputs, run_checked
 from .stats import count_macs, count_parameters
 
 LEVELS = ("disable", "basic", "extended", "all")
@@ -49,13 +49,13 @@ def _time_config(paths, provider: str, batch: int, threads: int | None, level: s
     fed = [next(iter(f.values())).shape[0] if f and next(iter(f.values())).ndim else 1 for f in feeds]
     for s, f in zip(sessions, feeds):
         for _ in range(warmup):
-            s.run(None, f)
+            run_checked(s, f)
     times = [[] for _ in paths]
     for _ in tqdm(range(runs), desc=f"batch {batch}, threads {threads or 'default'}", unit="round", leave=False,
                   disable=None):
         for i, (s, f) in enumerate(zip(sessions, feeds)):
             start = time.perf_counter()
-            s.run(None, f)
+            run_checked(s, f)
             times[i].append(time.perf_counter() - start)
     return created, times, fed
 
@@ -77,14 +77,14 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
     for batch, t in product(batches, threads):
         created, times, fed = _time_config(paths, provider, batch, t, level, runs, warmup)
         rows = []
-        for path, made, samples, (params, macs), batch in zip(paths, created, times, counts, fed):
+        for path, made, samples, (params, macs), ran in zip(paths, created, times, counts, fed):
             ms = 1000 * np.asarray(samples)
-            rows.append({"model": path, "provider": provider, "batch": batch, "threads": t, "level": level,
+            rows.append({"model": path, "provider": provider, "batch": ran, "threads": t, "level": level,
                          "runs": runs, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
                          "p99_ms": float(np.percentile(ms, 99)), "samples_ms": [float(v) for v in ms],
-                         "throughput_per_s": float(batch / np.median(samples)), "session_create_s": made,
-                         "peak_memory_mib": mib[(path, batch)], "params": params,
-                         "macs": macs * batch if macs is not None else None})
+                         "throughput_per_s": float(ran / np.median(samples)), "session_create_s": made,
+                         "peak_memory_mib": mib[(path, batch)], "params": params,  # measured at the batch asked
+                         "macs": macs * ran if macs is not None else None})
         for r in rows:
             r["p50_ratio"] = r["p50_ms"] / rows[0]["p50_ms"]
             r["macs_ratio"] = r["macs"] / rows[0]["macs"] if r["macs"] and rows[0]["macs"] else None

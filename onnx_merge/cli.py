@@ -710,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     logging.captureWarnings(True)
     try:
+        if main_thread:  # launch.py holds them while the modules load
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         parser = build_parser()
         args = parser.parse_args(argv)
         level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING

@@ -34,6 +34,7 @@ from .shapes import skeleton, tensor_nbytes
 
 MIN_OPSET = 9
 _TWO_GB = 2**31
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _UNSIZED = {onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED} | {
     getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
@@ -94,7 +95,10 @@ def _check_external_location(path: Path, tensor: onnx.TensorProto) -> Path:
 
 def _check_tensor_sizes(path: Path, model: onnx.ModelProto) -> None:
     """Every tensor holds as many values as its dims say (onnxruntime would read past them)."""
+    known = set(onnx.helper.get_all_tensor_dtypes())
     for tensor in _all_tensors(model):
+        if tensor.data_type not in known or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"{path}: tensor {tensor.name!r} has no known data type ({tensor.data_type})")
         if any(d < 0 for d in tensor.dims):
             raise ModelError(f"{path}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
         count = int(np.prod(tensor.dims, dtype=np.int64))
@@ -174,6 +178,36 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: invalid ONNX model ({first[:300]})") from None
     return LoadedModel(model=model, path=path, external=bool(external))
+
+
+def check_inferable(model: onnx.ModelProto, path: Path) -> None:
+    """The model passes onnx's strict shape inference, as every model ``save_model`` writes must."""
+    try:
+        onnx.checker.check_model(skeleton(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: fails onnx's shape inference ({first[:300]}), which the compressed model "
+                         "would have to pass") from None
+
+
+def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
+    """The parameters of the layers compression plans on are finite: NaN or Inf there (a
+    shifted external-data offset reads garbage) would reach the least-squares fits."""
+    from onnx import numpy_helper
+
+    from .groups import LAYERS
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in LAYERS | {"BatchNormalization"}:
+            continue
+        for name in node.input[1:]:
+            tensor = inits.get(name)
+            if tensor is None or tensor.data_type not in _FLOATS:
+                continue
+            if not np.isfinite(numpy_helper.to_array(tensor)).all():
+                raise ModelError(f"{path}: tensor {name!r} ({node.op_type} {node.name or node.output[0]!r}) holds "
+                                 "NaN or Inf values")
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -116,6 +116,8 @@ def _concrete(shape, batch: int) -> list[int]:
 
 
 def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    from .io import MAX_DATA_ENV, max_data_bytes
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
@@ -123,6 +125,10 @@ def random_inputs(session: ort.InferenceSession, batch: int = 2, seed: int = 0) 
         if dtype is None:
             raise ModelError(f"input {inp.name!r} has type {inp.type}, which random inputs cannot fill; use --inputs")
         shape = _concrete(inp.shape, batch)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if nbytes > max_data_bytes():  # checked before anything is drawn
+            raise UsageError(f"random inputs for {inp.name!r} {shape} would take {nbytes / 2**20:,.0f} MiB, over the "
+                             f"cap of {max_data_bytes() / 2**20:,.0f} MiB ({MAX_DATA_ENV}); lower --batch")
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
@@ -181,6 +187,29 @@ def match_inputs(inputs: list, arrays: dict[str, np.ndarray], source: str) -> di
     return feeds
 
 
+def run_checked(session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> list:
+    """``session.run``, with a failure named as a ModelError (a model onnxruntime loads but cannot run)."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # onnxruntime's own error types
+        where = getattr(session, "_model_path", None) or "the model"
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: onnxruntime cannot run it ({first})") from None
+
+
+def dry_run(session: ort.InferenceSession) -> None:
+    """Run the model once on random inputs when all its input dims but the batch are fixed (a free
+    dim filled with 1 could be too small for the model: no verdict then). A ModelError names what
+    onnxruntime cannot run."""
+    if any(not isinstance(d, int) or d <= 0 for i in session.get_inputs() for d in i.shape[1:]):
+        return
+    try:
+        feeds = random_inputs(session, batch=1)
+    except (ModelError, UsageError):  # inputs random data cannot fill: verification will say so
+        return
+    run_checked(session, feeds)
+
+
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 64,
                 progress=None) -> dict[str, np.ndarray]:
     """Run over the leading axis in chunks (a fixed batch dimension sets the chunk)."""
@@ -193,6 +222,6 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], bat
     starts = range(0, total, batch)
     for start in (progress(starts, unit="batch") if progress else starts):
         part = {k: v[start:start + batch] for k, v in feeds.items()}
-        for n, out in zip(names, session.run(names, part)):
+        for n, out in zip(names, run_checked(session, part, names)):
             chunks[n].append(out)
     return {n: np.concatenate(v) if v[0].ndim else v[0] for n, v in chunks.items()}

@@ -48,7 +48,7 @@ def node_macs(model: onnx.ModelProto) -> dict[str, int] | None:
             x = shapes.get(node.input[0])
             if x:
                 total = int(np.prod(x[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
+        elif node.op_type == "Gemm" and len(w) == 2:  # a malformed weight counts nothing
             k = w[1] if attr(node, "transB", 0) else w[0]
             total = int(np.prod(out)) * k
         elif node.op_type == "MatMul" and len(w) >= 1:

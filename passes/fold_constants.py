@@ -131,6 +131,17 @@ def _evaluate(model: onnx.ModelProto, nodes, names: list[str]) -> dict[str, np.n
         return None
 
 
+def check_constant_sizes(model: onnx.ModelProto, options: CompressOptions) -> None:
+    """The cap check alone, nothing computed: run before onnxruntime first runs the original
+    (which would compute every constant)."""
+    candidates = constant_nodes(model.graph)
+    sizes = _sizes(model, candidates) if candidates else {}
+    for node in candidates:
+        for o in node.output:
+            if sizes.get(o) is not None:
+                _check_cap(node, *sizes[o], options)
+
+
 def fold_once(model: onnx.ModelProto, options: CompressOptions) -> int:
     """One round: fold the constant nodes whose sizes are known. Returns how many were folded."""
     graph = model.graph
