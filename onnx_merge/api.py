@@ -39,11 +39,12 @@ def build_pipeline(options: CompressOptions) -> PassManager:
     from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
+    # groups that are no free chain (depthwise blocks, gates, Concat ranges) after the chains;
+    # PruneCoupled leaves residual streams whole unless options.coupled is "prune"
     steps = [MergeChannels()]
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
-    if options.coupled == "prune":
-        steps.append(PruneCoupled())
+    steps.append(PruneCoupled())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
     steps.append(RemoveUnused())
@@ -79,7 +80,7 @@ def inspect_model(model: onnx.ModelProto) -> dict:
                     "consumer": c.consumer.name, "block": c.block, "interleaved": c.interleaved, "mergeable": c.mergeable,
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
-        "groups": [describe_group(index, g) for g in find_groups(index) if g.coupled or len(g.consumers) > 1],
+        "groups": [d for d in (describe_group(index, g) for g in find_groups(index)) if d["consumers"]],
         "params": count_parameters(model),
         "macs": count_macs(model),
     }

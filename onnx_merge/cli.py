@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "figures exactly); by default a layer's partners and scales are computed on its weights as "
                    "already compensated by the layer before it")
     c.add_argument("--coupled", choices=("skip", "prune"), default="skip",
-                   help="channels tied across layers (residual adds, depthwise convs, branches): leave them whole "
-                   "(skip, default; as in the paper) or prune them consistently in every member (prune)")
+                   help="residual streams (channels several layers add into): leave them whole (skip, default; as "
+                   "in the paper) or prune them consistently in every member (prune). Groups without one (depthwise "
+                   "blocks, SE gates, Concat/Split ranges) are pruned in either mode")
     c.add_argument("--keep-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them)")
     c.add_argument("--layer-ratio", type=_glob_ratio, action="append", default=[], metavar="GLOB=R",
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
@@ -242,11 +243,11 @@ def cmd_inspect(args) -> int:
     for s in info["skipped"]:
         print(f"skipped {s['node']}: {s['reason']}")
     if info["groups"]:
-        print("\ncoupled channel groups (pruned together with --coupled prune):")
-        rows = [[" + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
+        print("\nchannel groups (a residual one is pruned only with --coupled prune):")
+        rows = [[g["kind"], " + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
                  g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
-        print(tabulate(rows, headers=["producers", "consumers", "depthwise", "channels", "params/channel", "status"],
-                       maxcolwidths=[40, 40, 20, None, None, 50]))
+        print(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
+                                      "status"], maxcolwidths=[10, 40, 40, 20, None, None, 50]))
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
     print(f"{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0

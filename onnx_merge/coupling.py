@@ -25,13 +25,9 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex, attr
-from .groups import REDUCE, Layer, Rejected, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
+from .groups import Layer, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
+from .ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, is_depthwise, rule
 from .shapes import TensorDims
-
-PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
-               "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
-               "Identity", "Resize", "Upsample", "LpPool", "BatchNormalization", "InstanceNormalization", "PRelu"}
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
 
 
 def _spatial_reduction(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> bool:
@@ -65,10 +61,26 @@ class Group:
     static_width: int | None = None  # channels of a space nothing here writes (a graph input)
     splits: list["SplitView"] = field(default_factory=list)  # Splits of this space along channels
     split_of: tuple["SplitView", int] | None = None  # for a Split output space: the Split, output position
+    residual: list[onnx.NodeProto] = field(default_factory=list)  # Add/Sum/... joining feature maps here
 
     @property
     def coupled(self) -> bool:
         return len(self.producers) > 1 or bool(self.depthwise) or bool(self.views)
+
+    @property
+    def free(self) -> bool:
+        """Compressed by default: no residual stream, here or in a space its channels reach."""
+        return not self.residual and not any(target.residual for target, _ in reached_spaces(self))
+
+    @property
+    def kind(self) -> str:
+        if self.residual:
+            return "residual"
+        if self.views or self.splits or self.parts or self.split_of:
+            return "index map"
+        if self.depthwise:
+            return "depthwise"
+        return "gated" if len(self.producers) > 1 else "fan-out" if len(self.consumers) > 1 else "chain"
 
 
 @dataclass
@@ -140,13 +152,6 @@ def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> 
     return ""
 
 
-def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    if node.op_type != "Conv" or not index.is_weight(node.input[1]):
-        return False
-    dims = index.initializers[node.input[1]].dims
-    return int(attr(node, "group", 1)) > 1 and dims[1] == 1 and dims[0] == int(attr(node, "group", 1))
-
-
 def _add_param(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, name: str, roles: list, block) -> None:
     """A parameter that varies per channel is sliced with them; one that varies along another
     axis (a (C,) scale on NCHW data broadcasts over the width) pins the space."""
@@ -163,6 +168,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
     roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
     concats: list[onnx.NodeProto] = []
     splits: list[tuple[onnx.NodeProto, list[int]]] = []
+    sums: list[onnx.NodeProto] = []  # additive joins of feature maps: residual streams
     dims = TensorDims(index.model)
 
     def block(tensor: str, reason: str) -> None:
@@ -172,14 +178,15 @@ def find_groups(index: GraphIndex) -> list[Group]:
         op = node.op_type
         data = [i for i in node.input if i and not index.is_weight(i)]
         label = f"{op} {node.name!r}"
-        if op in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            if _is_depthwise(index, node):
+        r = rule(op)
+        if r.kind == LAYER:
+            if is_depthwise(index, node):
                 spaces.union(node.input[0], node.output[0])
                 roles.append((node.output[0], "depthwise", node))
                 continue
             try:
                 layer = describe_layer(index, node)
-            except Rejected as exc:
+            except Decline as exc:
                 for t in data + [node.output[0]]:
                     block(t, f"{label}: {exc}")
                 continue
@@ -195,7 +202,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 spaces.union(node.output[0], layer.output)
             roles.append((layer.output, "producer", layer))
             roles.append((node.input[0], "consumer", layer))
-        elif op in PER_CHANNEL:
+        elif r.kind == PER_CHANNEL and op != "Pad":
             if not data:
                 continue
             spaces.union(data[0], node.output[0])
@@ -206,13 +213,15 @@ def find_groups(index: GraphIndex) -> list[Group]:
                     block(node.output[0], f"{label} takes a computed parameter")
             if op == "BatchNormalization" and (attr(node, "training_mode", 0) or any(node.output[1:])):
                 block(node.output[0], f"{label} runs in training mode")
-        elif op in ELEMENTWISE:
+        elif r.kind == ELEMENTWISE:
             if data:
                 spaces.union(*data, node.output[0])
+            if r.sums and len(data) > 1:
+                sums.append(node)
             for name in node.input:
                 if name and index.is_weight(name) and index.array(name).size > 1:
                     _add_param(index, dims, node, name, roles, block)
-        elif op in REDUCE and data and _spatial_reduction(index, dims, node):
+        elif r.kind == REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
         elif op in ("Slice", "Pad") and data:
             reason = _spatial_only(index, dims, node)
@@ -234,8 +243,9 @@ def find_groups(index: GraphIndex) -> list[Group]:
             spaces.union(node.input[0], node.output[0])
             roles.append((node.output[0], "flatten", node))
         else:
+            why = r.reason if r.kind == BLOCKER else "maps channels in a way not handled here"
             for t in data + [o for o in node.output if o]:
-                block(t, f"{label} maps channels in a way not handled here")
+                block(t, f"{label} {why}")
     for value in list(index.graph.input) + list(index.graph.output):
         block(value.name, f"graph {'input' if value in index.graph.input else 'output'} {value.name!r}")
     for name, readers in index.readers.items():
@@ -263,6 +273,8 @@ def find_groups(index: GraphIndex) -> list[Group]:
             group.per_channel.append(payload)
         elif role == "flatten" and payload.op_type == "Reshape":
             group.reshapes.append(payload)
+    for node in sums:
+        group_of(node.output[0]).residual.append(node)
     for tensor, reason in blocked.items():
         group = groups.get(spaces.find(tensor))
         if group is not None and not group.blocked:
@@ -283,6 +295,8 @@ def _link_concats(dims: TensorDims, concats, group_of) -> list:
         reason = ""
         if out.producers or out.depthwise:
             reason = f"{label}'s output channels are also written by other layers"
+        elif out.concat is not None:  # e.g. a residual sum of two concatenations
+            reason = f"{label}'s output channels are also written by Concat {out.concat.name!r}"
         elif len({id(p) for p in parts}) < len(parts) or any(p is out for p in parts):
             reason = f"{label} reads the same channels more than once"
         for part, tensor in zip(parts, node.input):
@@ -351,7 +365,7 @@ def describe_group(index: GraphIndex, group: Group) -> dict:
     per_channel += sum(size(c.weight) // int(index.initializers[c.weight].dims[c.in_axis]) for g, _ in reached
                        for c in g.consumers)
     consumers = [c.name for c in group.consumers] + [f"{c.name} (via {via})" for g, via in reached for c in g.consumers]
-    return {"producers": [p.name for p in group.producers], "consumers": consumers,
+    return {"kind": group.kind, "producers": [p.name for p in group.producers], "consumers": consumers,
             "depthwise": [d.name for d in group.depthwise], "channels": channels,
             "params_per_channel": per_channel, "left_whole": group.blocked or None}
 

@@ -1,11 +1,14 @@
-"""Prune coupled channel groups consistently (``--coupled prune``).
+"""Prune channel groups consistently: every group that is no free chain.
 
     conv_a -> BN -> \\                      conv_a[kept] -> BN[kept] -> \\
                       Add -> Relu -> conv_c     becomes                      Add -> Relu -> conv_c[:, kept]
     conv_b -> BN -> /                      conv_b[kept] -> BN[kept] -> /
 
 Every layer writing the group's channels loses the same output channels, every layer
-reading them the same input channels, depthwise convs the same channels (and group count).
+reading them the same input channels, depthwise convs the same channels (and group count),
+an SE gate's expand conv the same output channels. Groups without a residual stream
+(depthwise blocks, gates, Concat and Split ranges) are pruned by default; residual streams
+only with ``--coupled prune``.
 Channels are ranked by the criterion summed over the producers, each producer's scores
 divided by their mean so that no single layer's scale decides. Not merging: a channel of a
 sum is not a positive multiple of another unless every term is, so the group is pruned.
@@ -20,6 +23,7 @@ import onnx
 
 from onnx_merge.coupling import Group, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
+from onnx_merge.groups import find_chains
 from onnx_merge.io import default_opset
 from onnx_merge.math import importance, keep_count
 from onnx_merge.shapes import drop_value_info
@@ -163,10 +167,16 @@ class PruneCoupled:
         opts = ctx.options
         index = GraphIndex(model)
         changed = False
+        chained = {c.producer.node.name for c in find_chains(index)[0]}
         for group in find_groups(index):
-            if not group.coupled and len(group.consumers) == 1:
-                continue  # a free chain: the merge pass's business
             names = [p.name for p in group.producers]
+            if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
+                continue  # a free chain (the merge pass's business), or one it said why not
+            if not group.free and opts.coupled != "prune":
+                ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
+                                           f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
+                         if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
+                continue
             if group.blocked:
                 ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
                 continue
@@ -192,7 +202,7 @@ class PruneCoupled:
             ctx.report.setdefault("layers", []).append({
                 "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in readers),
                 "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
-                "method": "prune (coupled)", "depthwise": [d.name for d in group.depthwise]})
+                "method": f"prune ({group.kind} group)", "depthwise": [d.name for d in group.depthwise]})
             log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)
             changed = True
         return changed
