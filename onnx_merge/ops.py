@@ -283,6 +283,12 @@ def match_unit(index: GraphIndex, tensor: str, limit: int = 24) -> Unit | None:
         live = {t for t in live | {ready.output[0]} if any(r not in nodes for r in index.readers.get(t, []))}
         if len(live) == 1 and tensor not in live:
             out = live.pop()
+            # trailing arithmetic with a constant belongs to the unit: HardSwish's "/ 6"
+            while (nxt := index.sole_reader(out)) is not None and not isinstance(nxt, str) and \
+                    nxt.op_type in ("Mul", "Div", "Add", "Sub") and out in nxt.input and \
+                    all(i == out or _scalar(index, i) for i in nxt.input):
+                nodes.append(nxt)
+                out = nxt.output[0]
             return Unit(nodes, out, _name_unit(index, nodes, tensor, out))
     return None
 
