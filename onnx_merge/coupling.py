@@ -19,6 +19,7 @@ Merging is not exact across a sum of several producers, so groups are only prune
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,7 @@ import onnx
 
 from .graph import GraphIndex, attr
 from .groups import Layer, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
-from .ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, is_depthwise, rule
+from .ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, conv_groups, is_depthwise, rule
 from .shapes import TensorDims
 
 
@@ -62,6 +63,10 @@ class Group:
     splits: list["SplitView"] = field(default_factory=list)  # Splits of this space along channels
     split_of: tuple["SplitView", int] | None = None  # for a Split output space: the Split, output position
     residual: list[onnx.NodeProto] = field(default_factory=list)  # Add/Sum/... joining feature maps here
+    # for a Concat output space: layers that also write it (an SE gate's expand conv, a residual
+    # addend), sliced with the ranges its parts keep
+    driven: list[Layer] = field(default_factory=list)
+    blocks: int = 1  # grouped convs read or write it: channels fall in this many equal blocks, pruned alike
 
     @property
     def coupled(self) -> bool:
@@ -80,6 +85,8 @@ class Group:
             return "index map"
         if self.depthwise:
             return "depthwise"
+        if self.blocks > 1:
+            return "grouped"
         return "gated" if len(self.producers) > 1 else "fan-out" if len(self.consumers) > 1 else "chain"
 
 
@@ -127,6 +134,18 @@ def _channel_split(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) ->
     return [int(v) for v in sizes] if sizes and len(sizes) == len(node.output) else None
 
 
+def _whole_channel_range(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, axes: list[int]) -> bool:
+    """A Slice that keeps every channel (GhostNet's ``out[:, :out_chs]`` when the Concat is that wide):
+    it then acts per channel, and its end still covers a pruned width."""
+    if len(node.input) < 3 or not all(index.is_weight(i) for i in node.input[1:3]):
+        return False
+    at = axes.index(1)
+    start, end = int(index.array(node.input[1])[at]), int(index.array(node.input[2])[at])
+    step = int(index.array(node.input[4])[at]) if len(node.input) > 4 and index.is_weight(node.input[4]) else 1
+    width = dims.channels(node.input[0])
+    return start == 0 and step == 1 and width is not None and end >= width
+
+
 def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> str:
     """'' when a Slice or Pad touches only axes from 2 on (it then acts per channel), else why not."""
     label = f"{node.op_type} {node.name!r}"
@@ -139,7 +158,9 @@ def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> 
         axes = None if axes is None else nonnegative_axes(axes, dims.rank(node.input[0]))
         if axes is None:
             return f"{label} slices axes that are not known here"
-        return "" if all(a >= 2 for a in axes) else f"{label} slices the channel axis"
+        if all(a >= 2 for a in axes) or _whole_channel_range(index, dims, node, axes):
+            return ""
+        return f"{label} slices the channel axis"
     pads = attr(node, "pads")
     if pads is None and len(node.input) > 1 and index.is_weight(node.input[1]):
         pads = index.array(node.input[1]).tolist()
@@ -190,10 +211,13 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 for t in data + [node.output[0]]:
                     block(t, f"{label}: {exc}")
                 continue
-            if op in ("Conv", "ConvTranspose") and int(attr(node, "group", 1)) != 1:
+            if op == "ConvTranspose" and conv_groups(node) != 1:
                 for t in data + [node.output[0]]:
-                    block(t, f"{label} is a grouped conv")
+                    block(t, f"{label} is a grouped transposed conv")
                 continue
+            if conv_groups(node) != 1:  # its input and output channels each fall in `group` equal blocks
+                roles.append((node.output[0], "blocks", conv_groups(node)))
+                roles.append((node.input[0], "blocks", conv_groups(node)))
             if op == "MatMul" and dims.rank(node.output[0]) != 2:  # channels last, where axis 1 is not
                 for t in data + [layer.output]:
                     block(t, f"{label} works on the last axis of a tensor of rank {dims.rank(node.output[0]) or 'unknown'}")
@@ -269,6 +293,8 @@ def find_groups(index: GraphIndex) -> list[Group]:
             group.consumers.append(payload)
         elif role == "depthwise":
             group.depthwise.append(payload)
+        elif role == "blocks":  # grouped convs: prune the same count in each of their blocks
+            group.blocks = math.lcm(group.blocks, payload)
         elif role == "param":
             group.per_channel.append(payload)
         elif role == "flatten" and payload.op_type == "Reshape":
@@ -293,12 +319,10 @@ def _link_concats(dims: TensorDims, concats, group_of) -> list:
         out, parts = group_of(node.output[0]), [group_of(t) for t in node.input]
         label = f"Concat {node.name!r}"
         reason = ""
-        if out.producers or out.depthwise:
-            reason = f"{label}'s output channels are also written by other layers"
-        elif out.concat is not None:  # e.g. a residual sum of two concatenations
+        if out.concat is not None:  # e.g. a residual sum of two concatenations
             reason = f"{label}'s output channels are also written by Concat {out.concat.name!r}"
-        elif len({id(p) for p in parts}) < len(parts) or any(p is out for p in parts):
-            reason = f"{label} reads the same channels more than once"
+        elif any(p is out for p in parts):
+            reason = f"{label} reads its own output's channels"
         for part, tensor in zip(parts, node.input):
             if not (part.producers or part.depthwise or part.parts or part.split_of):
                 part.static_width = dims.channels(tensor)
@@ -309,6 +333,7 @@ def _link_concats(dims: TensorDims, concats, group_of) -> list:
                 g.blocked = g.blocked or reason
             continue
         out.parts, out.concat = parts, node
+        out.driven, out.producers = out.producers, []  # the parts decide its channels
         for position, part in enumerate(parts):
             part.views.append((out, position))
             links.append((part, out, label))
@@ -322,7 +347,7 @@ def _link_splits(splits, group_of) -> list:
     for node, sizes in splits:
         source, outputs = group_of(node.input[0]), [group_of(t) for t in node.output]
         reason = ""
-        if any(o.producers or o.depthwise for o in outputs):
+        if any(o.producers for o in outputs):
             reason = f"Split {node.name!r}: an output's channels are also written by other layers"
         elif len({id(o) for o in outputs}) < len(outputs) or any(o is source for o in outputs):
             reason = f"Split {node.name!r}: its outputs meet again"

@@ -17,6 +17,7 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -25,7 +26,8 @@ from onnx_merge.coupling import Group, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.groups import find_chains
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, keep_count
+from onnx_merge.math import importance, keep_count, select_per_block
+from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
 
 from .merge_channels import take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
@@ -53,8 +55,11 @@ def _channels(index: GraphIndex, group: Group) -> int | str:
 
 
 def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
+    for p in group.driven:
+        if int(index.initializers[p.weight].dims[p.out_axis]) != n:
+            return f"{p.name!r} writes {index.initializers[p.weight].dims[p.out_axis]} channels into a space of {n}"
     for c in group.consumers:
-        features = int(index.initializers[c.weight].dims[c.in_axis])
+        features = int(index.initializers[c.weight].dims[c.in_axis]) * conv_groups(c.node)
         if features % n:
             return f"consumer {c.name!r} reads {features} features, not a multiple of {n} channels"
     for node, name in group.per_channel:
@@ -66,30 +71,49 @@ def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
 def _views(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> list[tuple[Group, np.ndarray, int]] | str:
     """For every space the group's channels reach through channel Concats and Splits
     (recursively): which of its channels stay when the group keeps ``kept`` of ``n``, and
-    its width now; or why that cannot be done."""
-    found = []
-    for target, position in group.views:  # a range of a Concat's output
-        widths = [n if part is group else _channels(index, part) for part in target.parts]
-        bad = next((w for w in widths if isinstance(w, str)), None)
-        if bad:
-            return bad
-        total, offset = sum(widths), sum(widths[:position])
-        found.append((target, np.r_[np.arange(offset), offset + kept, np.arange(offset + n, total)], total))
-    for split in group.splits:  # each output of a Split is a range of this space
-        offsets = np.cumsum([0] + split.sizes)
-        for out, start, stop in zip(split.outputs, offsets[:-1], offsets[1:]):
-            part = kept[(kept >= start) & (kept < stop)] - start
-            if not len(part):
-                return f"Split {split.node.name!r} would lose a whole output"
-            found.append((out, part, int(stop - start)))
-    deeper = []
-    for target, target_kept, total in found:
-        problem = _members_disagree(index, target, total)
-        more = problem or _views(index, target, target_kept, total)
-        if isinstance(more, str):
-            return more
-        deeper += more
-    return found + deeper
+    its width now; or why that cannot be done. A Concat output is worked out from all its
+    parts at once (a part may appear twice: GhostNet's primary and cheap halves)."""
+    known = {id(group): (group, kept, n)}
+    order, queue, steps = [group], [group], 0
+    while queue:
+        steps += 1
+        if steps > 100000:  # the spaces form a DAG: this is a guard, not a limit met in practice
+            return "channel index maps do not settle"
+        g = queue.pop(0)
+        _, g_kept, _ = known[id(g)]
+        reached = []
+        for split in g.splits:  # each output of a Split is a range of this space
+            offsets = np.cumsum([0] + split.sizes)
+            for out, start, stop in zip(split.outputs, offsets[:-1], offsets[1:]):
+                part = g_kept[(g_kept >= start) & (g_kept < stop)] - start
+                if not len(part):
+                    return f"Split {split.node.name!r} would lose a whole output"
+                reached.append((out, part, int(stop - start)))
+        for target in {id(t): t for t, _ in g.views}.values():  # a Concat's output, from all its parts
+            pieces, offset = [], 0
+            for part in target.parts:
+                if id(part) in known:
+                    _, part_kept, width = known[id(part)]
+                else:
+                    width = _channels(index, part)
+                    if isinstance(width, str):
+                        return width
+                    part_kept = np.arange(width)
+                pieces.append(offset + part_kept)
+                offset += width
+            reached.append((target, np.concatenate(pieces), offset))
+        for target, target_kept, total in reached:
+            if id(target) not in known:
+                order.append(target)
+            known[id(target)] = (target, target_kept, total)
+            queue.append(target)
+    for target in order[1:]:
+        if target.blocks > 1:
+            return f"a grouped conv reads channels reached through {target.concat and 'Concat' or 'Split'} ranges"
+        problem = _members_disagree(index, target, known[id(target)][2])
+        if problem:
+            return problem
+    return [known[id(t)] for t in order[1:]]
 
 
 def _write_split_sizes(index: GraphIndex, views: list[tuple[Group, np.ndarray, int]]) -> None:
@@ -139,9 +163,23 @@ def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
     _write_split_sizes(index, list(views))
 
 
+def grouped_columns(weight: np.ndarray, groups: int, kept: np.ndarray, n: int) -> np.ndarray:
+    """A grouped conv's weight (O, n / groups, ...) reading only the ``kept`` of its ``n`` input
+    channels (the same count in each group): output block j keeps block j's columns."""
+    rows, width = weight.shape[0] // groups, n // groups
+    parts = [weight[j * rows:(j + 1) * rows][:, kept[(kept >= j * width) & (kept < (j + 1) * width)] - j * width]
+             for j in range(groups)]
+    return np.concatenate(parts, axis=0)
+
+
 def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
     """Everything in the space but its producers: depthwise convs, per-channel parameters,
-    consumers (blocks of columns after a Flatten), Reshape constants."""
+    consumers (blocks of columns after a Flatten), Reshape constants; layers that also write a
+    Concat output space (its ``driven`` producers)."""
+    for p in group.driven:
+        take_channels(index, p.weight, kept, n, p.out_axis)
+        if current_bias(p) is not None:
+            take_channels(index, current_bias(p), kept, n, -1)
     for node in group.depthwise:
         take_channels(index, node.input[1], kept, n, 0)
         if len(node.input) > 2 and node.input[2]:
@@ -152,6 +190,9 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
         index.set_array(name, np.take(arr, kept, axis=int(np.argmax(arr.shape))))
     for c in group.consumers:
         weight = index.array(c.weight)
+        if conv_groups(c.node) > 1:
+            index.set_array(c.weight, grouped_columns(weight, conv_groups(c.node), kept, n))
+            continue
         block = int(weight.shape[c.in_axis]) // n
         view = consumer_view(weight, c, n, block)
         index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
@@ -189,10 +230,14 @@ class PruneCoupled:
             if any(r is None for r in ratios):
                 ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
                 continue
-            n_keep = keep_count(n, min(ratios), opts.round_to)
+            if n % group.blocks:
+                ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
+                continue
+            n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
             if n_keep >= n:
                 continue
-            kept = np.sort(np.argsort(-_scores(index, group, n, opts.plan_options("prune").criterion), kind="stable")[:n_keep])
+            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
+            kept = select_per_block(scores, n_keep, group.blocks)
             views = _views(index, group, kept, n)
             if isinstance(views, str):
                 ctx.skip(", ".join(names), f"coupled group left whole: {views}")

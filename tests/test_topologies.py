@@ -192,3 +192,27 @@ def test_residual_sum_of_two_concats_is_refused_not_half_pruned():
         assert initializer_shapes(small)["wa"] == (4, 8, 1, 1)
         assert run(small, x(1, 8, 4, 4))[0].shape == (1, 3, 4, 4)
     assert any("also written by Concat" in s["reason"] for s in rep["skipped"])
+
+
+def test_grouped_conv_is_pruned_equally_per_group_on_both_sides():
+    """conv_a -> relu -> grouped conv (4 groups) -> relu -> conv_c: both spaces lose the same
+    count in every group, and the pruned model is the original with those channels zeroed."""
+    ws = {"wa": RNG.standard_normal((16, 3, 1, 1)).astype(np.float32) / 2,
+          "wb": RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) / 4,
+          "wc": RNG.standard_normal((5, 8, 1, 1)).astype(np.float32) / 3}
+    body = "\n".join(["a = Conv <kernel_shape = [1, 1]> (x, wa)", "ar = Relu (a)",
+                      "b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 4> (ar, wb)", "br = Relu (b)",
+                      "y = Conv <kernel_shape = [1, 1]> (br, wc)"])
+    model = make(body, "float[1, 3, 5, 5] x", "float[1, 5, 5, 5] y", ws)
+    feeds = x(1, 3, 5, 5)
+    only_a, rep = compress(model, CompressOptions(ratio=0.5, exclude=["wb"]))
+    dims = initializer_shapes(only_a)
+    assert dims["wa"][0] == 8 and dims["wb"] == (8, 2, 3, 3)
+    kept = [i for i, row in enumerate(onnx.numpy_helper.to_array(model.graph.initializer[0]))
+            if any(np.array_equal(row, k) for k in onnx.numpy_helper.to_array(only_a.graph.initializer[0]))]
+    assert [sum(1 for i in kept if i // 4 == j) for j in range(4)] == [2, 2, 2, 2]
+    assert np.allclose(run(only_a, feeds)[0], run(_as_zeroed_rows(model, only_a, {"wa"}), feeds)[0], atol=1e-5)
+    only_b, _ = compress(model, CompressOptions(ratio=0.5, exclude=["wa"]))
+    assert initializer_shapes(only_b)["wb"] == (4, 4, 3, 3) and initializer_shapes(only_b)["wc"] == (5, 4, 1, 1)
+    assert np.allclose(run(only_b, feeds)[0], run(_as_zeroed_rows(model, only_b, {"wb"}), feeds)[0], atol=1e-5)
+    assert next(g for g in inspect_model(model)["groups"] if "Conv_0" in g["producers"])["kind"] == "grouped"
