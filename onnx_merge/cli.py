@@ -245,7 +245,8 @@ def cmd_inspect(args) -> int:
     if info["groups"]:
         print("\nchannel groups (a residual one is pruned only with --coupled prune):")
         rows = [[g["kind"], " + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
-                 g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
+                 g["channels"], g["params_per_channel"],
+                 g["left_whole"] or ("prunable" if g["free"] else "with --coupled prune")] for g in info["groups"]]
         print(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
                                       "status"], maxcolwidths=[10, 40, 40, 20, None, None, 50]))
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"

@@ -390,7 +390,7 @@ def describe_group(index: GraphIndex, group: Group) -> dict:
     per_channel += sum(size(c.weight) // int(index.initializers[c.weight].dims[c.in_axis]) for g, _ in reached
                        for c in g.consumers)
     consumers = [c.name for c in group.consumers] + [f"{c.name} (via {via})" for g, via in reached for c in g.consumers]
-    return {"kind": group.kind, "producers": [p.name for p in group.producers], "consumers": consumers,
+    return {"kind": group.kind, "free": group.free, "producers": [p.name for p in group.producers], "consumers": consumers,
             "depthwise": [d.name for d in group.depthwise], "channels": channels,
             "params_per_channel": per_channel, "left_whole": group.blocked or None}
 

@@ -383,7 +383,7 @@ class _Walk:
         if nxt.op_type in ("Conv", "ConvTranspose") and layout.channel_last and not layout.flattened:
             raise Decline(f"consumer {_label(nxt)} reads axis 1; the channels are on the last axis")
         if conv_groups(nxt) != 1:
-            raise Decline(f"consumer {_label(nxt)} is a grouped/depthwise conv: its channels are coupled")
+            raise Decline(f"consumer {_label(nxt)} is a grouped/depthwise conv: pruned with its channel group")
         try:
             consumer = describe_layer(index, nxt)
         except Decline as exc:
@@ -404,7 +404,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None
     """Follow a producer's channels to their consumers, or raise Decline with the reason.
     ``dims`` (shape inference, run on first use) gives a rank the layers do not fix."""
     if conv_groups(node) != 1:
-        raise Decline(f"grouped conv (group={conv_groups(node)}): its output channels are tied by group")
+        raise Decline(f"grouped conv (group={conv_groups(node)}): its output channels are pruned with their channel group")
     if node.op_type == "ConvTranspose":
         raise Decline("ConvTranspose producers are not supported")
     producer = describe_layer(index, node)

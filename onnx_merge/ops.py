@@ -163,6 +163,8 @@ OPS: dict[str, Rule] = {
     "HardSigmoid": activation("hard_sigmoid", describe=lambda i, n: (
         "hard_sigmoid", {"alpha": float(attr(n, "alpha", 0.2)), "beta": float(attr(n, "beta", 0.5))}),
         fn=lambda n, v: np.clip(float(attr(n, "alpha", 0.2)) * v[0] + float(attr(n, "beta", 0.5)), 0, 1)),
+    "Swish": activation("silu", describe=lambda index, node: ("silu", {"beta": float(attr(node, "alpha", 1.0))}),
+                        fn=lambda node, v: v[0] * special.expit(float(attr(node, "alpha", 1.0)) * v[0])),
     "HardSwish": activation("hard_swish", fn=_unary(lambda x: x * np.clip(x / 6 + 0.5, 0, 1))),
     "Tanh": activation("tanh", fn=_unary(np.tanh)),
     "Softplus": activation("softplus", fn=_unary(lambda x: np.logaddexp(0.0, x))),
