@@ -55,7 +55,7 @@ def latency_figures(folder: Path) -> None:
     model = resnet_paper(dict(np.load(weights)), fold=True)
     onnx.save(model, folder / "r56.onnx")
     onnx.save(compress(model, ratio=0.5)[0], folder / "r56_merged.onnx")
-    rows = bench_models([folder / "r56.onnx", folder / "r56_merged.onnx"], batch=32, threads=2, runs=150, warmup=10)
+    rows = bench_models([folder / "r56.onnx", folder / "r56_merged.onnx"], batches=(32,), threads=(2,), runs=150, warmup=10)
     for r in rows:
         print(f"{Path(r['model']).name}: p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, "
               f"ratio {r['p50_ratio']:.3f}, params {r['params']:,}, MACs {r['macs']:,}")

@@ -1,10 +1,14 @@
-"""Latency of several models in onnxruntime (graph optimizations on), run interleaved so that
-drift on the machine hits every model alike."""
+"""Latency of several models in onnxruntime, run interleaved so that drift on the machine hits
+every model alike; per configuration (batch, threads), with session creation time and the peak
+memory of a session of each model."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import resource
 import time
+from itertools import product
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -13,29 +17,96 @@ from .io import load_model
 from .runtime import make_session, random_inputs
 from .stats import count_macs, count_parameters
 
+LEVELS = ("disable", "basic", "extended", "all")
 
-def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch: int = 1, threads: int | None = None,
-                 runs: int = 50, warmup: int = 5) -> list[dict]:
-    sessions = [make_session(p, provider, optimize=True, threads=threads) for p in paths]
+
+def _footprint(path: str, provider: str, batch: int, threads: int | None, level: str) -> float:
+    """Peak resident memory (MiB) of a fresh process that creates a session of ``path`` and runs
+    it once: what deploying that model costs, apart from the interpreter itself."""
+    session = make_session(path, provider, optimize=level, threads=threads)
+    session.run(None, random_inputs(session, batch=batch))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(path: str, provider: str, batch: int, threads: int | None, level: str) -> float | None:
+    """``_footprint`` in a spawned process (one model per process, so figures do not mix);
+    None where a process cannot be started."""
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return float(pool.apply(_footprint, (path, provider, batch, threads, level)))
+    except (OSError, RuntimeError):
+        return None
+
+
+def _time_config(paths, provider: str, batch: int, threads: int | None, level: str, runs: int, warmup: int):
+    created, sessions = [], []
+    for p in paths:
+        start = time.perf_counter()
+        sessions.append(make_session(p, provider, optimize=level, threads=threads))
+        created.append(time.perf_counter() - start)
     feeds = [random_inputs(s, batch=batch) for s in sessions]
+    # a batch dimension fixed at export stays as it is: report the batch that was run
+    fed = [next(iter(f.values())).shape[0] if f and next(iter(f.values())).ndim else 1 for f in feeds]
     for s, f in zip(sessions, feeds):
         for _ in range(warmup):
             s.run(None, f)
     times = [[] for _ in paths]
-    for _ in tqdm(range(runs), desc="benchmarking", unit="round", leave=False, disable=None):
+    for _ in tqdm(range(runs), desc=f"batch {batch}, threads {threads or 'default'}", unit="round", leave=False,
+                  disable=None):
         for i, (s, f) in enumerate(zip(sessions, feeds)):
             start = time.perf_counter()
             s.run(None, f)
             times[i].append(time.perf_counter() - start)
+    return created, times, fed
+
+
+def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batches: tuple[int, ...] = (1,),
+                 threads: tuple[int | None, ...] = (None,), level: str = "all", runs: int = 50, warmup: int = 5,
+                 memory: bool = True) -> list[dict]:
+    """One row per model and (batch, threads) configuration; ``p50_ratio`` is each model's p50
+    over the first model's in the same configuration, ``macs`` counts the whole batch that ran
+    (a batch dimension fixed at export is not changed)."""
+    paths = [str(p) for p in paths]
+    counts = []
+    for p in paths:
+        model = load_model(p).model
+        counts.append((count_parameters(model), count_macs(model)))
+    mib = {(p, b): peak_memory_mib(p, provider, b, threads[0], level) if memory else None
+           for p in paths for b in batches}
     results = []
-    for path, t in zip(paths, times):
-        model = load_model(path).model
-        ms = 1000 * np.asarray(t)
-        results.append({"model": str(path), "provider": provider, "batch": batch, "threads": threads, "runs": runs,
-                        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-                        "p99_ms": float(np.percentile(ms, 99)),
-                        "throughput_per_s": float(batch / np.median(np.asarray(t))),
-                        "params": count_parameters(model), "macs": count_macs(model)})
-    for r in results:
-        r["p50_ratio"] = r["p50_ms"] / results[0]["p50_ms"]
+    for batch, t in product(batches, threads):
+        created, times, fed = _time_config(paths, provider, batch, t, level, runs, warmup)
+        rows = []
+        for path, made, samples, (params, macs), batch in zip(paths, created, times, counts, fed):
+            ms = 1000 * np.asarray(samples)
+            rows.append({"model": path, "provider": provider, "batch": batch, "threads": t, "level": level,
+                         "runs": runs, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                         "p99_ms": float(np.percentile(ms, 99)), "samples_ms": [float(v) for v in ms],
+                         "throughput_per_s": float(batch / np.median(samples)), "session_create_s": made,
+                         "peak_memory_mib": mib[(path, batch)], "params": params,
+                         "macs": macs * batch if macs is not None else None})
+        for r in rows:
+            r["p50_ratio"] = r["p50_ms"] / rows[0]["p50_ms"]
+            r["macs_ratio"] = r["macs"] / rows[0]["macs"] if r["macs"] and rows[0]["macs"] else None
+        results += rows
     return results
+
+
+def plot_latencies(results: list[dict], path: str | os.PathLike) -> None:
+    """Box plots of every run's latency, one panel per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys((r["provider"], r["batch"], r["threads"]) for r in results))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.5 * len(configs), 3.6), squeeze=False)
+    for ax, (provider, batch, threads) in zip(axes[0], configs):
+        rows = [r for r in results if (r["provider"], r["batch"], r["threads"]) == (provider, batch, threads)]
+        ax.boxplot([r["samples_ms"] for r in rows], showfliers=False)
+        ax.set_xticks(range(1, len(rows) + 1), [os.path.basename(r["model"]) for r in rows], rotation=20, fontsize=7)
+        ax.set_title(f"{provider}, batch {batch}, threads {threads or 'default'}", fontsize=9)
+        ax.set_ylabel("latency (ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -162,14 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
 
     b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of one or more models, side by side",
-                       description="Latency with graph optimizations on, models interleaved run by run; "
-                       "p50/p90/p99, throughput, parameters, MACs and the p50 ratio to the first model.")
+                       description="Latency of each model in onnxruntime, models interleaved run by run so that "
+                       "drift hits all alike: p50/p90/p99, throughput, session creation time, peak memory of a "
+                       "session (a fresh process per model), parameters, MACs of the batch, and p50 and MAC "
+                       "ratios to the first model, for every batch x threads configuration.",
+                       epilog="example: onnx-merge bench original.onnx small.onnx --batch 1,8 --threads 1,2 "
+                       "--plot latency.png")
     b.add_argument("models", nargs="+", metavar="MODEL.onnx")
     b.add_argument("--providers", default="cpu", metavar="cpu,cuda", help="execution providers (default cpu)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    b.add_argument("--batch", default="1", metavar="B[,B...]", help="batch sizes, e.g. 1,8 (default 1; fixed "
+                   "batch dimensions stay as exported)")
+    b.add_argument("--threads", default="", metavar="T[,T...]", help="intra-op thread counts, e.g. 1,2 "
+                   "(default: onnxruntime's choice)")
+    b.add_argument("--level", choices=("disable", "basic", "extended", "all"), default="all",
+                   help="onnxruntime graph optimization level (default all, as deployed)")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per model)")
+    b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
     b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
 
     i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
@@ -276,22 +286,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import bench_models
+def _int_list(text: str, flag: str, allow_empty: bool = False) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if not values and not allow_empty or any(v < 1 for v in values):
+        raise UsageError(f"{flag} values must be at least 1, got {text!r}")
+    return values
 
-    if args.runs < 1 or args.batch < 1:
-        raise UsageError("--runs and --batch must be at least 1")
+
+def cmd_bench(args) -> int:
+    from .bench import bench_models, plot_latencies
+
+    batches = _int_list(args.batch, "--batch")
+    threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be at least 1 and --warmup at least 0")
     for path in args.models:
         load_model(path)
     results = []
     for provider in parse_providers(args.providers):
-        results += bench_models(args.models, provider=provider, batch=args.batch, threads=args.threads,
-                                runs=args.runs, warmup=args.warmup)
-    rows = [[r["model"], r["provider"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-             f"{r['throughput_per_s']:.1f}", f"{r['params']:,}", f"{r['macs']:,}" if r["macs"] else "-",
-             f"{r['p50_ratio']:.3f}"] for r in results]
-    print(tabulate(rows, headers=["model", "provider", "p50 ms", "p90 ms", "p99 ms", "items/s", "params", "MACs",
-                                  "p50 vs first"]))
+        results += bench_models(args.models, provider=provider, batches=batches, threads=threads, level=args.level,
+                                runs=args.runs, warmup=args.warmup, memory=not args.no_memory)
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    rows = [[r["model"], r["provider"], r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}",
+             f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['session_create_s']:.2f}",
+             fmt(r["peak_memory_mib"], ".0f"), f"{r['params']:,}", fmt(r["macs"], ","), f"{r['p50_ratio']:.3f}",
+             fmt(r["macs_ratio"], ".3f")] for r in results]
+    print(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
+                                  "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
+    if args.plot:
+        plot_latencies(results, args.plot)
+        print(f"wrote {args.plot}")
     if args.report:
         write_text_atomic(args.report, json.dumps(results, indent=2))
     return 0

@@ -45,12 +45,18 @@ def parse_providers(text: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(items)) or ["cpu"]
 
 
-def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool = False,
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                       "all": "ORT_ENABLE_ALL"}
+
+
+def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool | str = False,
                  threads: int | None = None) -> ort.InferenceSession:
+    """``optimize``: False (equality checks: no graph rewrites), True (everything, as deployed)
+    or a level name from OPTIMIZATION_LEVELS."""
     require_runtime()
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads

@@ -120,13 +120,20 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     out = tmp_path / "small.onnx"
     assert main(["compress", str(lenet_file), "-o", str(out), "--no-verify"]) == 0
     report = tmp_path / "bench.json"
-    assert main(["bench", str(lenet_file), str(out), "--runs", "5", "--warmup", "1", "--batch", "4",
-                 "--report", str(report)]) == 0
+    plot = tmp_path / "latency.png"
+    assert main(["bench", str(lenet_file), str(out), "--runs", "5", "--warmup", "1", "--batch", "1,4",
+                 "--threads", "1", "--report", str(report), "--plot", str(plot)]) == 0
     rows = json.loads(report.read_text())
-    assert [r["model"] for r in rows] == [str(lenet_file), str(out)]
+    assert [(r["model"], r["batch"]) for r in rows] == [(str(lenet_file), 1), (str(out), 1), (str(lenet_file), 4),
+                                                        (str(out), 4)]
     assert rows[0]["p50_ratio"] == 1.0 and rows[1]["params"] < rows[0]["params"]
-    assert all(r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert rows[2]["macs"] == 4 * rows[0]["macs"] and 0 < rows[1]["macs_ratio"] < 1
+    assert all(r["p50_ms"] <= r["p99_ms"] and len(r["samples_ms"]) == 5 for r in rows)
+    assert all(r["peak_memory_mib"] > 0 and r["session_create_s"] > 0 for r in rows)
+    assert plot.stat().st_size > 0
     assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
+    assert main(["bench", str(lenet_file), "--batch", "0"]) == 2
+    assert main(["bench", str(lenet_file), "--threads", "two"]) == 2
 
 
 def _lenet_variant(tmp_path, edit) -> str:
