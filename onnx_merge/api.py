@@ -10,8 +10,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from .coupling import describe_group, find_groups
-from .groups import find_chains
+from .groups import describe_group, find_chains, find_groups
 from .graph import GraphIndex
 from .io import load_arrays, load_model, save_model
 from .manager import Context, PassManager

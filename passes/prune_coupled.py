@@ -22,9 +22,8 @@ import math
 import numpy as np
 import onnx
 
-from onnx_merge.coupling import Group, find_groups
+from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
-from onnx_merge.groups import find_chains
 from onnx_merge.io import default_opset
 from onnx_merge.math import importance, keep_count, select_per_block
 from onnx_merge.ops import conv_groups

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, attr
-from .groups import Layer, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
-from .ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, conv_groups, is_depthwise, rule
-from .shapes import TensorDims
+from ..graph import GraphIndex, attr
+from .chains import Layer, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
+from ..ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, conv_groups, is_depthwise, rule
+from ..shapes import TensorDims
 
 
 def _spatial_reduction(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> bool:

@@ -10,7 +10,7 @@ Per-channel ops include composite units (SiLU written as ``x * Sigmoid(x)``, GEL
 reaching a linear consumer through per-channel ops) is one chain with several consumers: a
 merge applies the same compensation to each. Anything else that reads a channel (a residual
 Add, a Concat, a graph output) makes the channels coupled: the candidate is declined with that
-reason (``onnx_merge.coupling`` groups those). Merging is allowed only when every op on the path
+reason (``spaces`` groups those). Merging is allowed only when every op on the path
 is positively homogeneous (METHOD.md sections 4 and 5); otherwise the chain can only be pruned.
 """
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import GRAPH_OUTPUT, GraphIndex, attr
-from .ops import (BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, RESHAPE, Activation, Decline, activation_of,
+from ..graph import GRAPH_OUTPUT, GraphIndex, attr
+from ..ops import (BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, RESHAPE, Activation, Decline, activation_of,
                   conv_groups, match_unit, rule)
-from .shapes import TensorDims
+from ..shapes import TensorDims
 
 Rejected = Decline  # the name the passes used before the op table
 
