@@ -162,6 +162,21 @@ def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
     _write_split_sizes(index, list(views))
 
 
+def private(index: GraphIndex, node: onnx.NodeProto, position: int) -> str:
+    """The node's input ``position``, copied first when other nodes read the same initializer
+    (the dynamo exporter shares equal constants, such as untrained BN statistics, across layers)."""
+    name = node.input[position]
+    if not index.shared_with(name, node):
+        return name
+    copy = index.unique_name(f"{name}_{node.name or node.output[0]}")
+    index.add_initializer(copy, index.array(name).copy())
+    node.input[position] = copy
+    if name not in node.input:
+        index.readers[name] = [r for r in index.readers[name] if r is not node]
+    index.readers[copy].append(node)
+    return copy
+
+
 def grouped_columns(weight: np.ndarray, groups: int, kept: np.ndarray, n: int) -> np.ndarray:
     """A grouped conv's weight (O, n / groups, ...) reading only the ``kept`` of its ``n`` input
     channels (the same count in each group): output block j keeps block j's columns."""
@@ -180,11 +195,16 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
         if current_bias(p) is not None:
             take_channels(index, current_bias(p), kept, n, -1)
     for node in group.depthwise:
-        take_channels(index, node.input[1], kept, n, 0)
+        take_channels(index, private(index, node, 1), kept, n, 0)
         if len(node.input) > 2 and node.input[2]:
-            take_channels(index, node.input[2], kept, n, 0)
+            take_channels(index, private(index, node, 2), kept, n, 0)
         set_attr(node, "group", len(kept))
-    for _, name in group.per_channel:
+    sliced = set()  # one node may read one initializer twice (BN's bias and mean, both zero, shared)
+    for node, name in group.per_channel:
+        name = private(index, node, list(node.input).index(name))
+        if name in sliced:
+            continue
+        sliced.add(name)
         arr = index.array(name)
         index.set_array(name, np.take(arr, kept, axis=int(np.argmax(arr.shape))))
     for c in group.consumers:

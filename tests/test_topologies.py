@@ -216,3 +216,25 @@ def test_grouped_conv_is_pruned_equally_per_group_on_both_sides():
     assert initializer_shapes(only_b)["wb"] == (4, 4, 3, 3) and initializer_shapes(only_b)["wc"] == (5, 4, 1, 1)
     assert np.allclose(run(only_b, feeds)[0], run(_as_zeroed_rows(model, only_b, {"wb"}), feeds)[0], atol=1e-5)
     assert next(g for g in inspect_model(model)["groups"] if "Conv_0" in g["producers"])["kind"] == "grouped"
+
+
+def test_bn_parameters_shared_across_groups_are_copied_before_slicing():
+    """The dynamo exporter shares equal constants: untrained BNs read one zeros and one ones
+    initializer, a BN even reads the zeros as bias and mean. Each group slices its own copy."""
+    ws = {"w1": RNG.standard_normal((8, 3, 1, 1)).astype(np.float32), "dw": RNG.standard_normal((8, 1, 3, 3)).astype(np.float32),
+          "w2": RNG.standard_normal((8, 8, 1, 1)).astype(np.float32), "dw2": RNG.standard_normal((8, 1, 3, 3)).astype(np.float32),
+          "w3": RNG.standard_normal((4, 8, 1, 1)).astype(np.float32),
+          "zeros": np.zeros(8, np.float32), "ones": np.ones(8, np.float32)}
+    body = "\n".join([
+        "a = Conv <kernel_shape = [1, 1]> (x, w1)", "an = BatchNormalization (a, ones, zeros, zeros, ones)",
+        "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (an, dw)", "dr = Relu (d)",
+        "b = Conv <kernel_shape = [1, 1]> (dr, w2)", "bn = BatchNormalization (b, ones, zeros, zeros, ones)",
+        "e = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (bn, dw2)", "er = Relu (e)",
+        "y = Conv <kernel_shape = [1, 1]> (er, w3)"])
+    model = make(body, "float[1, 3, 5, 5] x", "float[1, 4, 5, 5] y", ws)
+    small, _ = compress(model, CompressOptions(ratio=0.5, fold_bn=False))
+    onnx.checker.check_model(small, full_check=True)
+    dims = initializer_shapes(small)
+    assert dims["w1"][0] == dims["w2"][0] == 4 and dims["w2"][1] == dims["w3"][1] == 4
+    assert sum(1 for n in dims if n.startswith(("zeros", "ones"))) >= 4
+    assert run(small, x(1, 3, 5, 5))[0].shape == (1, 4, 5, 5)
