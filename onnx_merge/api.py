@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import onnx
 from tqdm.auto import tqdm
 
+from .checkdata import CheckData, resolve_input_shapes
+from .data import Preprocess, prepare_inputs
 from .groups import describe_group, find_chains, find_groups
 from .graph import GraphIndex
-from .io import load_arrays, load_model, save_model
+from .errors import VerificationError
+from .files import check_targets
+from .io import load_arrays, load_model, model_files, save_model
 from .manager import Context, PassManager
 from .options import CompressOptions
-from .runtime import graph_inputs, match_inputs, parse_providers
+from .report import describe_model, file_bytes
+from .runtime import graph_inputs, make_session, parse_providers
+from .shapes import skeleton
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
+MAX_HOLDOUT = 256  # calibration samples held out to check the result on
+
+
+class _Unpublished(Exception):
+    """Raised in save_model's check: the staged result failed verification and is dropped."""
 
 
 def _progress(iterable, **kw):
@@ -50,10 +63,17 @@ def build_pipeline(options: CompressOptions) -> PassManager:
     return PassManager(steps)
 
 
-def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, inplace: bool = False,
+def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOptions | None = None, *,
+             inplace: bool = False, input_shapes: dict[str, list[int]] | None = None,
              **kwargs) -> tuple[onnx.ModelProto, dict]:
-    """Compress ``model``; returns the new model and a report. Options as CompressOptions fields."""
+    """Compress ``model`` (a ModelProto or a path); returns the new model and a report.
+
+    Options as CompressOptions fields. ``input_shapes``: dims (batch 1) for dynamic inputs,
+    used for counting MACs.
+    """
     options = (options or CompressOptions(**kwargs)).validate()
+    if not isinstance(model, onnx.ModelProto):
+        model, inplace = load_model(model).model, True
     if not inplace:
         model = copy.deepcopy(model)
     report = {"options": {k: v for k, v in vars(options).items() if k != "calibration"}}
@@ -61,10 +81,23 @@ def compress(model: onnx.ModelProto, options: CompressOptions | None = None, *, 
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
     # counted after canonicalizing: weights computed by constant subgraphs count too
-    report["params_before"], report["macs_before"] = count_parameters(model), count_macs(model)
+    report["params_before"], report["macs_before"] = count_parameters(model), _macs(model, input_shapes)
     build_pipeline(options).run(model, ctx)
-    report["params_after"], report["macs_after"] = count_parameters(model), count_macs(model)
+    report["params_after"], report["macs_after"] = count_parameters(model), _macs(model, input_shapes)
     return model, report
+
+
+def _macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> int | None:
+    if not input_shapes:
+        return count_macs(model)
+    shaped = skeleton(model)
+    for value in shaped.graph.input:
+        dims = input_shapes.get(value.name)
+        if dims and len(dims) == len(value.type.tensor_type.shape.dim):
+            for d, n in zip(value.type.tensor_type.shape.dim, dims):
+                d.Clear()
+                d.dim_value = n
+    return count_macs(shaped)
 
 
 def inspect_model(model: onnx.ModelProto) -> dict:
@@ -85,24 +118,82 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     }
 
 
+def _split_check(options: CompressOptions, holdout: int | None) -> tuple[dict | None, str]:
+    """Hold out the last samples of the calibration data to check the result on.
+
+    ``holdout`` None: an eighth, at most MAX_HOLDOUT, when there are 16 samples or more; 0 (or
+    too few samples) checks on the samples the fit used, and says so.
+    """
+    calib = options.calibration
+    total = len(next(iter(calib.values())))
+    n = min(MAX_HOLDOUT, total // 8) if holdout is None else holdout
+    if n <= 0 or n >= total:
+        return calib, f"--calibration ({total} samples, also used for the fit)"
+    options.calibration = {k: v[:total - n] for k, v in calib.items()}
+    return {k: v[total - n:] for k, v in calib.items()}, f"--calibration (last {n} of {total} samples, held out)"
+
+
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: CompressOptions, *, verify: bool = True,
-                  inputs: str | os.PathLike | None = None, providers=None, tolerance: Tolerance | None = None) -> dict:
-    """Load, compress, save atomically, and report how far the outputs moved (``tolerance``
-    None: figures only; the CLI's ``verify`` is the gate)."""
+                  inputs: str | os.PathLike | dict | None = None, providers=None, tolerance: Tolerance | None = None,
+                  keep_failed: bool = False, check: CheckData | None = None, preprocess: Preprocess | None = None,
+                  input_key: str | None = None, check_holdout: int | None = None, also_writes=()) -> dict:
+    """Validate, compress, prove, then publish; report what changed and how far the outputs moved.
+
+    Every output path (``dst`` and ``also_writes``, e.g. the report) is checked and the original
+    loaded in onnxruntime before any work. The result is verified from the staged file before it
+    appears at ``dst``, on ``inputs`` (a .npz path or arrays), else on a held-out part of the
+    calibration data, else on random ``check`` data. ``tolerance`` None: figures only (warnings
+    below verify.WARN_BELOW). A result that fails (its gates, or NaN, missing outputs) is not
+    written, and VerificationError (with the report) is raised; with ``keep_failed`` it is
+    written and returned, report["verification"]["ok"] False (the CLI exits 1 either way).
+    ``preprocess``/``input_key`` turn stored arrays (inputs, calibration) into model inputs.
+    """
+    started = time.perf_counter()
+    options = dataclasses.replace(options)  # the caller's options (and calibration arrays) stay as given
     src, dst = Path(src), Path(dst)
+    check_targets([dst, *also_writes], model_files(src))
     providers = parse_providers(providers)
-    arrays = load_arrays(inputs) if inputs else None
+    if tolerance is not None:
+        tolerance.validate()
     loaded = load_model(src)
+    make_session(src, providers[0])  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
+    source = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "--inputs"
+    arrays = load_arrays(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
     if arrays is not None:
-        match_inputs(specs, arrays, str(inputs))
+        arrays = prepare_inputs(arrays, specs, preprocess, input_key, source)
     if options.calibration is not None:
-        match_inputs(specs, options.calibration, "--calibration")
-    model, report = compress(loaded.model, options, inplace=True)
-    save_model(model, dst, external=loaded.external, source=src)
+        options.calibration = prepare_inputs(options.calibration, specs, preprocess, input_key, "--calibration")
+        if arrays is None and verify:
+            arrays, source = _split_check(options, check_holdout)
+    check = check or CheckData()
+    input_shapes, _ = resolve_input_shapes(specs, check.input_shapes)
+    before = describe_model(loaded.model, src, "input", file_bytes=file_bytes(src))
+    model, report = compress(loaded.model, options, inplace=True, input_shapes=input_shapes)
     report["input"], report["output"] = str(src), str(dst)
-    if verify:
-        result = verify_models(src, dst, inputs=arrays, providers=providers, tolerance=tolerance,
-                               input_source=str(inputs))
+    report["input_shapes"] = input_shapes
+
+    def prove(staged: Path) -> None:
+        if not verify:
+            make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+            return
+        result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance, check=check,
+                               input_source=source)
         report["verification"] = result.as_dict()
+        if not result.ok and not keep_failed:
+            raise _Unpublished
+
+    try:
+        save_model(model, dst, external=loaded.external, source=src, protect=also_writes, check=prove)
+        report["written"] = True
+    except _Unpublished:
+        report["written"] = False
+    after = describe_model(model, dst, "output", file_bytes=file_bytes(dst) if report["written"] else None)
+    before.update(params=report["params_before"], macs=report["macs_before"])
+    after.update(params=report["params_after"], macs=report["macs_after"])
+    report["models"] = [before, after]
+    report["elapsed_s"] = time.perf_counter() - started
+    if not report["written"]:
+        first = report["verification"]["failures"][0]
+        raise VerificationError(f"{dst}: not written, verification failed: {first}", report)
     return report

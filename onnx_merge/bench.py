@@ -92,8 +92,10 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
     return results
 
 
-def plot_latencies(results: list[dict], path: str | os.PathLike) -> None:
-    """Box plots of every run's latency, one panel per configuration."""
+def plot_latencies(results: list[dict]) -> bytes:
+    """Box plots of every run's latency, one panel per configuration, as PNG bytes."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,5 +110,7 @@ def plot_latencies(results: list[dict], path: str | os.PathLike) -> None:
         ax.set_title(f"{provider}, batch {batch}, threads {threads or 'default'}", fontsize=9)
         ax.set_ylabel("latency (ms)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    return png.getvalue()

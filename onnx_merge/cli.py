@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import io
 import logging
+import signal
 import sys
+import threading
+import time
 import traceback
 
 from tabulate import tabulate
 
-from . import api
-from .errors import OnnxMergeError, UsageError
-from .io import load_arrays, load_model, write_text_atomic
+from . import api, report, terminal
+from .checkdata import CHECK_SAMPLES, CheckData, parse_input_shape
+from .config import load_config, options_of
+from .data import Preprocess, parse_floats, prepare_inputs
+from .errors import Interrupted, OnnxMergeError, UsageError, VerificationError
+from .files import check_targets, remove_live_staging, write_bytes_atomic
+from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
 from .options import AUTO, METHODS, CompressOptions
-from .runtime import parse_providers
-from .verify import Tolerance, verify_models
+from .runtime import graph_inputs, parse_providers, set_runtime_logging
+from .verify import WARN_BELOW, Tolerance, verify_models
 
 log = logging.getLogger("onnx_merge")
 
@@ -25,10 +33,13 @@ examples:
   onnx-merge inspect model.onnx
   onnx-merge compress model.onnx -o small.onnx --ratio 0.5
   onnx-merge compress model.onnx -o small.onnx --layer-ratio 'layer3.*=0.7' --exclude 'conv1'
+  onnx-merge compress model.onnx -o small.onnx --ratio 0.3 --min-cosine 0.99 --input-shape x=1x3x224x224
+  onnx-merge compress model.onnx -o small.onnx --config earlier_report.json
   onnx-merge verify model.onnx small.onnx --inputs samples.npz --atol 1e-3
 
 exit codes: 0 ok, 1 verification failed, 2 usage error, 3 unreadable or invalid model or data
 """
+MAX_MESSAGE = 500  # characters of an error line (a model's text in an exception can be megabytes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,12 +59,69 @@ def _glob_ratio(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected GLOB=RATIO, got {text!r}") from None
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, input_key_default=None) -> None:
+    """One vocabulary for turning stored arrays into model inputs (data.Preprocess)."""
+    g = p.add_argument_group("data preprocessing (for --inputs, --calibration, --data)")
+    g.add_argument("--input-key", default=input_key_default, metavar="KEY",
+                   help="the array holding a one-input model's inputs (default: arrays named after the inputs, "
+                   "or the only array)" if input_key_default is None else f"array holding the inputs "
+                   f"(default {input_key_default})")
+    g.add_argument("--scale", type=_finite, metavar="S",
+                   help="divide inputs by S first (e.g. 255 for uint8 pixels; uint8 data without it is "
+                   "fed as it is, with a warning)")
+    g.add_argument("--mean", metavar="M[,M..]", help="per-channel mean to subtract after scaling, comma-separated")
+    g.add_argument("--std", metavar="S[,S..]", help="per-channel std to divide by after the mean, comma-separated")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
+                   help="layout of the stored images (models take NCHW; default nchw)")
+
+
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check-n", type=int, default=CHECK_SAMPLES, metavar="N",
+                   help=f"without --inputs (or --calibration): check on N random samples (default {CHECK_SAMPLES}); "
+                   "integer inputs that index an embedding are drawn over its rows")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="dims of an input with dynamic dims, batch first (repeatable): random check data is "
+                   "made at this size and MACs are counted at it; a dynamic dim not given is "
+                   "checked at 32, with a warning")
+
+
+def _add_gate_args(p: argparse.ArgumentParser, verify: bool) -> None:
+    g = p.add_argument_group("gates" if not verify else "tolerances")
+    g.add_argument("--atol", type=_finite, metavar="A",
+                   help="absolute tolerance per value" + (" (default 1e-4 unless only --min-cosine or "
+                   "--max-top1-disagreement is given)" if verify else ""))
+    g.add_argument("--rtol", type=_finite, metavar="R",
+                   help="relative tolerance per value" + (" (default 1e-3, as --atol)" if verify else
+                   " (with --atol: default 1e-3)"))
+    g.add_argument("--min-cosine", type=_finite, metavar="C",
+                   help="fail unless every output's cosine similarity to the original's is at least C (in [-1, 1])")
+    g.add_argument("--max-top1-disagreement", type=_finite, metavar="P",
+                   help="fail when more than this fraction (in [0, 1]) of top-1 predictions differ")
+
+
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", metavar="FILE.npz",
-                   help="inputs to compare on, keyed by graph input name (default: random inputs)")
+                   help="inputs to compare on, keyed by graph input name (default: --check-n random samples)")
     p.add_argument("--providers", default="cpu", metavar="cpu,cuda",
                    help="execution providers to check on (default: cpu); cuda needs onnxruntime-gpu")
-    p.add_argument("--report", metavar="REPORT.json", help="write the full report as JSON")
+    p.add_argument("--report", metavar="REPORT.json", help="write the report as JSON (schema: "
+                   "onnx_merge/report.schema.json)")
+    _add_check_args(p)
+
+
+def _version_line() -> str:
+    tool = report.versions()
+    return f"onnx-merge {tool['version']} (onnx {tool['onnx']}, onnxruntime {tool['onnxruntime'] or 'not installed'})"
 
 
 def _logging_flags(parser: argparse.ArgumentParser, default) -> None:
@@ -67,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "carried into the next layer (neuron merging, Kim et al. 2020).", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _logging_flags(parser, default=False)
+    parser.add_argument("--version", action="version", version=_version_line())
     # the same flags after the command; SUPPRESS: a command not naming them keeps what came before
     common = argparse.ArgumentParser(add_help=False)
     _logging_flags(common, default=argparse.SUPPRESS)
@@ -74,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", parents=[common], help="prune and merge channels, save, verify",
                        description="Find Conv/Gemm -> (BN) -> ReLU -> Conv/Gemm chains, remove channels of the first "
-                       "layer and fold what they carried into the second. Saves atomically, then verifies the result "
-                       "against the original in onnxruntime.")
+                       "layer and fold what they carried into the second. Verifies the result against the original "
+                       "in onnxruntime, then saves it atomically. Without gates, a result whose "
+                       f"top-1 agreement or cosine falls below {WARN_BELOW} ends with a WARNING (exit 0); with "
+                       "gates, one that fails them exits 1 and is not written.")
     c.add_argument("model", metavar="IN.onnx")
+    c.add_argument("--config", metavar="FILE.json|FILE.toml",
+                   help="options from a file: a flat table of long flag names (ratio = 0.5, keep-bn = true) or "
+                   "a report, whose 'options' section repeats its run; flags given here win")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
     c.add_argument("--method", choices=METHODS, default="regress",
@@ -117,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
     c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
     c.add_argument("--calibration", metavar="FILE.npz",
-                   help="unlabelled inputs keyed by graph input name, preprocessed as the model expects: "
-                   "each consumer is refitted by least squares to reproduce the original layer's output")
+                   help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
+                   "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
+                   "the original layer's output")
     c.add_argument("--calibration-mixup", type=int, default=3, metavar="K",
                    help="with --calibration: add K mixed samples per calibration sample, each a random convex "
                    "combination of two of them, with the original model's outputs as targets. They go to "
@@ -130,36 +205,47 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Gemm/MatMul -> ReLU -> Gemm/MatMul) is refined as a block, both layers together, by N "
                    "L-BFGS iterations kept near the fitted weights; it is used only where it lowers the "
                    "error on a held-out quarter of the calibration rows (default 100; 0: off)")
+    c.add_argument("--skip-fold", action="store_true",
+                   help="leave constant subgraphs unfolded (weights computed by nodes are then not compressed)")
+    c.add_argument("--fold-max-elements", type=int, default=2**28, metavar="N",
+                   help="largest constant that folding may compute, in elements (default 2^28); a model "
+                   "computing a bigger one is refused, naming the node")
+    c.add_argument("--fold-max-mb", type=float, default=1024.0, metavar="MB",
+                   help="largest constant that folding may compute, in MiB (default 1024)")
     c.add_argument("--no-verify", action="store_true", help="skip running both models in onnxruntime")
+    c.add_argument("--keep-failed", action="store_true",
+                   help="write the result even when it fails a gate (the exit code is still 1)")
+    c.add_argument("--check-holdout", type=int, metavar="N",
+                   help="with --calibration and no --inputs: check on the last N calibration samples, held out "
+                   "of the fit (default: an eighth, at most 256; 0: check on the samples the fit used)")
     _add_verify_args(c)
+    _add_gate_args(c, verify=False)
+    _add_data_args(c)
+    c.set_defaults(command_parser=c)
 
     v = sub.add_parser("verify", parents=[common], help="compare a candidate model's outputs with the original's",
                        description="Run both models in onnxruntime (graph optimizations off) on the same inputs. "
-                       "Exit 0 when every output is within tolerance, 1 when not.")
+                       "Exit 0 when every output is within tolerance, 1 when not (a NaN or Inf where the original "
+                       "is finite always fails).")
     v.add_argument("original", metavar="ORIGINAL.onnx")
     v.add_argument("candidate", metavar="CANDIDATE.onnx")
-    v.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    v.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    v.add_argument("--min-cosine", type=float, metavar="C",
-                   help="for models meant to move: pass when every output's cosine similarity is at least C")
-    v.add_argument("--max-top1-disagreement", type=float, metavar="P",
-                   help="for models meant to move: pass when at most this fraction of top-1 predictions differ")
+    _add_gate_args(v, verify=True)
     _add_verify_args(v)
+    _add_data_args(v)
+    v.set_defaults(command_parser=v)
 
     e = sub.add_parser("eval", parents=[common], help="top-1 (and top-5) accuracy on a labelled array file",
                        description="Accuracy of MODEL on labelled data: an .npz file (arrays --input-key and "
                        "--label-key) or IDX files as idx:DIR (MNIST/FashionMNIST test split).")
     e.add_argument("model", metavar="MODEL.onnx")
     e.add_argument("--data", required=True, metavar="FILE.npz|idx:DIR")
-    e.add_argument("--input-key", default="x", help="array holding the inputs (default x)")
     e.add_argument("--label-key", default="y", help="array holding the labels (default y)")
     e.add_argument("--limit", type=int, help="evaluate only the first N samples")
-    e.add_argument("--scale", type=float, default=1.0, help="divide inputs by this first (e.g. 255)")
-    e.add_argument("--mean", help="per-channel mean to subtract after scaling, comma-separated")
-    e.add_argument("--std", help="per-channel std to divide by after the mean, comma-separated")
-    e.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="layout of the data (models take NCHW)")
     e.add_argument("--batch", type=int, default=256)
     e.add_argument("--providers", default="cpu", metavar="cpu|cuda", help="execution provider (first one is used)")
+    e.add_argument("--report", metavar="R.json", help="write the accuracy as a JSON report")
+    _add_data_args(e, input_key_default="x")
+    e.set_defaults(command_parser=e)
 
     b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of one or more models, side by side",
                        description="Latency of each model in onnxruntime, models interleaved run by run so that "
@@ -180,96 +266,174 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per model)")
     b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
-    b.add_argument("--report", metavar="R.json", help="write the figures as JSON")
+    b.add_argument("--report", metavar="R.json", help="write the figures as a JSON report")
+    b.set_defaults(command_parser=b)
 
     i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
-    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    i.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    i.set_defaults(command_parser=i)
     return parser
 
 
-def _print_verification(ver: dict) -> None:
-    rows = [[prov, name, f"{f.get('max_abs', float('nan')):.3g}", f"{f.get('max_rel', float('nan')):.3g}",
-             f"{f.get('cosine', float('nan')):.6f}", f"{f['top1_agreement']:.4f}" if "top1_agreement" in f else "-"]
-            for prov, outs in ver["providers"].items() for name, f in outs.items()]
-    print(tabulate(rows, headers=["provider", "output", "max abs", "max rel", "cosine", "top-1 agree"]))
-    for failure in ver["failures"]:
-        print(f"FAIL {failure}")
+_STDOUT = None  # the real stdout while a command runs; sys.stdout is then a _LogLines
+
+
+def _echo(text: str = "") -> None:
+    """Our own output (libraries' prints go to the log)."""
+    print(text, file=_STDOUT or sys.stdout)
+
+
+class _LogLines(io.TextIOBase):
+    """Lines that libraries print to stdout, sent to the log instead (-v shows them)."""
+
+    def __init__(self):
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                logging.getLogger("onnx_merge.thirdparty").info("%s", line.rstrip())
+        return len(text)
+
+
+def _write_report(path, data: dict, protect=()) -> None:
+    write_text_atomic(path, report.to_json(data), protect=protect)
+
+
+def _preprocess(args) -> Preprocess:
+    return Preprocess(args.scale, parse_floats(args.mean), parse_floats(args.std), args.layout).validate()
+
+
+def _check(args) -> CheckData:
+    return CheckData(samples=args.check_n, input_shapes=[parse_input_shape(t) for t in args.input_shape])
+
+
+def _tolerance(args) -> Tolerance:
+    return Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
+                     max_top1_disagreement=args.max_top1_disagreement).validate()
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f"... ({len(text):,} characters)"
 
 
 def cmd_compress(args) -> int:
+    check_targets([args.output, args.report], model_files(args.model))  # before any data is read
+    tolerance = _tolerance(args)
+    gated = any(v is not None for v in (args.atol, args.rtol, args.min_cosine, args.max_top1_disagreement))
+    if gated and args.no_verify:
+        raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
+                         "drop --no-verify")
     options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
-                              calibration_mixup=args.calibration_mixup,
+                              calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
+                              fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
-    report = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
-                               providers=args.providers)
-    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r["merged"], r["pruned"],
-             r["method"]] for r in report.get("layers", [])]
-    print(tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "pruned", "method"]))
-    for s in report.get("skipped", []):
-        print(f"skipped {s['node']}: {s['reason']}")
-    pb, pa = report["params_before"], report["params_after"]
-    print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / max(pb, 1):+.1f} %)")
-    if report["macs_before"] and report["macs_after"]:
-        mb, ma = report["macs_before"], report["macs_after"]
-        print(f"MACs (batch 1): {mb:,} -> {ma:,} ({100 * (ma - mb) / max(mb, 1):+.1f} %)")
-    print(f"wrote {args.output}")
-    if "verification" in report:
-        _print_verification(report["verification"])
+    if args.check_holdout is not None and args.check_holdout < 0:
+        raise UsageError(f"--check-holdout must be 0 or more, got {args.check_holdout}")
+    try:
+        result = api.compress_file(args.model, args.output, options, verify=not args.no_verify, inputs=args.inputs,
+                                   providers=args.providers, tolerance=tolerance if gated else None,
+                                   keep_failed=args.keep_failed, check=_check(args), preprocess=_preprocess(args),
+                                   input_key=args.input_key, check_holdout=args.check_holdout,
+                                   also_writes=[args.report] if args.report else [])
+    except VerificationError as exc:  # not written; the summary and the report still say why
+        if exc.report is None:
+            raise
+        result = exc.report
+    data = report.compress_report(result, options_of(args.command_parser, args))
+    _echo(terminal.compress_text(data, verbose=args.verbose))
+    ver = data["verification"]
+    _echo(f"\nwrote {args.output}" if result["written"] else f"\nnothing written to {args.output}")
     if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=2, default=str))
+        _write_report(args.report, data, model_files(args.model) + model_files(args.output))
+    if ver is not None and not ver["ok"]:
+        kept = "kept at -o (--keep-failed)" if result["written"] else "nothing written (--keep-failed keeps it)"
+        more = f" (and {len(ver['failures']) - 1} more)" if len(ver["failures"]) > 1 else ""
+        print(_bounded(f"onnx-merge: verification failed: {ver['failures'][0]}{more}; {kept}"), file=sys.stderr)
+        return 1
+    if ver is not None and ver["warnings"]:
+        print(f"onnx-merge: WARNING: {'; '.join(ver['warnings'])} on {terminal.data_phrase(ver['data'])}; "
+              "set --min-cosine or --max-top1-disagreement to fail such a result", file=sys.stderr)
     return 0
 
 
 def cmd_verify(args) -> int:
+    protect = model_files(args.original) + model_files(args.candidate)
+    check_targets([args.report], protect)
     providers = parse_providers(args.providers)
-    for path in (args.original, args.candidate):
-        load_model(path)  # a clear exit 3 for a bad file before onnxruntime sees it
-    tol = Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
-                    max_top1_disagreement=args.max_top1_disagreement)
-    arrays = load_arrays(args.inputs) if args.inputs else None
-    result = verify_models(args.original, args.candidate, inputs=arrays, providers=providers, tolerance=tol,
-                           input_source=str(args.inputs))
-    _print_verification(result.as_dict())
+    tol = _tolerance(args)
+    models = [load_model(path) for path in (args.original, args.candidate)]  # a clear exit 3 before onnxruntime
+    feeds = None
+    if args.inputs:
+        feeds = prepare_inputs(load_arrays(args.inputs), graph_inputs(models[0].model), _preprocess(args),
+                               args.input_key, str(args.inputs))
+    started = time.perf_counter()
+    result = verify_models(args.original, args.candidate, inputs=feeds, providers=providers, tolerance=tol,
+                           check=_check(args), input_source=str(args.inputs))
+    ver = result.as_dict()
+    _echo(terminal.verification_table(ver))
+    _echo(f"verification {terminal.verdict(ver)}")
     if args.report:
-        write_text_atomic(args.report, json.dumps(result.as_dict(), indent=2))
-    print("verification passed" if result.ok else "verification FAILED")
+        _write_report(args.report, report.new_report(
+            "verify", options=options_of(args.command_parser, args),
+            models=[report.describe_model(m.model, m.path, role, file_bytes=report.file_bytes(m.path))
+                    for m, role in zip(models, ("original", "candidate"))],
+            summary={"ok": result.ok, "checked_on": ver["data"]}, verification=ver,
+            elapsed_s=time.perf_counter() - started), protect)
     return 0 if result.ok else 1
 
 
 def cmd_inspect(args) -> int:
-    info = api.inspect_model(load_model(args.model).model)
+    loaded = load_model(args.model)
+    info = api.inspect_model(loaded.model)
     if args.json:
-        print(json.dumps(info, indent=2))
+        model = report.describe_model(loaded.model, loaded.path, "model", file_bytes=report.file_bytes(loaded.path),
+                                      params=info["params"], macs=info["macs"])
+        _echo(report.to_json(report.new_report(
+            "inspect", options=options_of(args.command_parser, args), models=[model],
+            summary={"chains": len(info["chains"]), "skipped": len(info["skipped"]), "groups": len(info["groups"]),
+                     "params": info["params"], "macs": info["macs"]},
+            details={k: info[k] for k in ("chains", "skipped", "groups")})))
         return 0
+    _echo(terminal.header(report.describe_model(loaded.model, loaded.path)))
+    _echo()
     rows = [[c["layer"], c["op"], c["channels"], c["bn"] or "-", " > ".join(c["path"]) or "-", c["consumer"],
              c["block"], "yes" if c["mergeable"] else f"no: {c['why_not_merge']}"] for c in info["chains"]]
-    print(tabulate(rows, headers=["layer", "op", "channels", "bn", "path", "consumer", "block", "mergeable"]))
-    for s in info["skipped"]:
-        print(f"skipped {s['node']}: {s['reason']}")
+    _echo(tabulate(rows, headers=["layer", "op", "channels", "bn", "path", "consumer", "block", "mergeable"],
+                   maxcolwidths=[terminal.WRAP, None, None, None, terminal.WRAP, terminal.WRAP, None, terminal.WRAP]))
+    skipped = terminal.skipped(info["skipped"], args.verbose)
+    if skipped:
+        _echo()
+        _echo(skipped)
     if info["groups"]:
-        print("\nchannel groups (a residual one is pruned only with --coupled prune):")
+        _echo("\nchannel groups (a residual one is pruned only with --coupled prune):")
         rows = [[g["kind"], " + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
                  g["channels"], g["params_per_channel"],
                  g["left_whole"] or ("prunable" if g["free"] else "with --coupled prune")] for g in info["groups"]]
-        print(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
+        _echo(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
                                       "status"], maxcolwidths=[10, 40, 40, 20, None, None, 50]))
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
-    print(f"{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
+    _echo(f"\n{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .data import Preprocess, load_data, parse_floats
+    from .data import load_data
     from .evaluate import evaluate
 
+    check_targets([args.report], model_files(args.model))
     provider = parse_providers(args.providers)[0]
-    load_model(args.model)
+    if args.batch < 1 or (args.limit is not None and args.limit < 1):
+        raise UsageError("--batch and --limit must be at least 1")
+    loaded = load_model(args.model)
     data = load_data(args.data)
     for key in (args.input_key, args.label_key):
         if key not in data:
@@ -277,12 +441,19 @@ def cmd_eval(args) -> int:
     x, y = data[args.input_key], data[args.label_key]
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
-    pre = Preprocess(args.scale, parse_floats(args.mean), parse_floats(args.std), args.layout)
-    result = evaluate(args.model, x, y[:len(x)], pre, batch=args.batch, provider=provider)
+    started = time.perf_counter()
+    result = evaluate(args.model, x, y[:len(x)], _preprocess(args), batch=args.batch, provider=provider,
+                      source=f"{args.data} [{args.input_key}]")
     line = f"{args.model}: top-1 {100 * result['top1']:.2f} %"
     if "top5" in result:
         line += f", top-5 {100 * result['top5']:.2f} %"
-    print(f"{line} on {result['samples']} samples of {args.data} [{args.input_key}]")
+    _echo(f"{line} on {result['samples']} samples of {args.data} [{args.input_key}]")
+    if args.report:
+        _write_report(args.report, report.new_report(
+            "eval", options=options_of(args.command_parser, args),
+            models=[report.describe_model(loaded.model, loaded.path, file_bytes=report.file_bytes(loaded.path))],
+            summary={**result, "data": str(args.data)}, elapsed_s=time.perf_counter() - started),
+            model_files(args.model))
     return 0
 
 
@@ -303,6 +474,8 @@ def cmd_bench(args) -> int:
     threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    protect = [p for m in args.models for p in model_files(m)]
+    check_targets([args.report, args.plot], protect)
     for path in args.models:
         load_model(path)
     results = []
@@ -317,38 +490,78 @@ def cmd_bench(args) -> int:
              f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['session_create_s']:.2f}",
              fmt(r["peak_memory_mib"], ".0f"), f"{r['params']:,}", fmt(r["macs"], ","), f"{r['p50_ratio']:.3f}",
              fmt(r["macs_ratio"], ".3f")] for r in results]
-    print(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
+    _echo(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
                                   "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
     if args.plot:
-        plot_latencies(results, args.plot)
-        print(f"wrote {args.plot}")
+        write_bytes_atomic(args.plot, plot_latencies(results), protect=protect)
+        _echo(f"wrote {args.plot}")
     if args.report:
-        write_text_atomic(args.report, json.dumps(results, indent=2))
+        _write_report(args.report, report.new_report(
+            "bench", options=options_of(args.command_parser, args),
+            models=[{"role": "model", "path": r["model"], "params": r["params"]} for r in results[:len(args.models)]],
+            summary={"configurations": len(results) // len(args.models),
+                     "p50_ratio": {r["model"]: r["p50_ratio"] for r in results[:len(args.models)]}},
+            details={"results": results}), protect)
     return 0
 
 
 COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _run(parser: argparse.ArgumentParser, args, argv) -> int:
+    global _STDOUT
+    _STDOUT = sys.stdout
     try:
-        return COMMANDS[args.command](args)
+        if getattr(args, "config", None):
+            args.command_parser.set_defaults(**load_config(args.config, args.command_parser))
+            args = parser.parse_args(argv)
+        with contextlib.redirect_stdout(_LogLines()):  # only our own lines reach stdout (libraries': the log)
+            return COMMANDS[args.command](args)
     except OnnxMergeError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"onnx-merge: error: {exc}", file=sys.stderr)
+        print(_bounded(f"onnx-merge: error: {exc}"), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-merge: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("onnx-merge: error: out of memory (the model or data is too large for this machine)", file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"onnx-merge: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        print(_bounded(f"onnx-merge: internal error: {type(exc).__name__}: {exc}") + " (rerun with --debug)",
+              file=sys.stderr)
         return 3
+    finally:
+        _STDOUT = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes as EPILOG says; SIGINT exits 130 and SIGTERM 143 at any time, no traceback, and
+    the temporary files of a save in progress are removed (they unwind as an exception)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    logging.captureWarnings(True)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+        # third-party warnings (onnx, numpy, Python's) are log lines, shown with -v only
+        logging.getLogger("py.warnings").setLevel(logging.WARNING if args.verbose or args.debug else logging.CRITICAL)
+        set_runtime_logging("debug" if args.debug else "verbose" if args.verbose else "quiet")
+        return _run(parser, args, argv)
+    except KeyboardInterrupt as exc:
+        remove_live_staging()
+        print("onnx-merge: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        logging.captureWarnings(False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,26 @@ class ModelError(OnnxMergeError):
     exit_code = 3
 
 
+class OutputError(OnnxMergeError):
+    """A file could not be written: full disk, read-only folder (exit 3). Nothing is left half-written."""
+
+    exit_code = 3
+
+
 class VerificationError(OnnxMergeError):
-    """The candidate's outputs are outside tolerance (exit 1)."""
+    """The candidate's outputs are outside tolerance (exit 1). ``report``: what was done and
+    measured, for a caller that still shows or writes it."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program was, so that clean-up code runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)

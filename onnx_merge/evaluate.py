@@ -18,12 +18,12 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
 
 
 def evaluate(model: str | os.PathLike | bytes, x: np.ndarray, y: np.ndarray, preprocess: Preprocess | None = None,
-             *, batch: int = 256, provider: str = "cpu", progress: bool = True) -> dict:
+             *, batch: int = 256, provider: str = "cpu", progress: bool = True, source: str = "data") -> dict:
     if len(x) != len(y):
         raise UsageError(f"{len(x)} inputs but {len(y)} labels")
     session = make_session(model, provider, optimize=True)
     inp = session.get_inputs()[0]
-    x = (preprocess or Preprocess())(x, len(inp.shape))
+    x = (preprocess or Preprocess())(x, len(inp.shape), source)
     bar = (lambda it, **kw: tqdm(it, desc="evaluating", leave=False, disable=None, **kw)) if progress else None
     logits = next(iter(run_batched(session, {inp.name: x}, batch=batch, progress=bar).values()))
     logits = logits.reshape(len(x), -1)

@@ -1,10 +1,14 @@
-"""Reading and writing models and arrays. The only module that touches the filesystem.
+"""Reading and writing models and arrays. With files.py, the only modules that touch the filesystem.
 
 - External data is validated before it is read: locations must stay inside the model's
-  folder (no absolute paths, no '..' escapes) and the byte ranges must exist.
-- Saving is atomic: everything is written into a temporary folder beside the target,
-  checked with ``onnx.checker`` (path-based, so models over 2 GB work), then renamed into
-  place. On failure nothing is left behind, and the input is never overwritten.
+  folder (no absolute paths, no '..' escapes), offsets and lengths are integers, the byte
+  ranges exist, and every tensor holds as many values as its dims say.
+- Saving goes through files.py: written into a temporary folder beside the target, checked
+  with ``onnx.checker`` (path-based, so models over 2 GB work) and by the caller's ``check``
+  (verification), then published. With external data the model and its data appear together:
+  the data goes under a name no file has, the model (naming it) is renamed last, and only then
+  are the files the replaced model referenced removed.
+- Arrays (.npz) are checked from their headers (dtype, shape, size) before they are read.
 - The IR version written is one the installed onnxruntime accepts.
 """
 
@@ -12,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
+import secrets
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +27,15 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from .errors import ModelError, UsageError
+from . import files
+from .errors import ModelError, OutputError, UsageError
+from .files import write_bytes_atomic, write_text_atomic  # noqa: F401  (the write path others call)
 from .shapes import skeleton, tensor_nbytes
 
 MIN_OPSET = 9
 _TWO_GB = 2**31
+_UNSIZED = {onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED} | {
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 @dataclass
@@ -36,11 +45,29 @@ class LoadedModel:
     external: bool  # the user stored weights in external data files
 
 
+def _all_tensors(model: onnx.ModelProto):
+    """Every tensor of the model: initializers, attribute tensors, and the values and indices of
+    sparse initializers (onnx's own walk leaves those out), subgraphs included."""
+    yield from external_data_helper._get_all_tensors(model)
+    for sparse in model.graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+
+
 def _external_tensors(model: onnx.ModelProto):
-    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    return [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
 
 
-def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:
+def _fixed_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's values from dims and type; None for strings and sub-byte types."""
+    if tensor.data_type in _UNSIZED:
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _check_external_location(path: Path, tensor: onnx.TensorProto) -> Path:
+    """The data file of an external tensor, its byte range checked; a missing length (legal) is
+    filled in from the dims, so that only the tensor's own bytes are read."""
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     base = path.parent.resolve()
@@ -49,11 +76,60 @@ def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:
         raise ModelError(f"{path}: tensor {tensor.name!r} points outside the model's folder ({location!r}); refused")
     if not target.is_file():
         raise ModelError(f"{path}: external data file {location!r} for tensor {tensor.name!r} is missing")
-    offset = int(info.get("offset", 0) or 0)
-    length = info.get("length")
+    try:
+        offset = int(info.get("offset") or 0)
+        length = None if info.get("length") in (None, "") else int(info["length"])
+    except ValueError:
+        raise ModelError(f"{path}: tensor {tensor.name!r} has a non-integer external-data offset or length "
+                         f"({info.get('offset')!r}, {info.get('length')!r})") from None
+    if length is None and _fixed_nbytes(tensor) is not None:
+        length = _fixed_nbytes(tensor)
+        tensor.external_data.add(key="length", value=str(length))
     size = target.stat().st_size
-    if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
+    if offset < 0 or (length is not None and length < 0) or offset > size or \
+            (length is not None and offset + length > size):
         raise ModelError(f"{path}: external data for tensor {tensor.name!r} lies beyond the end of {location!r}")
+    return target
+
+
+def _check_tensor_sizes(path: Path, model: onnx.ModelProto) -> None:
+    """Every tensor holds as many values as its dims say (onnxruntime would read past them)."""
+    for tensor in _all_tensors(model):
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(f"{path}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.HasField("raw_data"):
+            expected, held, unit = _fixed_nbytes(tensor), len(tensor.raw_data), "bytes"
+        elif tensor.data_type in _UNSIZED and tensor.data_type != onnx.TensorProto.STRING:
+            continue
+        else:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+            complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+            expected, held, unit = count * (2 if complex_ else 1), len(getattr(tensor, field)), "values"
+        if expected is not None and held != expected:
+            raise ModelError(f"{path}: tensor {tensor.name!r} has dims {list(tensor.dims)} ({expected} {unit}) "
+                             f"but holds {held} {unit}")
+
+
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The data files a model file references (resolved), read without its weights; [] if it
+    is not a readable model. Used to protect an input's data and to clean up a replaced output."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model (or not ours to judge here): it references nothing
+        return []
+    base = Path(path).parent
+    found = []
+    for tensor in _external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and not os.path.isabs(location):
+            found.append(files.real(base / location))
+    return list(dict.fromkeys(found))
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A model file and its external data files: what no output may overwrite."""
+    return [Path(path)] + external_files(path)
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -85,6 +161,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: cannot read external data ({exc})") from None
+        for sparse in model.graph.sparse_initializer:  # onnx's loader leaves these out
+            for tensor in (sparse.values, sparse.indices):
+                if external_data_helper.uses_external_data(tensor):
+                    external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+    _check_tensor_sizes(path, model)
     try:  # the structure (dangling inputs, cycles, unknown ops); weights are checked on save
         onnx.checker.check_model(skeleton(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -148,63 +231,147 @@ def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool, source: Path | None = None) -> Path:
+def _data_name(out: Path, avoid: set[Path]) -> str:
+    """A name for the output's data file that no file has yet: ``<out>.data`` when free, else
+    one with a random tag. Writing under a fresh name is what keeps the replaced model, which
+    may read ``<out>.data``, intact until the new model is in place."""
+    names = [f"{out.name}.data"] + [f"{out.name}.{secrets.token_hex(4)}.data" for _ in range(8)]
+    for name in names:
+        candidate = out.parent / name
+        if not os.path.lexists(candidate) and files.real(candidate) not in avoid:
+            return name
+    raise OutputError(f"{out}: could not find a free name for its data file")
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool, source: Path | None = None,
+               protect=(), check=None) -> Path:
     """Write ``model`` to ``out`` atomically, checked, with a runtime-loadable IR version.
 
-    ``external`` keeps weights in ``<out>.data`` beside the model (forced above 2 GB).
+    ``external`` keeps weights in a data file beside the model (forced above 2 GB).
+    ``source``: the input model; it, its data files and ``protect`` are never written.
+    ``check(staged_path)``: called on the staged model before it is published; raising there
+    leaves ``out`` as it was.
     """
-    out = Path(out)
-    if source is not None and out.resolve() == source.resolve():
-        raise UsageError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: output folder {out.parent} does not exist")
+    protected = [*(model_files(source) if source is not None else []), *protect]
+    (out,) = files.check_targets([out], protected)
     model.ir_version = runtime_ir_version(model)
     if model.ir_version < 4:
         list_initializers_as_inputs(model)
     external = external or weights_size(model) >= _TWO_GB - (64 << 20)
-    data_name = out.name + ".data"
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-merge-", dir=out.parent))
-    try:
-        tmp_model = tmp / out.name
+    mode = files.mode_like(source)
+    avoid = {files.real(p) for p in protected}
+    replaced = [p for p in external_files(out) if p not in avoid] if out.is_file() else []
+    published: list[Path] = []
+    with files.os_errors(out), files.staging(out) as tmp:
+        data_name = _data_name(out, avoid) if external else None
+        staged = tmp / out.name
         if external:
             # Tensors are marked by hand: onnx's own conversion refuses when a file named like the
             # data file exists in the *working* folder (a rerun from the output folder).
             for tensor in model.graph.initializer:
                 if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                     external_data_helper.set_external_data(tensor, data_name)
-        onnx.save_model(model, str(tmp_model))
+        onnx.save_model(model, str(staged))  # with external data, the proto's weights move to the file
         try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
+            onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{out}: the rewritten model fails onnx.checker ({first}); nothing written") from None
-        if external:
-            os.replace(tmp / data_name, out.parent / data_name)
-        os.replace(tmp_model, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged_data = tmp / data_name if external and (tmp / data_name).exists() else None
+        for path in (staged, staged_data):
+            if path is not None:
+                files.finish(path, mode)
+        if check is not None:
+            check(staged)
+        try:
+            if staged_data is not None:
+                os.replace(staged_data, out.parent / data_name)
+                published.append(out.parent / data_name)
+            os.replace(staged, out)
+            published.clear()
+        finally:
+            for orphan in published:  # interrupted between the two renames: the old model stands
+                orphan.unlink(missing_ok=True)
+        keep = {files.real(out.parent / data_name)} if external else set()
+        for old in replaced:
+            if old not in keep and old.parent == files.real(out).parent:
+                old.unlink(missing_ok=True)
+        files.sync_folder(files.real(out).parent)
     return out
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays of an .npz file, as a dict."""
+MAX_DATA_ENV = "ONNX_MERGE_MAX_DATA_MB"
+DEFAULT_MAX_DATA_MB = 1024  # what one .npz may unpack to: a zip of zeros inflates a thousandfold
+
+
+def max_data_bytes() -> int:
+    text = os.environ.get(MAX_DATA_ENV, "")
+    try:
+        return int(float(text) * 2**20) if text else DEFAULT_MAX_DATA_MB * 2**20
+    except ValueError:
+        raise UsageError(f"{MAX_DATA_ENV}={text!r}: expected a number of MiB") from None
+
+
+def _npy_header(fh) -> tuple[tuple, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def array_headers(path: Path, limit: int | None = None) -> dict[str, tuple[tuple, np.dtype]]:
+    """Shape and dtype of every member of an .npz file, read from the headers only, with the
+    checks that make reading it safe: no objects (pickles), no truncation, at most ``limit``
+    bytes in all (default ``max_data_bytes()``)."""
+    limit = max_data_bytes() if limit is None else limit
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        with open(path, "rb") as fh:
+            if fh.read(6) == b"\x93NUMPY":
+                raise ModelError(f"{path}: is a single .npy array; give an .npz file "
+                                 "(numpy.savez(path, name=array), one array per graph input)") from None
+        raise ModelError(f"{path}: not a readable .npz file (not a zip archive)") from None
+    headers, total = {}, 0
+    with archive:
+        for info in archive.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else None
+            if key is None:
+                raise ModelError(f"{path}: member {info.filename!r} is not a .npy array")
+            try:
+                with archive.open(info) as fh:
+                    shape, dtype = _npy_header(fh)
+                    header_bytes = fh.tell()
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
+                raise ModelError(f"{path}: array {key!r} has no readable .npy header ({exc})") from None
+            if dtype.hasobject:
+                raise ModelError(f"{path}: array {key!r} holds Python objects (a pickle); refused")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if info.file_size < header_bytes + nbytes:
+                raise ModelError(f"{path}: array {key!r} is truncated: its header says {dtype} {list(shape)} "
+                                 f"({nbytes:,} bytes), the member holds {max(info.file_size - header_bytes, 0):,}")
+            total += nbytes
+            if total > limit:
+                raise ModelError(f"{path}: array {key!r} ({dtype} {list(shape)}, {nbytes / 2**20:,.0f} MiB) takes "
+                                 f"the file's arrays over the cap of {limit / 2**20:,.0f} MiB; set {MAX_DATA_ENV} "
+                                 "to raise it")
+            headers[key] = (shape, dtype)
+    return headers
+
+
+def load_arrays(path: str | os.PathLike, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file, as a dict; headers checked first (``array_headers``)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
+    headers = array_headers(path, limit)
+    arrays = {}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise ModelError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-merge-", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            for key in headers:
+                arrays[key] = data[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
+        raise ModelError(f"{path}: array {key!r} cannot be read ({exc})") from None
+    return arrays

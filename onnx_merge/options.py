@@ -35,6 +35,9 @@ class CompressOptions:
     calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
     refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
+    skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
+    fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
+    fold_max_mb: float = 1024.0  # ... and this many MiB; a bigger one is refused, naming its node
 
     def validate(self) -> "CompressOptions":
         ratios = [self.ratio] + [r for _, r in self.layer_ratios]
@@ -56,6 +59,9 @@ class CompressOptions:
             raise UsageError(f"--calibration-mixup must be 0 (off) or more, got {self.calibration_mixup}")
         if self.refine_iterations < 0:
             raise UsageError(f"--refine-iterations must be 0 (off) or more, got {self.refine_iterations}")
+        if not self.fold_max_elements >= 1 or not self.fold_max_mb > 0:
+            raise UsageError(f"--fold-max-elements and --fold-max-mb must be positive, got "
+                             f"{self.fold_max_elements} and {self.fold_max_mb}")
         return self
 
     def plan_options(self, method: str, bn_hidden: bool = False, dense: bool = False, channels: int = 0) -> PlanOptions:

@@ -14,6 +14,21 @@ try:
     import onnxruntime as ort
 except ImportError:  # onnxruntime comes with the [cpu] or [gpu] extra, never both
     ort = None
+else:
+    ort.disable_telemetry_events()  # it would write under ~/.cache on every run
+    ort.set_default_logger_severity(4)  # its errors reach us as exceptions, named; no lines of its own
+
+# onnxruntime logs from C++ straight to stderr; it may speak only when the user asked for logs
+_SEVERITY = {"quiet": 4, "verbose": 2, "debug": 1}
+_severity = _SEVERITY["quiet"]
+
+
+def set_runtime_logging(level: str) -> None:
+    """'quiet' (default), 'verbose' (-v: its warnings too) or 'debug'."""
+    global _severity
+    _severity = _SEVERITY[level]
+    if ort is not None:
+        ort.set_default_logger_severity(_severity)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -57,7 +72,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, opt
     opts = ort.SessionOptions()
     level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
-    opts.log_severity_level = 3
+    opts.log_severity_level = _severity
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -22,10 +22,10 @@ def test_compress_verify_inspect_roundtrip(tmp_path, lenet_file, capsys):
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
     assert main(["compress", str(lenet_file), "-o", str(out), "--report", str(report)]) == 0
     data = json.loads(report.read_text())
-    assert data["params_after"] < data["params_before"]
+    assert data["summary"]["params_after"] < data["summary"]["params_before"]
     figures = data["verification"]["providers"]["cpu"]["logits"]
     assert -1 <= figures["cosine"] <= 1 and 0 <= figures["top1_agreement"] <= 1 and figures["max_abs"] > 0
-    assert [r["kept"] for r in data["layers"]] == [150, 50]
+    assert [r["kept"] for r in data["details"]["layers"]] == [150, 50]
     assert main(["verify", str(lenet_file), str(lenet_file)]) == 0
     assert main(["verify", str(lenet_file), str(out)]) == 1
     err = capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_bad_models_exit_3_with_one_line_and_no_output(tmp_path, lenet_file, kin
 
 @pytest.mark.parametrize("option", ["--calibration", "--inputs"])
 @pytest.mark.parametrize("arrays, what", [({"x": np.zeros((8, 785), np.float32)}, "has shape [8, 785]"),
-                                          ({"x": np.zeros((8, 28, 28), np.float32)}, "has shape [8, 28, 28]")])
+                                          ({"x": np.zeros((8, 28, 27), np.float32)}, "has shape [8, 28, 27]")])
 def test_data_of_the_wrong_shape_is_named_and_exits_3(tmp_path, lenet_file, option, arrays, what, capsys):
     data, out = tmp_path / "d.npz", tmp_path / "out.onnx"
     np.savez(data, **arrays)
@@ -123,7 +123,7 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     plot = tmp_path / "latency.png"
     assert main(["bench", str(lenet_file), str(out), "--runs", "5", "--warmup", "1", "--batch", "1,4",
                  "--threads", "1", "--report", str(report), "--plot", str(plot)]) == 0
-    rows = json.loads(report.read_text())
+    rows = json.loads(report.read_text())["details"]["results"]
     assert [(r["model"], r["batch"]) for r in rows] == [(str(lenet_file), 1), (str(out), 1), (str(lenet_file), 4),
                                                         (str(out), 4)]
     assert rows[0]["p50_ratio"] == 1.0 and rows[1]["params"] < rows[0]["params"]

@@ -25,7 +25,7 @@ def _compress(tmp_path, name):
     import json
 
     data = json.loads(report.read_text())
-    assert data["params_after"] < data["params_before"]
+    assert data["summary"]["params_after"] < data["summary"]["params_before"]
     onnx.checker.check_model(str(out), full_check=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
