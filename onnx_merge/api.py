@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
+from .attention import find_attention
 from .checkdata import CheckData, resolve_input_shapes
 from .data import Preprocess, prepare_inputs
 from .groups import describe_group, find_chains, find_groups
@@ -42,24 +43,28 @@ def _progress(iterable, **kw):
 def canonicalize() -> PassManager:
     """Name nodes, turn computed weights into initializers and batch-keeping reshapes into
     Flatten: what every later step expects."""
-    from .passes import FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, NameNodes
+    from .passes import (FlattenBatchReshape, FoldChannelAffine, FoldConstantWeights, GemmToMatMul, NameNodes,
+                         UnshareWeights)
 
-    return PassManager([NameNodes(), FoldConstantWeights(), FoldChannelAffine(), FlattenBatchReshape()])
+    return PassManager([NameNodes(), FoldConstantWeights(), UnshareWeights(), FoldChannelAffine(),
+                        FlattenBatchReshape(), GemmToMatMul()])
 
 
 def build_pipeline(options: CompressOptions) -> PassManager:
-    from .passes import CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, RemoveUnused
+    from .passes import (CalibrateConsumers, FoldBatchNorm, MergeChannels, PruneCoupled, PruneHeads, RemoveUnused,
+                         ReshareCopies)
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
     # groups that are no free chain (depthwise blocks, gates, Concat ranges) after the chains;
     # PruneCoupled leaves residual streams whole unless options.coupled is "prune"
-    steps = [MergeChannels()]
+    steps = [PruneHeads()] if options.heads else []
+    steps.append(MergeChannels())
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
     steps.append(PruneCoupled())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
-    steps.append(RemoveUnused())
+    steps += [RemoveUnused(), ReshareCopies()]
     return PassManager(steps)
 
 
@@ -80,8 +85,9 @@ def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOption
     report["options"]["calibrated"] = options.calibration is not None
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
-    # counted after canonicalizing: weights computed by constant subgraphs count too
-    report["params_before"], report["macs_before"] = count_parameters(model), _macs(model, input_shapes)
+    # counted after canonicalizing: weights computed by constant subgraphs count too, copies of shared ones do not
+    report["params_before"] = count_parameters(model) - report.get("unshared_params", 0)
+    report["macs_before"] = _macs(model, input_shapes)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), _macs(model, input_shapes)
     return model, report
@@ -103,7 +109,8 @@ def _macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> 
 def inspect_model(model: onnx.ModelProto) -> dict:
     """Chains that can be compressed, and why every other layer cannot."""
     model = copy.deepcopy(model)
-    canonicalize().run(model, Context(options=None))
+    ctx = Context(options=None)
+    canonicalize().run(model, ctx)
     index = GraphIndex(model)
     chains, skips = find_chains(index)
     return {
@@ -113,11 +120,18 @@ def inspect_model(model: onnx.ModelProto) -> dict:
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
         "groups": [d for d in (describe_group(index, g) for g in find_groups(index)) if d["consumers"]],
-        "params": count_parameters(model),
+        **_attention_summary(index),
+        "params": count_parameters(model) - ctx.report.get("unshared_params", 0),
         "macs": count_macs(model),
     }
 
 
+def _attention_summary(index: GraphIndex) -> dict:
+    found, declined = find_attention(index)
+    return {"attention": [{"layer": a.name, "heads": len(a.heads), "head_dim": a.head_dim, "q": a.q.name, "k": a.k.name,
+                           "v": a.v.name, "out": a.out.name} for a in found],
+            "attention_skipped": [{"node": n, "reason": r} for n, r in declined],
+            "layer_norms": sum(n.op_type == "LayerNormalization" for n in index.graph.node)}
 def _split_check(options: CompressOptions, holdout: int | None) -> tuple[dict | None, str]:
     """Hold out the last samples of the calibration data to check the result on.
 

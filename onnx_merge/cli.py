@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "a report, whose 'options' section repeats its run; flags given here win")
     c.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write (never the input)")
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per layer (default 0.5)")
+    c.add_argument("--heads", type=float, default=0.0, metavar="R",
+                   help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
+                   "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
+                   "--ratio still means channels and neurons; see 'inspect' for the heads found")
     c.add_argument("--method", choices=METHODS, default="regress",
                    help="regress (default): express removed channels by all kept ones, fitted on activations "
                    "modelled from BatchNormalization statistics, or for a Gemm/MatMul layer without them from a "
@@ -327,7 +331,7 @@ def cmd_compress(args) -> int:
     if gated and args.no_verify:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
-    options = CompressOptions(ratio=args.ratio, method=args.method, criterion=args.criterion,
+    options = CompressOptions(ratio=args.ratio, heads=args.heads, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
@@ -401,7 +405,7 @@ def cmd_inspect(args) -> int:
             "inspect", options=options_of(args.command_parser, args), models=[model],
             summary={"chains": len(info["chains"]), "skipped": len(info["skipped"]), "groups": len(info["groups"]),
                      "params": info["params"], "macs": info["macs"]},
-            details={k: info[k] for k in ("chains", "skipped", "groups")})))
+            details={k: info[k] for k in ("chains", "skipped", "groups", "attention", "attention_skipped")})))
         return 0
     _echo(terminal.header(report.describe_model(loaded.model, loaded.path)))
     _echo()
@@ -420,6 +424,16 @@ def cmd_inspect(args) -> int:
                  g["left_whole"] or ("prunable" if g["free"] else "with --coupled prune")] for g in info["groups"]]
         _echo(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
                                       "status"], maxcolwidths=[10, 40, 40, 20, None, None, 50]))
+    if info["attention"]:
+        _echo("\nattention layers (heads removed with --heads R):")
+        rows = [[a["layer"], a["heads"], a["head_dim"], " / ".join(dict.fromkeys((a["q"], a["k"], a["v"]))), a["out"]]
+                for a in info["attention"]]
+        _echo(tabulate(rows, headers=["attention", "heads", "head dim", "Q / K / V", "output projection"]))
+    for s in info["attention_skipped"]:
+        _echo(f"heads left whole in {s['node']}: {s['reason']}")
+    if info["layer_norms"]:
+        _echo(f"{info['layer_norms']} LayerNormalization nodes mix the channels of the residual stream: "
+              "it and their channels stay whole")
     macs = f"{info['macs']:,}" if info["macs"] else "unknown"
     _echo(f"\n{len(info['chains'])} chains; parameters {info['params']:,}; MACs (batch 1) {macs}")
     return 0

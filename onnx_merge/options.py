@@ -35,12 +35,13 @@ class CompressOptions:
     calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
     calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
     refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
+    heads: float = 0.0  # fraction of attention heads removed per attention layer (passes/prune_heads.py)
     skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
     fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
     fold_max_mb: float = 1024.0  # ... and this many MiB; a bigger one is refused, naming its node
 
     def validate(self) -> "CompressOptions":
-        ratios = [self.ratio] + [r for _, r in self.layer_ratios]
+        ratios = [self.ratio, self.heads] + [r for _, r in self.layer_ratios]
         if any(not 0.0 <= r < 1.0 for r in ratios):
             raise UsageError(f"ratios must lie in [0, 1): got {', '.join(map(str, ratios))}")
         for value, allowed, what in ((self.method, METHODS, "method"), (self.criterion, CRITERIA + (AUTO,), "criterion"),

@@ -144,5 +144,7 @@ def compress_report(result: dict, options: dict) -> dict:
                "passes": result.get("passes", [])}
     if "calibration" in result:
         details["calibration"] = result["calibration"]
+    if "heads" in result:
+        details["heads"] = result["heads"]
     return new_report("compress", options=options, models=[before, after], summary=summary, verification=ver,
                       details=details, elapsed_s=result.get("elapsed_s"))

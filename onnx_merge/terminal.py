@@ -139,9 +139,16 @@ def verification_table(ver: dict) -> str:
     return "\n".join([text] + [f"FAIL {f}" for f in ver["failures"]])
 
 
+def head_table(heads: list[dict]) -> str:
+    rows = [[h["layer"], f"{h['heads']} -> {h['kept']}", h["head_dim"], ", ".join(map(str, h["removed"]))]
+            for h in heads]
+    return tabulate(rows, headers=["attention", "heads", "head dim", "removed"]) if rows else ""
+
+
 def compress_text(report: dict, verbose: bool = False) -> str:
     before, after = report["models"]
     parts = [header(before), summary(report), layer_table(report["details"]["layers"]),
+             head_table(report["details"].get("heads", [])),
              skipped(report["details"]["skipped"], verbose), op_types(before["op_types"], after["op_types"])]
     if report["verification"] is not None and report["verification"]["providers"]:
         parts.append(verification_table(report["verification"]))

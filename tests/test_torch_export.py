@@ -130,7 +130,7 @@ def test_exported_heads_and_shape_annotations(tmp_path, head, dynamo):
     assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report_path)]) == 0
     import json
 
-    layers = json.loads(report_path.read_text())["layers"]
+    layers = json.loads(report_path.read_text())["details"]["layers"]
     assert [(entry["channels"], entry["kept"]) for entry in layers] == [(8, 4), (16, 8), (32, 16)]
     small = onnx.load(out)
     onnx.checker.check_model(small, full_check=True)
