@@ -137,7 +137,7 @@ def _channel_split(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) ->
 def _whole_channel_range(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, axes: list[int]) -> bool:
     """A Slice that keeps every channel (GhostNet's ``out[:, :out_chs]`` when the Concat is that wide):
     it then acts per channel, and its end still covers a pruned width."""
-    if len(node.input) < 3 or not all(index.is_weight(i) for i in node.input[1:3]):
+    if 1 not in axes or 0 in axes or len(node.input) < 3 or not all(index.is_weight(i) for i in node.input[1:3]):
         return False
     at = axes.index(1)
     start, end = int(index.array(node.input[1])[at]), int(index.array(node.input[2])[at])
