@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 $(BIN)/onnx-merge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,test,bench]'
+	$(BIN)/pip install -q -e '.[cpu,test,bench,ray]'
 	@touch $@
 
 install: $(BIN)/onnx-merge

@@ -109,6 +109,26 @@ def _add_gate_args(p: argparse.ArgumentParser, verify: bool) -> None:
                    help="fail when more than this fraction (in [0, 1]) of top-1 predictions differ")
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _name_list(allowed):
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}, comma-separated; got {text!r}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", metavar="FILE.npz",
                    help="inputs to compare on, keyed by graph input name (default: --check-n random samples)")
@@ -272,6 +292,52 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
     b.add_argument("--report", metavar="R.json", help="write the figures as a JSON report")
     b.set_defaults(command_parser=b)
+
+    s = sub.add_parser("sweep", parents=[common], help="compress, verify, score (and time) a grid of configurations",
+                       description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original\n"
+                       "on the eval data, score on it (and time it with --bench). Each model's original is scored\n"
+                       "too, for the accuracy drop. Results go to DIR as sweep.json, sweep.csv, sweep.md and\n"
+                       "sweep.png (accuracy against MACs, and latency, with the Pareto frontier marked).\n"
+                       "Finished jobs are cached in DIR/jobs by a hash of their configuration and of the files\n"
+                       "they read: a rerun only runs what is missing or failed. A failing job is reported in its\n"
+                       "row; the others go on.",
+                       epilog="example:\n  onnx-merge sweep resnet56.onnx --ratios 0.2,0.3,0.4,0.5 --methods merge,regress \\\n"
+                       "      --data cifar10_test.npz --input-key x_exact --scale 255 --layout nhwc \\\n"
+                       "      --mean 0.4914,0.4822,0.4465 --std 0.2023,0.1994,0.2010 --out sweep/ \\\n"
+                       "      --pick 'accuracy_drop<=1.0' --minimize macs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("models", nargs="+", metavar="MODEL.onnx")
+    s.add_argument("--ratios", required=True, type=_float_list, metavar="R,R,...",
+                   help="fractions of channels to remove per layer, comma-separated")
+    s.add_argument("--methods", default="regress", type=_name_list(METHODS), metavar="M,M,...",
+                   help=f"compression methods, comma-separated, of {', '.join(METHODS)} (default regress)")
+    s.add_argument("--calibration", metavar="CAL.npz", help="calibration inputs for every compress job (see compress)")
+    s.add_argument("--data", required=True, metavar="FILE.npz|idx:DIR", help="labelled data to score on (see eval)")
+    s.add_argument("--label-key", default="y", help="array holding the labels (default y)")
+    s.add_argument("--limit", type=int, help="score only the first N samples")
+    s.add_argument("--bench", action="store_true",
+                   help="also time each model against its original (p50 latency, interleaved runs); figures "
+                   "taken while other jobs run share the machine with them: --workers 1 for clean ones")
+    s.add_argument("--bench-runs", type=int, default=50, metavar="N", help="timed runs per model (default 50)")
+    s.add_argument("--bench-batch", type=int, default=1, metavar="B", help="batch of the timed runs (default 1)")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder for the results and the cache")
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default): a process pool on this machine; ray: Ray tasks, on a local cluster "
+                   "started for the sweep or the one at --ray-address (pip install 'onnx-merge[ray]'; every node "
+                   "needs onnx-merge and the files at the same paths)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="jobs at once (default: one per CPU core; with --ray-address: as the cluster allows)")
+    s.add_argument("--threads", type=int, metavar="T",
+                   help="threads per job (default: the cores shared out among the workers; 1 on a Ray cluster)")
+    s.add_argument("--ray-address", metavar="ADDRESS", help="with --engine ray: an existing cluster (e.g. auto)")
+    s.add_argument("--pick", metavar="RULE", help="choose a configuration meeting RULE, e.g. 'accuracy_drop<=1.0' "
+                   "(points of top-1), and write it to DIR/picked.onnx; any figure of the rows (accuracy, "
+                   "accuracy_drop, macs_kept, params_kept, cosine, latency_ratio, ...), several comma-separated; "
+                   "exit 1 when none meets it")
+    s.add_argument("--minimize", choices=("macs", "params", "latency"), default="macs",
+                   help="with --pick: the figure to make least (default macs; latency needs --bench)")
+    _add_data_args(s, input_key_default="x")
+    s.set_defaults(command_parser=s)
 
     i = sub.add_parser("inspect", parents=[common], help="show the chains found, channels per layer, what is skipped and why")
     i.add_argument("model", metavar="MODEL.onnx")
@@ -519,7 +585,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval}
+def cmd_sweep(args) -> int:
+    from .sweep import BenchSpec, EvalSpec, run_sweep
+    from .sweep_output import summary_table
+
+    if args.bench and (args.bench_runs < 1 or args.bench_batch < 1):
+        raise UsageError("--bench-runs and --bench-batch must be at least 1")
+    if args.minimize == "latency" and not args.bench:
+        raise UsageError("--minimize latency needs --bench")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    evaluation = EvalSpec(args.data, args.input_key, args.label_key, args.limit, args.scale, parse_floats(args.mean),
+                          parse_floats(args.std), args.layout)
+    result = run_sweep(args.models, args.methods, [{"ratio": r} for r in args.ratios], evaluation, args.out,
+                       calibration=args.calibration, bench=BenchSpec(args.bench_batch, args.bench_runs) if args.bench
+                       else None, engine=args.engine, workers=args.workers, threads=args.threads,
+                       ray_address=args.ray_address, pick_rule=(args.pick, args.minimize) if args.pick else None,
+                       options=options_of(args.command_parser, args))
+    headers, table = summary_table(result.rows)
+    _echo(tabulate(table, headers=headers))
+    failed = sum(r["status"] != "ok" for r in result.rows)
+    _echo(f"{len(result.rows)} jobs, {result.ran} run, {len(result.rows) - result.ran} from the cache, "
+          f"{failed} failed; {result.seconds:.1f} s")
+    _echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if result.pick:
+        _echo(f"picked {result.pick['why']}" + (f"; wrote {result.pick['output']}" if result.pick.get("output")
+                                                 else ""))
+        return 0 if result.pick["row"] is not None else 1
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, "inspect": cmd_inspect, "eval": cmd_eval,
+            "sweep": cmd_sweep}
 
 
 def _raise_interrupted(signum, frame):

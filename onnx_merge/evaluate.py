@@ -18,10 +18,11 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
 
 
 def evaluate(model: str | os.PathLike | bytes, x: np.ndarray, y: np.ndarray, preprocess: Preprocess | None = None,
-             *, batch: int = 256, provider: str = "cpu", progress: bool = True, source: str = "data") -> dict:
+             *, batch: int = 256, provider: str = "cpu", progress: bool = True, source: str = "data",
+             threads: int | None = None) -> dict:
     if len(x) != len(y):
         raise UsageError(f"{len(x)} inputs but {len(y)} labels")
-    session = make_session(model, provider, optimize=True)
+    session = make_session(model, provider, optimize=True, threads=threads)
     inp = session.get_inputs()[0]
     x = (preprocess or Preprocess())(x, len(inp.shape), source)
     bar = (lambda it, **kw: tqdm(it, desc="evaluating", leave=False, disable=None, **kw)) if progress else None

@@ -15,6 +15,8 @@ import logging
 import numpy as np
 import onnx
 
+from onnx_merge.datafree import chain_activation, input_model
+from onnx_merge.math.planner import models_activations
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Branch, Chain, Layer, find_chains
 from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
@@ -63,7 +65,8 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=activation_slope(index, chain),
-                          dense=is_dense(chain))
+                          dense=is_dense(chain), activation=chain_activation(index, chain),
+                          inputs=input_model(index, p))
 
 
 def branches_of(chain: Chain) -> list[Branch]:
@@ -194,6 +197,8 @@ def describe(chain: Chain, comp: Compensation, method: str) -> dict:
              "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
              "regressed": regressed, "pruned": int(len(comp.removed) - len(comp.merged) - regressed),
              "method": comp.notes.get("method", method), "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
+    if "predicted_error" in comp.notes:  # under the data-free model, relative to what the layer feeds its consumer
+        entry["predicted_error"] = round(float(comp.notes["predicted_error"]), 4)
     if "fallback" in comp.notes:
         entry["note"] = comp.notes["fallback"]
     return entry
@@ -226,7 +231,8 @@ class MergeChannels:
             if n_keep >= chain.channels:
                 continue
             method = opts.method
-            if method != "prune" and not chain.mergeable:
+            # regress models any activation it can name; merging needs a homogeneous one
+            if method != "prune" and not chain.mergeable and not (method == "regress" and chain_activation(index, chain)):
                 log.info("%s: %s", chain.name, chain.why_not_merge)
                 method = "prune"
             plan_opts = opts.plan_options(method, bn_hidden=chain.bn is None and chain.producer.node.op_type == "Conv",
@@ -263,9 +269,12 @@ class MergeChannels:
     @staticmethod
     def _arrays(index: GraphIndex, chain: Chain, plan_opts: PlanOptions, ranking: bool) -> ProducerArrays:
         # l2-path ranks by the consumer's column norms (a re-plan with the ranking given does not);
-        # regress reads the consumer's rows where it models the layer (after BN, or fully connected)
-        return producer_arrays(index, chain, consumer_norms=ranking and plan_opts.criterion == "l2-path",
-                               consumer_rows=plan_opts.method == "regress" and (chain.bn is not None or is_dense(chain)))
+        # regress reads the consumer's rows where it models the layer's activations
+        norms = ranking and plan_opts.criterion == "l2-path"
+        arrays = producer_arrays(index, chain, consumer_norms=norms)
+        if plan_opts.method == "regress" and models_activations(arrays):
+            arrays = producer_arrays(index, chain, consumer_norms=norms, consumer_rows=True)
+        return arrays
 
 
 def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: PlanOptions) -> dict:

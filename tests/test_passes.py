@@ -147,8 +147,10 @@ def test_sigmoid_chain_is_pruned_not_merged():
         s = Sigmoid (h)
         y = Gemm <transB = 1> (s, w2, b2)"""
     model = make(body, "float[2, 4] x", "float[2, 3] y", ws)
-    small, rep = compress(model, ratio=0.5)
+    small, rep = compress(model, ratio=0.5, method="merge")
     assert rep["layers"][0]["method"] == "prune" and "positively homogeneous" in rep["layers"][0]["note"]
+    small, rep = compress(model, ratio=0.5)  # regress models the sigmoid: regressed, never merged
+    assert rep["layers"][0]["method"] == "regress" and rep["layers"][0]["merged"] == 0
 
 
 @pytest.mark.parametrize("opset, clip, merges", [
@@ -164,7 +166,7 @@ def test_clip_or_max_at_zero_is_a_relu_and_relu6_is_not(opset, clip, merges):
         s = {clip}
         y = Gemm <transB = 1> (s, w2, b2)"""
     model = make(body, "float[2, 4] x", "float[2, 3] y", ws, opset=opset)
-    small, rep = compress(model, ratio=1 / 6)
+    small, rep = compress(model, ratio=1 / 6, method="merge")
     # Max(h, 6) has no name, but it is elementwise with a constant: one function per channel, pruned
     assert (rep["layers"][0]["method"] != "prune") is merges
     if merges:

@@ -90,3 +90,111 @@ def test_regress_beats_the_authors_merge_on_bn_kept_resnet(paper_weights, cifar,
 
     authors = acc(method="merge", bn_rule="lambda", scale_rule="paper")
     assert acc() > authors + 0.02  # the default (regress) clears the authors' formula by 2 points or more
+
+
+def test_predicted_error_is_the_error_on_samples_of_the_model():
+    """The plan's predicted output error is what it makes on activations drawn from its own model."""
+    from onnx_merge.math.regress import model_moments, predicted_error
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((10, 4))
+    mean, cov = rng.standard_normal(10), a @ a.T
+    gram = model_moments("gelu", {}, mean, cov)
+    consumer = rng.standard_normal((10, 3))
+    metric = consumer_metric_root(consumer)
+    comp = regress_plan(gram, 5, metric)
+    error, relative = predicted_error(gram, comp, metric)
+    z = mean + rng.standard_normal((200_000, 4)) @ a.T
+    acts = 0.5 * z * (1 + __import__("scipy").special.erf(z / np.sqrt(2)))
+    rebuilt = acts.copy()
+    rebuilt[:, comp.removed] = acts[:, comp.kept] @ comp.dense + comp.offset[comp.removed]
+    measured = np.mean(np.sum(((acts - rebuilt) @ consumer) ** 2, axis=1))
+    assert error == pytest.approx(measured, rel=0.03)
+    assert relative == pytest.approx(measured / np.trace(consumer.T @ np.cov(acts.T) @ consumer), rel=0.03)
+
+
+FFN = """
+    g (float[N, 8, 32] x, float[32] g, float[32] be, float[32, 96] w1, float[96] b1, float[96, 32] w2, float[32] b2)
+      => (float[N, 8, 32] y) {{
+        n = LayerNormalization <axis = -1> (x, g, be)
+        h = MatMul (n, w1)
+        hb = Add (h, b1)
+        a = {act} (hb)
+        o = MatMul (a, w2)
+        y = Add (o, b2)
+    }}"""
+
+
+@pytest.mark.parametrize("act", ["Gelu", "Tanh", "HardSwish", "Sigmoid"])
+def test_regress_compensates_a_layernorm_ffn_through_any_activation(act):
+    """A token FFN after a LayerNorm: its affine parameters give the input model, the activation is
+    named, and the removed neurons regressed on the kept ones (plus their means) beat pruning by far
+    where the model holds (hidden neurons that share a low-rank input subspace)."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((96, 12)) @ rng.standard_normal((12, 32)) / np.sqrt(12 * 32) * 1.5
+    ws = {"g": 1 + 0.3 * rng.standard_normal(32), "be": 0.3 * rng.standard_normal(32), "w1": w1.T,
+          "b1": 0.5 * rng.standard_normal(96), "w2": rng.standard_normal((96, 32)) / np.sqrt(96), "b2": np.zeros(32)}
+    model = build(header(20) + FFN.format(act=act), {k: np.asarray(v, np.float32) for k, v in ws.items()})
+    feeds = {"x": (2 * rng.standard_normal((300, 8, 32)) + 1).astype(np.float32)}
+    reference = run(model, feeds)[0]
+    errors = {}
+    for method in ("prune", "regress"):
+        small, rep = compress(model, CompressOptions(ratio=0.5, method=method))
+        errors[method] = float(np.mean((run(small, feeds)[0] - reference) ** 2) / np.var(reference))
+    entry = rep["layers"][0]
+    assert entry["method"] == "regress" and entry["regressed"] == 48
+    assert errors["regress"] < 0.25 * errors["prune"]
+    assert 0.2 < entry["predicted_error"] / errors["regress"] < 5  # the model's own estimate: the right order
+
+
+def test_pruned_hardswish_chain_after_a_kept_bn_gets_the_removed_means():
+    """Conv -> BN -> HardSwish -> Conv with BN kept: the BN statistics model the activations; both
+    the regression and (where regress cannot run, e.g. --method prune --bias-from-bn) the means
+    E[f(z)], z ~ N(beta, gamma^2), of the removed channels reduce the error against plain pruning."""
+    rng = np.random.default_rng(6)
+    n = 16
+    w1 = rng.standard_normal((n, 3, 3, 3)).astype(np.float32)
+    ws = {"w1": w1, "gamma": (0.5 + rng.random(n)).astype(np.float32), "beta": (rng.standard_normal(n) + 1).astype(np.float32),
+          "mean": rng.standard_normal(n).astype(np.float32), "var": (1 + rng.random(n)).astype(np.float32),
+          "w2": (rng.standard_normal((4, n, 1, 1)) / 4).astype(np.float32)}
+    model = build(header() + f"""
+    g (float[N, 3, 8, 8] x, float[{n}, 3, 3, 3] w1, float[{n}] gamma, float[{n}] beta, float[{n}] mean, float[{n}] var,
+       float[4, {n}, 1, 1] w2) => (float[N, 4, 6, 6] y) {{
+        h = Conv (x, w1)
+        b = BatchNormalization (h, gamma, beta, mean, var)
+        a = HardSwish (b)
+        y = Conv (a, w2)
+    }}""", ws)
+    feeds = {"x": rng.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    reference = run(model, feeds)[0]
+
+    def error(**kw):
+        small, rep = compress(model, CompressOptions(ratio=0.5, fold_bn=False, **kw))
+        return float(np.mean((run(small, feeds)[0] - reference) ** 2)), rep["layers"][0]
+
+    plain, _ = error(method="prune")
+    means, entry = error(method="prune", bias_from_bn=True)
+    regressed, entry = error()
+    assert entry["method"] == "regress" and "predicted_error" in entry
+    assert means < 0.7 * plain and regressed < means
+
+
+def test_the_graph_gives_a_layernorm_input_model_and_one_named_activation():
+    from onnx_merge.datafree import chain_activation, input_model
+    from onnx_merge.graph import GraphIndex
+    from onnx_merge.groups import find_chains
+
+    rng = np.random.default_rng(7)
+    ws = {"g": rng.random(32) + 0.5, "be": rng.standard_normal(32), "w1": rng.standard_normal((32, 96)),
+          "b1": rng.standard_normal(96), "w2": rng.standard_normal((96, 32)), "b2": np.zeros(32)}
+    model = build(header(20) + FFN.format(act="Gelu"), {k: np.asarray(v, np.float32) for k, v in ws.items()})
+    index = GraphIndex(model)
+    (chain,), _ = find_chains(index)
+    assert chain_activation(index, chain) == ("gelu", {})
+    inputs = input_model(index, chain.producer)
+    assert inputs.source == "layernorm" and np.allclose(inputs.mean, ws["be"]) and np.allclose(inputs.var, ws["g"] ** 2)
+    two = build(header(20) + FFN.format(act="Tanh").replace("a = Tanh (hb)", "t = Tanh (hb)\n        a = Sigmoid (t)"),
+                {k: np.asarray(v, np.float32) for k, v in ws.items()})
+    index = GraphIndex(two)
+    (chain,), _ = find_chains(index)
+    assert chain_activation(index, chain) is None  # two activations: no one function to model

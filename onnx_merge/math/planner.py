@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import FUNCTIONS, HOMOGENEOUS, activation, relu_slope
 from .batchnorm import BatchNorm, expected_relu
 from .compensation import Compensation
 from .criteria import select_kept
 from .merge import duplicate_of, merge_by_cosine, merge_through_bn
-from .regress import (activation_moments, consumer_metric_root, kernel_moments, preactivation_model, regress_plan,
-                      sample_activations)
+from .moments import gaussian_means
+from .regress import (InputModel, activation_moments, consumer_metric_root, kernel_moments, layer_preactivations,
+                      model_moments, predicted_error, preactivation_model, regress_plan, sample_activations)
 
 MAX_REGRESS_CHANNELS = 2048  # wider layers fall back to cosine merging (an N x N model each)
 
@@ -28,7 +30,10 @@ class ProducerArrays:
     consumer_rows: (N, F) the consumer's weights per input channel (for ``regress``);
     in_channels: input channels of the producer (rows are (in_channels, taps) flattened);
     slope: the negative slope of the activation (0 for ReLU);
-    dense: a Gemm/MatMul layer (its input is one vector, not overlapping patches).
+    dense: a Gemm/MatMul layer (its input is one vector, not overlapping patches);
+    activation: the activation by name and parameters (``activations.FUNCTIONS``); None for the
+    ReLU family given by ``slope``;
+    inputs: what the graph tells about the layer's input (a LayerNorm or BN before it), if anything.
     """
 
     weight: np.ndarray
@@ -39,10 +44,28 @@ class ProducerArrays:
     in_channels: int = 0
     slope: float = 0.0
     dense: bool = False
+    activation: tuple[str, dict] | None = None
+    inputs: InputModel | None = None
 
     @property
     def n(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def act(self) -> tuple[str, dict]:
+        if self.activation is not None:
+            return self.activation
+        return ("relu", {}) if self.slope == 0 else ("leaky_relu", {"alpha": self.slope})
+
+    @property
+    def pointwise(self) -> bool:
+        """A fully connected layer, or a 1x1 convolution (the same layer at every position)."""
+        return self.dense or (self.in_channels > 0 and self.weight.shape[1] == self.in_channels)
+
+    @property
+    def homogeneous(self) -> bool:
+        """Whether merging commutes with the activation (METHOD.md section 1)."""
+        return self.act[0] in HOMOGENEOUS
 
     def rows(self) -> np.ndarray:
         """[w_n ; b_n]: the layer's own rows with its bias appended (METHOD.md 3a), in the
@@ -84,11 +107,18 @@ def criterion_rows(arrays: ProducerArrays) -> np.ndarray:
     return arrays.weight if arrays.bn is not None else arrays.rows()
 
 
+def models_activations(arrays: ProducerArrays) -> bool:
+    """Whether ``regress`` has a model of the layer's activations: a kept BatchNormalization's
+    statistics, the statistics of its input that the graph gives (a LayerNorm or BN before it),
+    or a white input for a fully connected or 1x1 layer; and a named activation, at most
+    MAX_REGRESS_CHANNELS wide."""
+    return ((arrays.bn is not None or arrays.pointwise or arrays.inputs is not None)
+            and arrays.n <= MAX_REGRESS_CHANNELS and arrays.act[0] in FUNCTIONS)
+
+
 def regress_applies(arrays: ProducerArrays) -> bool:
-    """``regress`` models a layer where a kept BatchNormalization gives its statistics, and a
-    fully connected layer without one by the white-input kernel model."""
-    return ((arrays.bn is not None or arrays.dense) and arrays.n <= MAX_REGRESS_CHANNELS
-            and arrays.consumer_rows is not None)
+    """``regress`` runs where it models the activations and has the consumer's rows."""
+    return models_activations(arrays) and arrays.consumer_rows is not None
 
 
 def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
@@ -109,32 +139,42 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
     if opts.method == "regress":
         if regress_applies(arrays):
             return plan_regress(arrays, n_keep, opts)
-        comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": "merge"}), kept)
-        comp.notes["method"] = "merge"
-        comp.notes["fallback"] = ("merged: a convolution without BatchNormalization statistics to model its "
-                                  "activations" if arrays.bn is None and not arrays.dense else
-                                  f"merged: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
+        # merging needs a homogeneous activation; otherwise prune, with BN's means where they exist
+        method = "merge" if arrays.homogeneous else "prune"
+        comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": method,
+                                                         "bias_from_bn": opts.bias_from_bn or method == "prune"}), kept)
+        comp.notes["method"] = method
+        comp.notes["fallback"] = (f"{method}d: a convolution without statistics (BatchNormalization, or its "
+                                  "input's) to model its activations" if arrays.bn is None and not arrays.pointwise else
+                                  f"{method}d: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
         return comp
     kept = rank_kept(arrays, n_keep, opts) if kept is None else kept
     if opts.method == "prune":
-        return Compensation.prune(arrays.n, kept)
+        comp = Compensation.prune(arrays.n, kept)
+        if opts.bias_from_bn and arrays.bn is not None:
+            comp.offset = bn_mean_offset(arrays.bn, comp, arrays.act)
+        return comp
     if arrays.bn is not None and opts.bn_rule == "lambda":
         comp = merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
                                 opts.threshold, opts.lam, opts.scale_rule)
     else:
         comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
     if opts.bias_from_bn and arrays.bn is not None:
-        comp.offset = bn_mean_offset(arrays.bn, comp)
+        comp.offset = bn_mean_offset(arrays.bn, comp, arrays.act)
     return comp
 
 
-def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
+def bn_mean_offset(bn: BatchNorm, comp: Compensation, act: tuple[str, dict] = ("relu", {})) -> np.ndarray:
     """METHOD.md 7: what removed channels carried on average, beyond their merge partner.
 
-    After BN the pre-activation of channel n is ~ N(beta_n, gamma_n^2), so E[relu] is known;
-    a removed channel n merged into m with scale s leaves E[relu_n] - s E[relu_m] behind.
+    After BN the pre-activation of channel n is ~ N(beta_n, gamma_n^2), so E[f] is known (closed
+    form for ReLU, quadrature otherwise); a removed channel n merged into m with scale s leaves
+    E[f_n] - s E[f_m] behind.
     """
-    mean_act = expected_relu(bn.beta, bn.gamma)
+    if act[0] == "relu":
+        mean_act = expected_relu(bn.beta, bn.gamma)
+    else:
+        mean_act = gaussian_means(activation(*act), bn.beta, bn.gamma)
     offset = np.zeros(comp.n)
     removed = comp.removed
     partner = comp.partner[removed]
@@ -144,30 +184,51 @@ def bn_mean_offset(bn: BatchNorm, comp: Compensation) -> np.ndarray:
     return offset
 
 
+def activation_model(arrays: ProducerArrays) -> tuple[np.ndarray, str]:
+    """(N + 1, N + 1) moments of [f(u), 1] for the layer's activations, and the model's name.
+
+    The ReLU family keeps the models measured on LeNet and ResNet-56: after a BN, samples of its
+    statistics; a fully connected layer without one, the white-input kernel model (zero means).
+    Every other activation, and any layer whose input the graph describes, gets the Gaussian
+    pre-activation model with its means (``regress.py``).
+    """
+    name, params = arrays.act
+    slope = relu_slope(name, params)
+    if arrays.bn is not None:
+        mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
+        if slope is not None:
+            return activation_moments(sample_activations(mean, cov, slope)), "batchnorm"
+        return model_moments(name, params, mean, cov), "batchnorm"
+    if slope is not None and arrays.inputs is None:
+        return kernel_moments(arrays.folded_rows(), slope), "white kernel"
+    inputs = arrays.inputs or InputModel.white(arrays.in_channels or arrays.weight.shape[1])
+    mean, cov = layer_preactivations(arrays.weight, arrays.bias, inputs)
+    return model_moments(name, params, mean, cov), inputs.source
+
+
 def plan_regress(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> Compensation:
     """Gaussian-model regression (``regress.py``); exact positive multiples merged exactly.
 
-    The activations are modelled from a kept BatchNormalization's statistics, or, for a fully
-    connected layer without one, by the white-input kernel model. Convolutions without BN are
-    not modelled: measured on folded graphs, a white-input model does far worse there than
-    cosine merging (their patches overlap and their inputs are far from white).
+    ``notes["predicted_error"]`` is the plan's output error under the model relative to what the
+    layer feeds its consumer.
     """
     rows = arrays.folded_rows()
-    if arrays.bn is not None:
-        mean, cov = preactivation_model(arrays.weight, arrays.bn, arrays.in_channels or arrays.weight.shape[1])
-        gram = activation_moments(sample_activations(mean, cov, arrays.slope))
-    else:
-        gram = kernel_moments(rows, arrays.slope)
-    # Exact positive multiples add nothing: they leave first, through their representative.
-    candidates = np.flatnonzero(duplicate_of(rows) < 0)
+    gram, source = activation_model(arrays)
+    metric = consumer_metric_root(arrays.consumer_rows)
+    # Exact positive multiples add nothing (through a homogeneous activation): they leave first,
+    # through their representative.
+    candidates = np.flatnonzero(duplicate_of(rows) < 0) if arrays.homogeneous else np.arange(arrays.n)
     if len(candidates) < n_keep:
         candidates = np.arange(arrays.n)
-    comp = regress_plan(gram, n_keep, consumer_metric_root(arrays.consumer_rows), opts.ridge, candidates)
-    exact = merge_by_cosine(rows, comp.kept, 1.0 - 1e-6, "exact")
-    dup = exact.merged
-    if len(dup):  # a channel that is a positive multiple of a kept one: the exact merge, not a fit
-        comp.partner[dup], comp.scale[dup] = exact.partner[dup], exact.scale[dup]
-        column = np.searchsorted(comp.removed, dup)
-        comp.dense[:, column] = 0.0
-        comp.offset[dup] = 0.0
+    comp = regress_plan(gram, n_keep, metric, opts.ridge, candidates)
+    if arrays.homogeneous:
+        exact = merge_by_cosine(rows, comp.kept, 1.0 - 1e-6, "exact")
+        dup = exact.merged
+        if len(dup):  # a channel that is a positive multiple of a kept one: the exact merge, not a fit
+            comp.partner[dup], comp.scale[dup] = exact.partner[dup], exact.scale[dup]
+            column = np.searchsorted(comp.removed, dup)
+            comp.dense[:, column] = 0.0
+            comp.offset[dup] = 0.0
+    comp.notes["predicted_error"] = predicted_error(gram, comp, metric)[1]
+    comp.notes["model"] = source
     return comp

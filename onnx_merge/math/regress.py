@@ -16,6 +16,14 @@ behind the ``kernel`` merge scale, which is the one-partner case of this fit). T
 the sign of the bias, so its means are not trusted: only second moments enter, and no
 constant is fitted.
 
+Any other activation (GELU, SiLU, HardSwish, ReLU6, Tanh, ...) is modelled with its means: the
+pre-activations u = W x + b of a layer whose input x is Gaussian with a known mean and a
+diagonal covariance (``InputModel``: from a LayerNorm or BatchNormalization before the layer,
+else white) are N(W mu + b, W diag(var) W^T), or N(beta, ...) after a kept BN, and the moments
+of [f(u), 1] come from ``moments.activation_moments``. For these the mean matters (f(u) is not
+odd nor homogeneous), so an intercept is fitted: a removed channel's mean goes into the
+consumer's bias even where no kept channel explains the rest of it.
+
 The kept channels are chosen by greedy backward elimination of the consumer's reconstruction
 error on those samples (``select_channels``), weighted by the consumer's weights, so a
 channel the consumer barely reads goes first. Exact duplicates stay exact: a removed channel
@@ -24,14 +32,82 @@ that is a positive multiple of a kept one regresses onto it with zero residual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from .activations import activation
 from .batchnorm import BatchNorm
 from .calibrate import LeastSquaresFit, refit, select_channels
 from .compensation import Compensation
 from .merge import relu_kernel_factor
+from .moments import activation_moments as gaussian_activation_moments
 
 SAMPLES = 20000
+
+
+@dataclass
+class InputModel:
+    """A layer's input as independent Gaussian features: mean and variance per input channel
+    (each broadcast over the channel's kernel taps), and where they were read from."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    source: str = "white"
+
+    @classmethod
+    def white(cls, channels: int) -> "InputModel":
+        return cls(np.zeros(channels), np.ones(channels), "white")
+
+
+def layer_preactivations(rows: np.ndarray, bias: np.ndarray | None, inputs: InputModel) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (N,) and covariance (N, N) of u = W x + b, x ~ ``inputs``; rows (N, C * taps) are
+    channel-major, the layout of Conv weights and of dense rows (taps = 1)."""
+    w = np.asarray(rows, np.float64)
+    taps = w.shape[1] // len(inputs.mean)
+    mean_x, var_x = np.repeat(inputs.mean, taps), np.repeat(inputs.var, taps)
+    mean = w @ mean_x + (0.0 if bias is None else np.asarray(bias, np.float64))
+    return mean, (w * var_x) @ w.T
+
+
+def depthwise_preactivations(mean: np.ndarray, cov: np.ndarray, filters: np.ndarray,
+                             bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a depthwise conv's outputs, o_c = sum_t k_c[t] a_c(p + t) + b_c, whose
+    input a has channel mean ``mean`` and covariance ``cov`` at every position, independently from
+    position to position: E[o_c] = m_c sum_t k_c[t] + b_c, Cov(o_c, o_d) = C_cd sum_t k_c[t] k_d[t]
+    (only taps at the same position meet). filters: (C, taps)."""
+    k = np.asarray(filters, np.float64).reshape(len(mean), -1)
+    out = np.asarray(mean, np.float64) * k.sum(axis=1) + (0.0 if bias is None else np.asarray(bias, np.float64))
+    return out, np.asarray(cov, np.float64) * (k @ k.T)
+
+
+def model_moments(name: str, params: dict | None, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """(N + 1, N + 1) moments of [f(u), 1], u ~ N(mean, cov), f the activation ``name``."""
+    return gaussian_activation_moments(activation(name, params), mean, cov)
+
+
+def predicted_error(gram: np.ndarray, comp: Compensation, metric_root: np.ndarray) -> tuple[float, float]:
+    """The consumer's expected squared output error under the model, and the same relative to
+    the variance of what the layer feeds it: E|V^T (a - a_hat)|^2 and that over tr(V^T Cov(a) V).
+
+    gram: the (N + 1, N + 1) moments of [a, 1]; a_hat: ``comp``'s reconstruction of every
+    channel from the kept ones (partner scales, dense coefficients, offsets)."""
+    n = len(gram) - 1
+    removed = comp.removed
+    if not len(removed):
+        return 0.0, 0.0
+    # residual coefficients over [a, 1] for each removed channel: a_r - sum_p Z[p, r] a_p - c_r
+    resid = np.zeros((n + 1, len(removed)))
+    resid[removed, np.arange(len(removed))] = 1.0
+    resid[comp.kept] -= comp.to_dense()[:, removed]
+    if comp.offset is not None:
+        resid[n] -= comp.offset[removed]
+    weighted = resid @ metric_root[removed]
+    error = float(np.einsum("if,ij,jf->", weighted, gram, weighted))
+    means = gram[n, :n]
+    cov = gram[:n, :n] - np.outer(means, means)
+    total = float(np.einsum("if,ij,jf->", metric_root, cov, metric_root))
+    return error, error / total if total > 0 else 0.0
 
 
 def input_channel_variances(filters: np.ndarray, variances: np.ndarray) -> np.ndarray:
