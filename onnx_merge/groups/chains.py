@@ -298,6 +298,7 @@ class _Walk:
         self.branches: list[Branch] = []
         self.activations: list[Activation] = []
         self.mergeable, self.why = True, ""
+        self.opaque = False  # something besides one activation shapes the channels (no `activation` then)
 
     def not_mergeable(self, why: str) -> None:
         if self.mergeable:
@@ -348,6 +349,7 @@ class _Walk:
         if nxt.op_type == "BatchNormalization":  # after the activation: per channel, but affine
             _bn_after(index, tensor)
             self.not_mergeable(f"{_label(nxt)} follows the activation (affine: prune only)")
+            self.opaque = True  # the activation is no longer the path's one function
         elif nxt.op_type == "Transpose":
             _check_transpose(nxt, layout.channel_last, layout.flattened)
             layout.channel_last = True
@@ -355,6 +357,7 @@ class _Walk:
             if kind == "per-channel":
                 _check_prelu_slope(index, nxt, self.channels, layout.channel_last, layout.flattened, layout.rank)
                 self.not_mergeable(f"{_label(nxt)} has a slope per channel: a merge would mix them (prune only)")
+                self.opaque = True
             self._activation(activation_of(index, nxt), _label(nxt))
             _check_path_op(index, nxt, layout.channel_last, layout.flattened, layout.rank)  # Dropout's mask
         elif r.kind in (PER_CHANNEL, REDUCE, RESHAPE) and nxt.op_type not in ("InstanceNormalization",):
@@ -420,7 +423,7 @@ def trace_chain(index: GraphIndex, node: onnx.NodeProto, dims: TensorDims | None
     walk.follow(tensor, _Layout(channel_last=node.op_type == "MatMul", rank=rank))
     first = walk.branches[0]
     acts = walk.activations
-    activation = (acts[0].name, acts[0].params) if len(acts) == 1 and acts[0].name else None
+    activation = (acts[0].name, acts[0].params) if len(acts) == 1 and acts[0].name and not walk.opaque else None
     return Chain(producer=producer, consumer=first.consumer, channels=channels, bn=bn, path=walk.path,
                  block=first.block, interleaved=first.interleaved, mergeable=walk.mergeable,
                  why_not_merge=walk.why, branches=walk.branches, activation=activation)
