@@ -14,9 +14,11 @@ $(BIN)/onnx-merge: pyproject.toml
 
 install: $(BIN)/onnx-merge
 
-# Test-only extras: torch (a local CPU wheel on these machines) for the exporter tests.
+# Test-only extras for the exporter tests: torch (a local CPU wheel on these machines; torchvision
+# pinned beside it so that nothing pulls a CUDA build of torch), transformers and timm for real
+# architectures with random weights.
 $(VENV)/.torch: $(BIN)/onnx-merge
-	-$(BIN)/pip install -q torch==2.13.0 onnxscript && touch $@
+	-$(BIN)/pip install -q torch==2.13.0 torchvision==0.28.0 onnxscript transformers timm && touch $@
 
 fashion:
 	@test -f $(FASHION) || (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \

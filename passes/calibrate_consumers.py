@@ -18,48 +18,37 @@ lowers the error on held-out calibration rows. A consumer that its samples give 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from onnx_merge.calibration import CalibrationSet
+from onnx_merge.calibration import CalibrationSet, Taps
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Chain, Layer, activation_kind, describe_layer
 from onnx_merge.math import Compensation, compensate_consumer
-from onnx_merge.math.calibrate import LeastSquaresFit, im2col, objective, refit, same_pads, select_channels
+from onnx_merge.math.calibrate import (LeastSquaresFit, im2col, objective, patch_count, refit, same_pads,
+                                       select_channels)
 from onnx_merge.math.refine import DenseBlock, refine_block
-from onnx_merge.runtime import graph_inputs, make_session, match_inputs
+from onnx_merge.runtime import graph_inputs, match_inputs
 
 from .merge_channels import (activation_slope, add_consumer_bias, apply_plan, consumer_view, current_bias, describe,
                              fix_shapes, from_consumer_view, shrink_producer)
 
-log = logging.getLogger("onnx_merge")
+log = logging.getLogger("onnx_merge.calibrate")
 MAX_FEATURES = 8192  # the F x F Gram matrix of a wider consumer would not fit comfortably
 MAX_REFINE_WORK = 5e8  # rows x parameters of one block refinement: bounds its time and the rows it holds
 MIN_REFINE_ROWS = 256  # fewer rows than this cannot hold a quarter out and still fit a block
 # A consumer whose samples give fewer rows than this per feature is also fitted on mixed samples
 # (onnx_merge/calibration.py): a Gemm reading one row per sample. A convolution's patches give
-# hundreds of rows per sample; there mixed images only cost time (measured on ResNet-56).
+# hundreds of rows per sample; there mixed images only cost time (measured on ResNet-56), and a
+# wide one (ImageNet's 512 x 3 x 3) whose rows already cost MIXED_WORK does without.
 MIXED_BELOW_ROWS_PER_FEATURE = 10
-
-
-def truncated(model: onnx.ModelProto, taps: list[str]) -> bytes:
-    """A model computing only ``taps``: the nodes they depend on, their weights, the graph inputs."""
-    index = GraphIndex(model)
-    needed, stack = set(), list(taps)
-    while stack:
-        node = index.producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(i for i in node.input if i)
-    nodes = [n for n in model.graph.node if id(n) in needed]
-    used = {i for n in nodes for i in n.input}
-    graph = onnx.helper.make_graph(
-        nodes, model.graph.name, [i for i in model.graph.input if i.name in used or i.name not in index.initializers],
-        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps],
-        [t for t in model.graph.initializer if t.name in used])
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
+MIXED_WORK = 2 ** 36  # rows x features^2 of a consumer's Gram matrix past which no mixed samples are added
+STORE_BYTES = 1 << 30  # original-model rows held at once for the coming consumers
 
 
 def residual_operand(index: GraphIndex, layer: Layer) -> tuple[str, np.ndarray | None] | None:
@@ -84,13 +73,25 @@ def residual_operand(index: GraphIndex, layer: Layer) -> tuple[str, np.ndarray |
     return None if index.is_weight(other) else (other, scale)
 
 
-def _output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
-    """A consumer-shaped output (B, M, ...) as rows in the order of _features."""
-    return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if layer.node.op_type == "Conv" else y.reshape(-1, y.shape[-1])
+def _output_rows(layer: Layer, y: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """A consumer-shaped output (B, M, ...) as rows in the order of _features (``rows``: only those)."""
+    if layer.node.op_type != "Conv":
+        flat = y.reshape(-1, y.shape[-1])
+        return flat if rows is None else flat[rows]
+    if rows is None:
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    where = np.unravel_index(rows, (y.shape[0],) + y.shape[2:])
+    return y[(where[0], slice(None)) + where[1:]]
 
 
-def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
-    """Consumer inputs as rows of features in the weight's (channel, taps) order."""
+def _row_count(layer: Layer, y: np.ndarray) -> int:
+    """Rows a consumer-shaped output gives: batch x positions for a Conv, batch x tokens otherwise."""
+    return y.size // (y.shape[1] if layer.node.op_type == "Conv" else y.shape[-1])
+
+
+def _features(layer: Layer, x: np.ndarray, weight_shape, rows: np.ndarray | None, expected: int) -> np.ndarray | None:
+    """Consumer inputs as rows of features in the weight's (channel, taps) order: ``rows`` of
+    them (all with None), or None where the input does not give ``expected`` rows."""
     node = layer.node
     if node.op_type == "Conv":
         d = len(weight_shape) - 2
@@ -100,9 +101,12 @@ def _features(layer: Layer, x: np.ndarray, weight_shape) -> np.ndarray | None:
         auto_pad = attr(node, "auto_pad", "NOTSET")
         pads = (attr(node, "pads", [0] * 2 * d) if auto_pad == "NOTSET" else
                 same_pads(x.shape[2:], kernel, strides, dilations, auto_pad))
-        return im2col(x, kernel, strides, pads, dilations)
+        if len(x) * patch_count(x.shape[2:], kernel, strides, pads, dilations) != expected:
+            return None
+        return im2col(x, kernel, strides, pads, dilations, rows)
     if node.op_type in ("Gemm", "MatMul"):
-        return x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        return None if len(flat) != expected else flat if rows is None else flat[rows]
     return None
 
 
@@ -207,6 +211,120 @@ def refine(index: GraphIndex, chain: Chain, slope: float, rows: tuple[np.ndarray
                   f"held-out error {before:.3g} -> {after:.3g}")
 
 
+@dataclass
+class Problem:
+    """What the original model gives one consumer's least-squares problem: the consumer there,
+    the tensor that is its target (its output, bias included), and the residual operand
+    (tensor, BN scale) its output is added to, if any."""
+
+    layer: Layer
+    weight_shape: tuple
+    target: str
+    residual: tuple[str, np.ndarray | None] | None
+    features: int
+    outputs: int
+
+    @property
+    def taps(self) -> list[str]:
+        return [self.target] + ([self.residual[0]] if self.residual else [])
+
+    def wants_mixed(self, rows: int) -> bool:
+        """Whether ``rows`` of the samples are too few for the fit, and mixed rows affordable."""
+        return rows < MIXED_BELOW_ROWS_PER_FEATURE * self.features and rows * self.features ** 2 <= MIXED_WORK
+
+
+
+@dataclass
+class Captured:
+    """One consumer's rows from the original model, batch by batch, on the samples and on the
+    mixed samples: (rows available, which were taken (None: all), targets, residual operand)."""
+
+    real: list = field(default_factory=list)
+    mixed: list = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(t) for _, _, t, _ in self.real + self.mixed)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes + (0 if s is None else s.nbytes) for _, _, t, s in self.real + self.mixed)
+
+
+def problem_for(orig_index: GraphIndex, orig_nodes: dict, chain: Chain) -> Problem | None:
+    """The consumer's problem, or None where it cannot be calibrated (a ConvTranspose reads its
+    weight transposed; a consumer over MAX_FEATURES features)."""
+    node = orig_nodes.get(chain.consumer.node.name)
+    if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return None
+    layer = describe_layer(orig_index, node)
+    shape = tuple(orig_index.initializers[layer.weight].dims)
+    features = int(np.prod(shape[1:])) if node.op_type == "Conv" else shape[layer.in_axis]
+    if features > MAX_FEATURES:
+        return None
+    return Problem(layer, shape, layer.output, residual_operand(orig_index, layer), features, shape[layer.out_axis])
+
+
+class OriginalTargets:
+    """The original model's rows for the coming consumers, read in one onnxruntime run for as
+    many of them as STORE_BYTES holds (the first batch, read for all, sizes them)."""
+
+    def __init__(self, model: onnx.ModelProto, problems: list[Problem | None], calib: CalibrationSet, opts):
+        self.model, self.problems, self.calib, self.opts = model, problems, calib, opts
+        self.captured: dict[int, Captured] = {}
+        self.runs = 0
+
+    def take(self, k: int) -> Captured:
+        if k not in self.captured:
+            self._capture(k)
+        return self.captured.pop(k)
+
+    def _capture(self, k: int) -> None:
+        pending = [j for j in range(k, len(self.problems)) if self.problems[j] is not None]
+        batches = self.calib.batches()
+        first = next(batches)
+        taps = Taps(self.model, [t for j in pending for t in self.problems[j].taps])
+        out = taps.run(first)
+        self.runs += 1
+        window, held, n_batches = [], 0, -(-self.calib.samples // self.calib.batch)
+        for j in pending:
+            self.captured[j] = Captured()
+            self._keep(j, out, 0, self.captured[j].real)
+            got = self.captured[j]
+            mixed = self.calib.mixed if self.problems[j].wants_mixed(got.rows * n_batches) else 0
+            estimate = got.nbytes() * n_batches * (1 + mixed / self.calib.samples)
+            if window and held + estimate > STORE_BYTES:
+                del self.captured[j]
+                break
+            window.append(j)
+            held += estimate
+        if len(window) < len(pending):
+            taps = Taps(self.model, [t for j in window for t in self.problems[j].taps])
+        for b, part in enumerate(batches, 1):
+            out = taps.run(part)
+            for j in window:
+                self._keep(j, out, b, self.captured[j].real)
+        mixing = [j for j in window if self.problems[j].wants_mixed(self.captured[j].rows)]
+        if mixing and self.calib.mixed:
+            taps = Taps(self.model, [t for j in mixing for t in self.problems[j].taps])
+            for b, part in enumerate(self.calib.mixed_batches()):
+                out = taps.run(part)
+                for j in mixing:
+                    self._keep(j, out, b, self.captured[j].mixed, mixed=True)
+
+    def _keep(self, j: int, out: dict, batch: int, into: list, mixed: bool = False) -> None:
+        problem = self.problems[j]
+        y = out[problem.target]
+        count = _row_count(problem.layer, y)
+        cap = self.opts.calibration_rows
+        rows = None
+        if count > cap:  # a fixed random subset, the same in the compressed model's run
+            rows = np.sort(np.random.default_rng([j, batch, int(mixed)]).choice(count, cap, replace=False))
+        skip = None
+        if problem.residual is not None and out[problem.residual[0]].shape == y.shape:  # a broadcast operand is left
+            skip = _output_rows(problem.layer, out[problem.residual[0]], rows)
+        into.append((count, rows, _output_rows(problem.layer, y, rows).astype(np.float32), skip))
+
+
 class CalibrateConsumers:
     name = "calibrate-consumers"
 
@@ -227,100 +345,105 @@ class CalibrateConsumers:
         ctx.report["calibration"] = {"samples": calib.samples, "mixed": calib.mixed}
         if opts.calibration_mixup and not calib.mixed:
             log.info("calibration inputs are not all floating point: no mixed samples, %d samples alone", calib.samples)
+        problems = [problem_for(orig_index, orig_nodes, chain) for chain, _, _ in ctx.plans]
+        targets = OriginalTargets(original, problems, calib, opts)
         layers = ctx.report.setdefault("layers", [])
-        steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="layer")
-        for chain, plan_opts, comp in steps:
-            index = GraphIndex(model)
-            slope = refinable(index, chain) if opts.refine_iterations else None
-            # rows kept for refinement: the budget bounds its time and memory
-            cap = 0 if slope is None else int(min(opts.calibration_rows,
-                                                  MAX_REFINE_WORK // refine_parameters(index, chain, len(comp.kept))))
-            fit, rows = self._statistics(index, orig_index, orig_nodes, chain, calib, opts,
-                                         keep_rows=cap if cap >= MIN_REFINE_ROWS else 0)
-            if fit is None:
-                entry = apply_plan(index, chain, comp, plan_opts)
-                entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
-                layers.append(entry)
-                continue
-            candidates = []  # (error on the calibration data, kept, W', b') -- lowest wins
-            chosen = select_channels(fit, chain.channels, len(comp.kept), ridge=opts.calibration_ridge)
-            if chosen is not None:
-                for kept in (chosen[0], comp.kept):
-                    w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge)
-                    candidates.append((objective(fit, _embed(w_new, kept, chain.channels), b_new), kept, w_new, b_new))
-            best = min(candidates, key=lambda c: c[0]) if candidates else None
-            if best is None or best[0] >= _data_free_objective(fit, index, chain, comp):
-                entry = apply_plan(index, chain, comp, plan_opts)
-                entry["calibration"] = ("fell back to the data-free plan (ill-conditioned)" if best is None else
-                                        "kept the data-free plan (lower error on the calibration data)")
-            else:
-                _, kept, w_new, b_new = best
-                self._rewrite(index, chain, kept, w_new, b_new)
-                entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
-                how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
-                entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
-            if rows is not None:
-                refined, entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
-                if refined:
-                    entry["method"] += " + refined"
-            elif slope is not None:
-                entry["refinement"] = (f"not refined: {refine_parameters(index, chain, len(comp.kept))} parameters "
-                                       "are too many for the refinement budget")
+        steps = ctx.plans if ctx.progress is None else ctx.progress(ctx.plans, desc="calibrating", unit="group")
+        started = time.perf_counter()
+        for k, (chain, plan_opts, comp) in enumerate(steps):
+            if hasattr(steps, "set_postfix_str"):
+                steps.set_postfix_str(chain.name, refresh=True)
+            began = time.perf_counter()
+            entry = self._calibrate(GraphIndex(model), chain, plan_opts, comp, problems[k],
+                                    targets.take(k) if problems[k] is not None else None, calib, opts)
+            entry["seconds"] = round(time.perf_counter() - began, 2)
+            error = entry.get("error")
+            log.info("%s: %s%s, %.1f s", chain.name, entry["calibration"],
+                     "" if error is None else f"; relative error {error['data_free']:.4g} (data-free) -> "
+                     f"{error['calibrated']:.4g} (refit)", entry["seconds"])
             layers.append(entry)
+        ctx.report["calibration"].update(seconds=round(time.perf_counter() - started, 2),
+                                         original_runs=targets.runs)
         return True
 
+    def _calibrate(self, index: GraphIndex, chain: Chain, plan_opts, comp: Compensation, problem: Problem | None,
+                   captured: Captured | None, calib: CalibrationSet, opts) -> dict:
+        """Calibrate one chain: choose the kept channels and refit the consumer where that beats the
+        data-free plan on the calibration data; the report entry."""
+        slope = refinable(index, chain) if opts.refine_iterations else None
+        # rows kept for refinement: the budget bounds its time and memory
+        cap = 0 if slope is None else int(min(opts.calibration_rows,
+                                              MAX_REFINE_WORK // refine_parameters(index, chain, len(comp.kept))))
+        fit, rows = (None, None) if problem is None else self._statistics(
+            index, chain, problem, captured, calib, keep_rows=cap if cap >= MIN_REFINE_ROWS else 0)
+        if fit is None:
+            entry = apply_plan(index, chain, comp, plan_opts)
+            entry["calibration"] = "fell back to the data-free plan (too wide or unsupported layout)"
+            return entry
+        candidates = []  # (error on the calibration data, kept, W', b') -- lowest wins
+        chosen = select_channels(fit, chain.channels, len(comp.kept), ridge=opts.calibration_ridge)
+        if chosen is not None:
+            for kept in (chosen[0], comp.kept):
+                w_new, b_new = refit(fit, kept, chain.channels, opts.calibration_ridge)
+                candidates.append((objective(fit, _embed(w_new, kept, chain.channels), b_new), kept, w_new, b_new))
+        best = min(candidates, key=lambda c: c[0]) if candidates else None
+        data_free = _data_free_objective(fit, index, chain, comp)
+        error = {"data_free": (data_free + fit.energy) / max(fit.energy, 1e-30)}
+        if best is None or best[0] >= data_free:
+            entry = apply_plan(index, chain, comp, plan_opts)
+            entry["calibration"] = ("fell back to the data-free plan (ill-conditioned)" if best is None else
+                                    "kept the data-free plan (lower error on the calibration data)")
+            error["calibrated"] = error["data_free"] if best is None else (best[0] + fit.energy) / max(fit.energy, 1e-30)
+        else:
+            _, kept, w_new, b_new = best
+            self._rewrite(index, chain, kept, w_new, b_new)
+            entry = describe(chain, Compensation.prune(chain.channels, kept), "calibrated")
+            how = "selected on the calibration data" if kept is not comp.kept else "the criterion's selection"
+            entry["calibration"] = f"{how}, consumer refitted on {fit.rows} rows"
+            error["calibrated"] = (best[0] + fit.energy) / max(fit.energy, 1e-30)
+        entry["rows"] = fit.rows
+        entry["error"] = {k: float(f"{v:.6g}") for k, v in error.items()}
+        if rows is not None:
+            refined, entry["refinement"] = refine(index, chain, slope, rows, opts.refine_iterations)
+            if refined:
+                entry["method"] += " + refined"
+        elif slope is not None:
+            entry["refinement"] = (f"not refined: {refine_parameters(index, chain, len(comp.kept))} parameters "
+                                   "are too many for the refinement budget")
+        return entry
+
     @staticmethod
-    def _statistics(index, orig_index, orig_nodes, chain, calib: CalibrationSet, opts, keep_rows: int
-                    ) -> tuple[LeastSquaresFit | None, tuple[np.ndarray, np.ndarray] | None]:
-        """Least-squares statistics of the consumer: compressed inputs -> original outputs; with
-        ``keep_rows`` > 0, also up to that many of the producer's input rows and their targets,
-        for block refinement."""
+    def _statistics(index: GraphIndex, chain: Chain, problem: Problem, captured: Captured, calib: CalibrationSet,
+                    keep_rows: int) -> tuple[LeastSquaresFit | None, tuple[np.ndarray, np.ndarray] | None]:
+        """Least-squares statistics of the consumer: the compressed model's inputs (one run over
+        the calibration set) -> the original's outputs; with ``keep_rows`` > 0, also up to that
+        many of the producer's input rows and their targets, for block refinement."""
         layer = chain.consumer
-        if layer.node.op_type not in ("Conv", "Gemm", "MatMul"):  # a ConvTranspose reads its weight transposed
-            return None, None
-        orig_layer = describe_layer(orig_index, orig_nodes[layer.node.name])
-        w_orig = _matrix(orig_layer, orig_index.array(orig_layer.weight).astype(np.float64)) * orig_layer.alpha
-        b_orig = _bias(orig_index, orig_layer, w_orig.shape[0])
-        if w_orig.shape[1] > MAX_FEATURES:
-            return None, None
-        residual = residual_operand(index, layer)
-        taps = [layer.node.input[0]] + ([residual[0]] if residual else [])
-        new_taps = taps + ([chain.producer.node.input[0]] if keep_rows else [])
-        orig_session = make_session(truncated(orig_index.model, taps), optimize=True)
-        session = make_session(truncated(index.model, new_taps), optimize=True)
-        fit = LeastSquaresFit(w_orig.shape[1], w_orig.shape[0])
+        x_name, producer_input = layer.node.input[0], chain.producer.node.input[0]
+        skip_name = problem.residual[0] if problem.residual else None
+        taps = Taps(index.model, [x_name] + ([skip_name] if skip_name else []) + ([producer_input] if keep_rows else []))
+        weight_shape = index.initializers[layer.weight].dims
+        fit = LeastSquaresFit(problem.features, problem.outputs)
         inputs, targets = [], []
-        rng = np.random.default_rng(0)
-
-        def batches():  # the mixed samples only where the samples' own rows, counted first, are too few
-            yield from calib.batches()
-            if fit.rows < MIXED_BELOW_ROWS_PER_FEATURE * w_orig.shape[1]:
-                yield from calib.mixed_batches()
-
-        for part in batches():
-            x_orig, *skip_orig = orig_session.run(taps, {i.name: part[i.name] for i in orig_session.get_inputs()})
-            x_new, *rest = session.run(new_taps, {i.name: part[i.name] for i in session.get_inputs()})
-            skip_new = rest[:len(taps) - 1]
-            f_orig = _features(orig_layer, x_orig, orig_index.initializers[orig_layer.weight].dims)
-            f_new = _features(layer, x_new, index.initializers[layer.weight].dims)
-            if f_orig is None or f_new is None or f_new.shape[1] != w_orig.shape[1]:
+        parts = itertools.chain(calib.batches(), calib.mixed_batches() if captured.mixed else ())
+        for part, (count, picks, target, skip_orig) in zip(parts, captured.real + captured.mixed):
+            out = taps.run(part)
+            f_new = _features(layer, out[x_name], weight_shape, picks, count)
+            if f_new is None or f_new.shape[1] != problem.features:
                 return None, None
-            target = f_orig @ w_orig.T + b_orig
             if chain.interleaved:
                 f_new = f_new[:, channel_major(chain.channels, f_new.shape[1] // chain.channels)]
-            if residual is not None and skip_orig[0].shape == skip_new[0].shape:
-                drift = _output_rows(layer, skip_orig[0].astype(np.float64) - skip_new[0])
-                if drift.shape == target.shape:  # a broadcast operand is left uncorrected
-                    target += drift if residual[1] is None else drift / residual[1]
-            # a fully connected chain: the producer's input rows are the consumer's rows
-            x_in = rest[-1].reshape(-1, rest[-1].shape[-1]) if keep_rows else None
-            if len(f_new) > opts.calibration_rows:  # conv patches, tokens: a fixed random subset per batch
-                pick = rng.choice(len(f_new), opts.calibration_rows, replace=False)
-                f_new, target = f_new[pick], target[pick]
-                x_in = None if x_in is None else x_in[pick]
+            target = target.astype(np.float64)
+            if skip_orig is not None:
+                skip_new = _output_rows(layer, out[skip_name], picks)
+                if skip_new.shape == skip_orig.shape:
+                    drift = skip_orig.astype(np.float64) - skip_new
+                    target += drift if problem.residual[1] is None else drift / problem.residual[1]
             fit.add(f_new, target)
             room = keep_rows - sum(map(len, inputs))
-            if x_in is not None and room > 0:
+            if keep_rows and room > 0:  # a fully connected chain: the producer's input rows are the consumer's rows
+                x_in = out[producer_input].reshape(-1, out[producer_input].shape[-1])
+                x_in = x_in if picks is None else x_in[picks]
                 inputs.append(x_in[:room].astype(np.float64))
                 targets.append(target[:room])
         rows = (np.concatenate(inputs), np.concatenate(targets)) if inputs else None

@@ -285,7 +285,7 @@ def test_mixed_rows_go_to_a_fully_connected_consumer_not_to_a_convolution():
     samples, copies = 40, CompressOptions().calibration_mixup
     dense = {"x": np.random.default_rng(8).standard_normal((samples, 16)).astype(np.float32)}
     _, rep = compress(mlp("gemm"), CompressOptions(ratio=0.5, calibration=dense, refine_iterations=0))
-    assert copies >= 1 and rep["calibration"] == {"samples": samples, "mixed": copies * samples}
+    assert copies >= 1 and rep["calibration"]["samples"] == samples and rep["calibration"]["mixed"] == copies * samples
     assert all(layer["calibration"].endswith(f"refitted on {(1 + copies) * samples} rows") for layer in rep["layers"])
     samples, positions, features = 48, 4 * 4, 8 * 3 * 3  # 768 patch rows: over 10 per feature
     _, rep = compress(conv_bn_relu_pool_conv(with_bn=True), CompressOptions(ratio=0.5, calibration=_calib(samples)))
@@ -308,3 +308,72 @@ def test_mixed_samples_lower_the_error_on_inputs_the_fit_never_saw():
             small = compress(model, CompressOptions(ratio=0.5, calibration=calib, calibration_mixup=k))[0]
             errors[k] += np.mean((run(small, fresh)[0] - ref) ** 2)
     assert errors[1] < 0.95 * errors[0], errors
+
+
+def test_statistics_accumulated_by_batches_match_the_row_matrix():
+    """The rank-k updates of the upper triangle give the whole [X 1]^T [X 1], [X 1]^T Y and
+    the targets' energy of all rows, whatever the batching."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((300, 7)), rng.standard_normal((300, 3))
+    fit = LeastSquaresFit(7, 3)
+    for part in (slice(0, 1), slice(1, 120), slice(120, 300)):
+        fit.add(x[part].astype(np.float32), y[part])
+    xa = np.hstack([x.astype(np.float32).astype(np.float64), np.ones((300, 1))])
+    assert np.allclose(fit.gram, xa.T @ xa) and np.allclose(fit.cross, xa.T @ y)
+    assert fit.rows == 300 and np.isclose(fit.energy, np.sum(y ** 2))
+    w, b = rng.standard_normal((3, 7)), rng.standard_normal(3)
+    from onnx_merge.math.calibrate import objective
+
+    assert np.isclose(objective(fit, w, b) + fit.energy, np.sum((xa[:, :7] @ w.T + b - y) ** 2))
+
+
+def test_im2col_gathers_only_the_rows_asked_for():
+    from onnx_merge.math.calibrate import patch_count
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 2, 9, 7))
+    args = ([3, 2], [2, 1], [1, 0, 1, 1], [1, 2])
+    full = im2col(x, *args)
+    assert len(full) == 3 * patch_count(x.shape[2:], *args)
+    rows = np.sort(rng.choice(len(full), 17, replace=False))
+    assert np.array_equal(im2col(x, *args, rows=rows), full[rows])
+
+
+def test_joint_selection_weighs_every_consumer():
+    """Two consumers read the same channels: channel 0 matters only to the first, channel 1 only
+    to the second. Chosen on both problems together, neither is dropped; each consumer alone
+    would drop the other's channel."""
+    from onnx_merge.math.calibrate import select_channels, select_channels_jointly
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 4))
+    x[:, 3] = 0.01 * rng.standard_normal(500)  # a channel nobody needs
+    fits = []
+    for used in (0, 1):
+        fit = LeastSquaresFit(4, 1)
+        fit.add(x, 3 * x[:, [used]] + 0.2 * x[:, [2]])
+        fits.append(fit)
+    kept, refits = select_channels_jointly(fits, 4, 3)
+    assert list(kept) == [0, 1, 2] and len(refits) == 2
+    assert 1 not in select_channels(fits[0], 4, 2)[0] and 0 not in select_channels(fits[1], 4, 2)[0]
+    for (w, b), used in zip(refits, (0, 1)):
+        assert np.isclose(w[0, used], 3, atol=1e-2)
+
+
+def test_original_targets_are_read_in_one_run_and_a_small_store_gives_the_same_model(monkeypatch):
+    """The original model's rows for every chain come from one onnxruntime run; where the store
+    holds one chain at a time, each chain reads its own, and the compressed model is the same."""
+    import onnx_merge.passes.calibrate_consumers as calibrate
+
+    model, calib = two_residual_blocks(with_bn=False), _calib(40)
+    # 300 random patch rows of each batch's 1,024 or 512
+    opts = dict(ratio=0.5, calibration=calib, calibration_batch=16, calibration_rows=300)
+    small, rep = compress(model, CompressOptions(**opts))
+    assert len(rep["layers"]) == 2 and rep["calibration"]["original_runs"] == 1
+    for entry in rep["layers"]:  # per group: rows, errors of both plans, the plan kept, time
+        assert entry["rows"] == 3 * 300 and entry["seconds"] >= 0
+        assert entry["error"]["calibrated"] < entry["error"]["data_free"] and "refitted" in entry["calibration"]
+    monkeypatch.setattr(calibrate, "STORE_BYTES", 1)
+    again, rep = compress(model, CompressOptions(**opts))
+    assert rep["calibration"]["original_runs"] == 2
+    assert np.allclose(run(again, calib)[0], run(small, calib)[0], atol=1e-6)

@@ -13,20 +13,34 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.linalg import lapack
+from scipy.linalg.blas import dgemm, dsyrk
 
 
-def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+def im2col(x: np.ndarray, kernel, strides, pads, dilations, rows: np.ndarray | None = None) -> np.ndarray:
     """(B, C, *spatial) -> (B * outputs, C * prod(kernel)) patches, in the Conv weight's
-    (C, *kernel) order; any number of spatial axes (Conv1d to Conv3d)."""
+    (C, *kernel) order; any number of spatial axes (Conv1d to Conv3d). With ``rows`` (indices
+    into the B * outputs patches, batch-major), only those are gathered: a subsample of a
+    large feature map never holds all its patches."""
     b, c, d = x.shape[0], x.shape[1], x.ndim - 2
     x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
     span = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
     win = sliding_window_view(x, span, axis=tuple(range(2, 2 + d)))  # (B, C, *positions, *span)
     win = win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
               + tuple(slice(None, None, dl) for dl in dilations)]
-    positions = int(np.prod(win.shape[2:2 + d]))
+    positions = win.shape[2:2 + d]
+    if rows is not None:
+        where = np.unravel_index(rows, (b,) + positions)
+        return win[(where[0], slice(None)) + where[1:]].reshape(len(rows), c * int(np.prod(kernel)))
     order = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
-    return win.transpose(order).reshape(b * positions, c * int(np.prod(kernel)))
+    return win.transpose(order).reshape(b * int(np.prod(positions)), c * int(np.prod(kernel)))
+
+
+def patch_count(spatial, kernel, strides, pads, dilations) -> int:
+    """Output positions of a convolution over ``spatial``."""
+    d = len(spatial)
+    return int(np.prod([(n + pads[i] + pads[i + d] - (k - 1) * dl - 1) // s + 1
+                        for i, (n, k, s, dl) in enumerate(zip(spatial, kernel, strides, dilations))]))
 
 
 def same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
@@ -45,30 +59,68 @@ def same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
 
 
 class LeastSquaresFit:
-    """Accumulates X'^T X', X'^T Y for [X' 1] -> Y and solves a ridge problem."""
+    """Accumulates [X' 1]^T [X' 1] and [X' 1]^T Y in float64, a batch at a time, and solves a
+    ridge problem: memory is the (F + 1) x (F + 1) Gram matrix whatever the number of rows.
+
+    X'^T X' is accumulated by a symmetric rank-k update into its upper triangle (half the work
+    of a product) and made whole when ``gram`` is read."""
 
     def __init__(self, features: int, outputs: int):
-        self.gram = np.zeros((features + 1, features + 1))
+        self._xx = np.zeros((features, features), order="F")  # upper triangle of X'^T X'
+        self._sum = np.zeros(features)
+        self._gram: np.ndarray | None = None
         self.cross = np.zeros((features + 1, outputs))
         self.rows = 0
+        self.energy = 0.0  # sum of squared targets: objective() + energy is the squared error
+
+    @property
+    def gram(self) -> np.ndarray:
+        if self._gram is None:
+            f = len(self._sum)
+            g = np.empty((f + 1, f + 1))
+            g[:f, :f] = np.triu(self._xx) + np.triu(self._xx, 1).T
+            g[:f, f] = g[f, :f] = self._sum
+            g[f, f] = self.rows
+            self._gram = g
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: np.ndarray) -> None:  # moments from a model instead of rows (math/regress.py)
+        self._gram = value
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        xa = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
-        self.gram += xa.T @ xa
-        self.cross += xa.T @ y.astype(np.float64)
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        self._xx = dsyrk(1.0, x.T, beta=1.0, c=self._xx, trans=0, lower=0, overwrite_c=1)
+        self._sum += x.sum(axis=0)
+        self.cross[:-1] += x.T @ y
+        self.cross[-1] += y.sum(axis=0)
         self.rows += len(x)
+        self.energy += float(np.einsum("rm,rm->", y, y))
+        self._gram = None
 
     def solve(self, ridge: float = 1e-3, max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray] | None:
         """(W' as (outputs, features), b' as (outputs,)), or None when ill-conditioned."""
         f = self.gram.shape[0] - 1
         if self.rows == 0:
             return None
-        reg = ridge * max(np.trace(self.gram[:f, :f]) / max(f, 1), 1e-12)
-        a = self.gram + np.diag(np.r_[np.full(f, reg), 0.0])
-        if not np.isfinite(a).all() or np.linalg.cond(a) > max_condition:
+        a = regularized(self, ridge)
+        if not well_conditioned(a, max_condition):
             return None
         sol = np.linalg.solve(a, self.cross)
         return sol[:f].T, sol[f]
+
+
+def well_conditioned(a: np.ndarray, max_condition: float) -> bool:
+    """Whether the symmetric matrix ``a`` is positive definite with a 1-norm condition number
+    (LAPACK's estimate from its Cholesky factor, O(F^2) after the factor) under ``max_condition``.
+    An SVD would cost ten times the solve it guards."""
+    if not np.isfinite(a).all():
+        return False
+    factor, info = lapack.dpotrf(a, lower=0)
+    if info != 0:
+        return False
+    rcond, info = lapack.dpocon(factor, float(np.abs(a).sum(axis=0).max()))
+    return info == 0 and rcond * max_condition > 1.0
 
 
 def regularized(fit: LeastSquaresFit, ridge: float) -> np.ndarray:
@@ -81,47 +133,87 @@ def regularized(fit: LeastSquaresFit, ridge: float) -> np.ndarray:
 def objective(fit: LeastSquaresFit, w: np.ndarray, b: np.ndarray) -> float:
     """Squared error of (w, b) on the accumulated data, up to a constant."""
     wa = np.hstack([w, b[:, None]])
-    return float(np.einsum("mf,fg,mg->", wa, fit.gram, wa) - 2.0 * np.einsum("mf,fm->", wa, fit.cross))
+    return float(np.einsum("mf,mf->", wa @ fit.gram, wa) - 2.0 * np.einsum("mf,fm->", wa, fit.cross))  # one BLAS product
 
 
 def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: float = 1e-3,
                     max_condition: float = 1e10) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Greedy backward elimination of whole channels (groups of features) by the group
-    Optimal-Brain-Surgeon cost, then the least-squares consumer on what is kept.
+    """Kept channels for one consumer's problem and its least-squares refit on them:
+    (kept, W' (M, P * g), b' (M,)), or None when the problem is ill-conditioned."""
+    chosen = select_channels_jointly([fit], channels, n_keep, ridge, max_condition)
+    return None if chosen is None else (chosen[0],) + chosen[1][0]
 
-    Features are channel-major: channel n owns features [n * g, (n + 1) * g), g = F / N.
-    Removing group G from the ridge solution beta = A^-1 C raises the error by
-    tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated after
-    each removal (Schur complement), so only one F x F inverse is ever formed.
-    Returns (kept channels, W' (M, P * g), b' (M,)), or None when A is ill-conditioned.
+
+def select_channels_jointly(fits: list[LeastSquaresFit], channels: int, n_keep: int, ridge: float = 1e-3,
+                            max_condition: float = 1e10) -> tuple[np.ndarray, list] | None:
+    """Greedy backward elimination of whole channels (groups of features) by the group
+    Optimal-Brain-Surgeon cost summed over every consumer that reads the channels, then each
+    consumer's least-squares refit on what is kept.
+
+    Features are channel-major: channel n owns features [n * g, (n + 1) * g), g = F / N (each
+    consumer has its own g). Removing group G from the ridge solution beta = A^-1 C raises the
+    error by tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated
+    after each removal (Schur complement), so only one F x F inverse per consumer is formed.
+    Returns (kept channels, [(W' (M, P * g), b' (M,)) per consumer]), or None when a problem
+    is ill-conditioned.
     """
-    f = fit.gram.shape[0] - 1
-    g = f // channels
-    a = regularized(fit, ridge)
-    if not np.isfinite(a).all() or np.linalg.cond(a) > max_condition:
-        return None
-    inv = np.linalg.inv(a)
-    beta = inv @ fit.cross
-    groups = np.arange(channels * g).reshape(channels, g)
+    states = []
+    for fit in fits:
+        f = fit.gram.shape[0] - 1
+        a = regularized(fit, ridge)
+        if not well_conditioned(a, max_condition):
+            return None
+        states.append(_Elimination(np.linalg.inv(a), fit.cross, f // channels))
     alive = np.ones(channels, dtype=bool)
     for _ in range(channels - n_keep):
         live = np.flatnonzero(alive)
-        idx = groups[live]  # (G, g)
-        blocks = inv[idx[:, :, None], idx[:, None, :]]  # (G, g, g)
-        sol = np.linalg.solve(blocks, beta[idx])  # (G, g, M)
-        cost = np.einsum("ngm,ngm->n", beta[idx], sol)
-        pick = live[int(np.argmin(cost))]
-        best = groups[pick]
-        solve_block = np.linalg.inv(inv[np.ix_(best, best)])
-        cols = inv[:, best]
-        beta -= cols @ (solve_block @ beta[best])
-        inv -= cols @ solve_block @ cols.T
-        inv[best, :] = 0.0
-        inv[:, best] = 0.0
-        beta[best] = 0.0
+        pick = live[int(np.argmin(sum(state.costs(live) for state in states)))]
+        for state in states:
+            state.remove(pick)
         alive[pick] = False
     kept = np.flatnonzero(alive)
-    return (kept,) + refit(fit, kept, channels, ridge)
+    return kept, [refit(fit, kept, channels, ridge) for fit in fits]
+
+
+class _Elimination:
+    """One consumer's ridge solution beta = A^-1 C and inverse A^-1, downdated as channels go.
+
+    The inverse is updated in place by BLAS (no F x F temporaries) and compacted to the live
+    features once a quarter of it is dead: a removed group's rows of the downdated inverse and
+    solution are zero, so they need no clearing in between."""
+
+    def __init__(self, inv: np.ndarray, cross: np.ndarray, g: int):
+        self.inv = np.asfortranarray(inv)
+        self.beta = inv @ cross
+        self.g = g
+        self.where = np.arange(len(inv))  # position of each feature in the compacted inverse (-1: gone)
+        self.dead = 0
+
+    def _positions(self, channels: np.ndarray) -> np.ndarray:
+        return self.where[channels[:, None] * self.g + np.arange(self.g)]  # (G, g)
+
+    def costs(self, live: np.ndarray) -> np.ndarray:
+        """tr(beta_G^T [(A^-1)_GG]^-1 beta_G) for every live channel G."""
+        idx = self._positions(live)
+        blocks = self.inv[idx[:, :, None], idx[:, None, :]]  # (G, g, g)
+        b = self.beta[idx]  # (G, g, M)
+        return np.einsum("ngh,ngh->n", np.linalg.inv(blocks), b @ b.transpose(0, 2, 1))
+
+    def remove(self, channel: int) -> None:
+        best = self._positions(np.array([channel]))[0]
+        s = np.linalg.inv(self.inv[np.ix_(best, best)])
+        cols = np.array(self.inv[:, best])
+        self.beta -= cols @ (s @ self.beta[best])
+        self.inv = dgemm(-1.0, cols, s @ cols.T, beta=1.0, c=self.inv, overwrite_c=1)
+        self.where[channel * self.g + np.arange(self.g)] = -1
+        self.dead += self.g
+        if self.dead * 4 > len(self.inv):
+            keep = np.flatnonzero(self.where >= 0)
+            rows = self.where[keep]
+            self.inv = np.asfortranarray(self.inv[np.ix_(rows, rows)])
+            self.beta = self.beta[rows]
+            self.where[keep] = np.arange(len(keep))
+            self.dead = 0
 
 
 def refit(fit: LeastSquaresFit, kept: np.ndarray, channels: int, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
