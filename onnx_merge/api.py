@@ -14,9 +14,8 @@ from tqdm.auto import tqdm
 
 from .attention import find_attention
 from .checkdata import CheckData, resolve_input_shapes
-from .coupling import describe_group, find_groups
 from .data import Preprocess, prepare_inputs
-from .groups import find_chains
+from .groups import describe_group, find_chains, find_groups
 from .graph import GraphIndex
 from .errors import ModelError, VerificationError
 from .files import check_targets
@@ -56,12 +55,13 @@ def build_pipeline(options: CompressOptions) -> PassManager:
                          ReshareCopies)
 
     # BN is folded after merging so that the plan can use its statistics (METHOD.md 3b, 7).
+    # groups that are no free chain (depthwise blocks, gates, Concat ranges) after the chains;
+    # PruneCoupled leaves residual streams whole unless options.coupled is "prune"
     steps = [PruneHeads()] if options.heads else []
     steps.append(MergeChannels())
     if options.calibration is not None:
         steps.append(CalibrateConsumers())
-    if options.coupled == "prune":
-        steps.append(PruneCoupled())
+    steps.append(PruneCoupled())
     if options.fold_bn:
         steps.append(FoldBatchNorm())
     steps += [RemoveUnused(), ReshareCopies()]
@@ -123,7 +123,7 @@ def inspect_model(model: onnx.ModelProto) -> dict:
                     "consumer": c.consumer.name, "block": c.block, "interleaved": c.interleaved, "mergeable": c.mergeable,
                     "why_not_merge": c.why_not_merge} for c in chains],
         "skipped": [{"node": s.node, "reason": s.reason} for s in skips],
-        "groups": [describe_group(index, g) for g in find_groups(index) if g.coupled or len(g.consumers) > 1],
+        "groups": [d for d in (describe_group(index, g) for g in find_groups(index)) if d["consumers"]],
         **_attention_summary(index),
         "params": count_parameters(model) - ctx.report.get("unshared_params", 0),
         "macs": count_macs(model),

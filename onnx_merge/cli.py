@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "figures exactly); by default a layer's partners and scales are computed on its weights as "
                    "already compensated by the layer before it")
     c.add_argument("--coupled", choices=("skip", "prune"), default="skip",
-                   help="channels tied across layers (residual adds, depthwise convs, branches): leave them whole "
-                   "(skip, default; as in the paper) or prune them consistently in every member (prune)")
+                   help="residual streams (channels several layers add into): leave them whole (skip, default; as "
+                   "in the paper) or prune them consistently in every member (prune). Groups without one (depthwise "
+                   "blocks, SE gates, Concat/Split ranges) are pruned in either mode")
     c.add_argument("--keep-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them)")
     c.add_argument("--layer-ratio", type=_glob_ratio, action="append", default=[], metavar="GLOB=R",
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
@@ -538,11 +539,12 @@ def cmd_inspect(args) -> int:
         _echo()
         _echo(skipped)
     if info["groups"]:
-        _echo("\ncoupled channel groups (pruned together with --coupled prune):")
-        rows = [[" + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
-                 g["channels"], g["params_per_channel"], g["left_whole"] or "prunable"] for g in info["groups"]]
-        _echo(tabulate(rows, headers=["producers", "consumers", "depthwise", "channels", "params/channel", "status"],
-                       maxcolwidths=[40, 40, 20, None, None, 50]))
+        _echo("\nchannel groups (a residual one is pruned only with --coupled prune):")
+        rows = [[g["kind"], " + ".join(g["producers"]), ", ".join(g["consumers"]) or "-", ", ".join(g["depthwise"]) or "-",
+                 g["channels"], g["params_per_channel"],
+                 g["left_whole"] or ("prunable" if g["free"] else "with --coupled prune")] for g in info["groups"]]
+        _echo(tabulate(rows, headers=["kind", "producers", "consumers", "depthwise", "channels", "params/channel",
+                                      "status"], maxcolwidths=[10, 40, 40, 20, None, None, 50]))
     if info["attention"]:
         _echo("\nattention layers (heads removed with --heads R):")
         rows = [[a["layer"], a["heads"], a["head_dim"], " / ".join(dict.fromkeys((a["q"], a["k"], a["v"]))), a["out"]]

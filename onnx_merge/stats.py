@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .graph import attr
+from .ops import LAYER, rule
 from .shapes import inferred_dims
 
 
@@ -20,7 +20,8 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def count_macs(model: onnx.ModelProto) -> int | None:
-    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for batch 1 (unknown dims as 1).
+    """Multiply-accumulates of the op table's layers (Conv, ConvTranspose, Gemm, MatMul) for
+    batch 1 (unknown dims as 1), each by its rule's formula.
 
     None when shape inference fails (some foreign models).
     """
@@ -37,23 +38,15 @@ def node_macs(model: onnx.ModelProto) -> dict[str, int] | None:
         return None
     macs = {}
     for node in model.graph.node:
+        r = rule(node.op_type)
+        if r.kind != LAYER:
+            continue
         out = shapes.get(node.output[0]) if node.output else None
         w = shapes.get(node.input[1]) if len(node.input) > 1 else None
-        if out is None or w is None:
+        if out is None or w is None or not w:
             continue
-        total = None
-        if node.op_type == "Conv":
-            total = int(np.prod(out[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
-            x = shapes.get(node.input[0])
-            if x:
-                total = int(np.prod(x[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm" and len(w) == 2:  # a malformed weight counts nothing
-            k = w[1] if attr(node, "transB", 0) else w[0]
-            total = int(np.prod(out)) * k
-        elif node.op_type == "MatMul" and len(w) >= 1:
-            total = int(np.prod(out)) * w[-2 if len(w) > 1 else 0]
-        if total is not None:
+        total = r.macs(node, out, w, shapes.get(node.input[0]))
+        if total:
             key = node.name or node.output[0]
             macs[key] = macs.get(key, 0) + total
     return macs

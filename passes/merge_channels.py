@@ -18,7 +18,7 @@ import onnx
 from onnx_merge.datafree import chain_activation, input_model
 from onnx_merge.math.planner import models_activations
 from onnx_merge.graph import GraphIndex, attr
-from onnx_merge.groups import Chain, Layer, find_chains
+from onnx_merge.groups import Branch, Chain, Layer, find_chains
 from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
                              rank_kept, ranks_by_criterion)
 from onnx_merge.shapes import drop_value_info
@@ -55,18 +55,23 @@ def producer_arrays(index: GraphIndex, chain: Chain, consumer_norms: bool = Fals
     if chain.bn is not None:
         bn = index.batchnorm(chain.bn)
     norms = rows_v = None
-    if consumer_rows:
-        view = consumer_view(index.array(chain.consumer.weight), chain.consumer, chain.channels, chain.block,
-                             chain.interleaved)
-        rows_v = view.reshape(chain.channels, -1)
+    branches = branches_of(chain)
+    if consumer_rows:  # a fan-out: every consumer's columns side by side
+        rows_v = np.concatenate([consumer_view(index.array(b.consumer.weight), b.consumer, chain.channels, b.block,
+                                               b.interleaved).reshape(chain.channels, -1) for b in branches], axis=1)
     if consumer_norms:
-        norms = input_channel_norms(index.array(chain.consumer.weight), chain.consumer.in_axis, chain.channels,
-                                    chain.interleaved)
+        norms = np.sqrt(sum(input_channel_norms(index.array(b.consumer.weight), b.consumer.in_axis, chain.channels,
+                                                b.interleaved) ** 2 for b in branches))
     in_channels = int(index.initializers[p.weight].dims[1]) if p.node.op_type == "Conv" else rows.shape[1]
     return ProducerArrays(weight=rows, bias=bias, bn=bn, consumer_norms=norms, consumer_rows=rows_v,
                           in_channels=in_channels, slope=activation_slope(index, chain),
                           dense=is_dense(chain), activation=chain_activation(index, chain),
                           inputs=input_model(index, p))
+
+
+def branches_of(chain: Chain) -> list[Branch]:
+    """Every consumer of the chain with its layout (one for a chain built by hand)."""
+    return chain.branches or [Branch(chain.consumer, chain.block, chain.interleaved)]
 
 
 def take_channels(index: GraphIndex, name: str, kept: np.ndarray, n: int, axis: int) -> None:
@@ -145,12 +150,16 @@ def add_consumer_bias(index: GraphIndex, layer: Layer, delta: np.ndarray) -> str
 
 
 def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
-    c = chain.consumer
-    weight = index.array(c.weight)
-    view = consumer_view(weight, c, chain.channels, chain.block, chain.interleaved)
-    new_view, bias = compensate_consumer(view, comp)
-    index.set_array(c.weight, from_consumer_view(new_view, weight, c, chain.interleaved))
-    return add_consumer_bias(index, c, bias) if bias is not None else ""
+    """The same compensation on every consumer (a fan-out's readers all see the same channels)."""
+    notes = []
+    for b in branches_of(chain):
+        c = b.consumer
+        weight = index.array(c.weight)
+        view = consumer_view(weight, c, chain.channels, b.block, b.interleaved)
+        new_view, bias = compensate_consumer(view, comp)
+        index.set_array(c.weight, from_consumer_view(new_view, weight, c, b.interleaved))
+        notes.append(add_consumer_bias(index, c, bias) if bias is not None else "")
+    return "; ".join(dict.fromkeys(n for n in notes if n))
 
 
 def shrink_reshape(index: GraphIndex, node: onnx.NodeProto, channels: int, kept_count: int) -> None:
@@ -183,7 +192,8 @@ def fix_shapes(index: GraphIndex, chain: Chain, kept_count: int) -> None:
 def describe(chain: Chain, comp: Compensation, method: str) -> dict:
     cos = comp.notes.get("cosine")
     regressed = 0 if comp.dense is None else int(np.count_nonzero(np.any(comp.dense != 0, axis=0)))
-    entry = {"layer": chain.name, "op": chain.producer.node.op_type, "consumer": chain.consumer.name,
+    entry = {"layer": chain.name, "op": chain.producer.node.op_type,
+             "consumer": ", ".join(b.consumer.name for b in branches_of(chain)),
              "channels": chain.channels, "kept": len(comp.kept), "merged": int(len(comp.merged)),
              "regressed": regressed, "pruned": int(len(comp.removed) - len(comp.merged) - regressed),
              "method": comp.notes.get("method", method), "mean_cosine": None if cos is None or not len(cos) else round(float(np.mean(cos)), 4)}
@@ -235,8 +245,13 @@ class MergeChannels:
                 plans.append((chain, plan_opts, plan_layer(arrays, n_keep, plan_opts)))
         if calibrating:
             # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
-            ctx.plans, ctx.original = plans, model.SerializeToString()
-            return False
+            # It fits one consumer: a fan-out gets its data-free plan here.
+            ctx.original = model.SerializeToString()
+            ctx.plans = [p for p in plans if len(branches_of(p[0])) == 1]
+            for chain, plan_opts, comp in plans:
+                if len(branches_of(chain)) > 1:
+                    layers.append(apply_plan(index, chain, comp, plan_opts))
+            return bool(len(ctx.plans) < len(plans))
         rewrites = waiting or plans
         if ctx.progress is not None:
             rewrites = ctx.progress(rewrites, desc="rewriting", unit="layer")
@@ -274,6 +289,6 @@ def apply_plan(index: GraphIndex, chain: Chain, comp: Compensation, plan_opts: P
         entry["scale_rule"] = plan_opts.scale_rule
     if note or chain.why_not_merge:
         entry["note"] = "; ".join(x for x in (chain.why_not_merge, note) if x)
-    log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, chain.consumer.name,
+    log.info("%s -> %s: %d -> %d channels (%d merged, %d pruned)", chain.name, entry["consumer"],
              chain.channels, entry["kept"], entry["merged"], entry["pruned"])
     return entry

@@ -1,11 +1,14 @@
-"""Prune coupled channel groups consistently (``--coupled prune``).
+"""Prune channel groups consistently: every group that is no free chain.
 
     conv_a -> BN -> \\                      conv_a[kept] -> BN[kept] -> \\
                       Add -> Relu -> conv_c     becomes                      Add -> Relu -> conv_c[:, kept]
     conv_b -> BN -> /                      conv_b[kept] -> BN[kept] -> /
 
 Every layer writing the group's channels loses the same output channels, every layer
-reading them the same input channels, depthwise convs the same channels (and group count).
+reading them the same input channels, depthwise convs the same channels (and group count),
+an SE gate's expand conv the same output channels. Groups without a residual stream
+(depthwise blocks, gates, Concat and Split ranges) are pruned by default; residual streams
+only with ``--coupled prune``.
 Channels are ranked by the criterion summed over the producers, each producer's scores
 divided by their mean so that no single layer's scale decides. Not merging: a channel of a
 sum is not a positive multiple of another unless every term is, so the group is pruned.
@@ -14,14 +17,16 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
 
-from onnx_merge.coupling import Group, find_groups
+from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, keep_count
+from onnx_merge.math import importance, keep_count, select_per_block
+from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
 
 from .merge_channels import take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
@@ -49,8 +54,11 @@ def _channels(index: GraphIndex, group: Group) -> int | str:
 
 
 def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
+    for p in group.driven:
+        if int(index.initializers[p.weight].dims[p.out_axis]) != n:
+            return f"{p.name!r} writes {index.initializers[p.weight].dims[p.out_axis]} channels into a space of {n}"
     for c in group.consumers:
-        features = int(index.initializers[c.weight].dims[c.in_axis])
+        features = int(index.initializers[c.weight].dims[c.in_axis]) * conv_groups(c.node)
         if features % n:
             return f"consumer {c.name!r} reads {features} features, not a multiple of {n} channels"
     for node, name in group.per_channel:
@@ -62,30 +70,49 @@ def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
 def _views(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> list[tuple[Group, np.ndarray, int]] | str:
     """For every space the group's channels reach through channel Concats and Splits
     (recursively): which of its channels stay when the group keeps ``kept`` of ``n``, and
-    its width now; or why that cannot be done."""
-    found = []
-    for target, position in group.views:  # a range of a Concat's output
-        widths = [n if part is group else _channels(index, part) for part in target.parts]
-        bad = next((w for w in widths if isinstance(w, str)), None)
-        if bad:
-            return bad
-        total, offset = sum(widths), sum(widths[:position])
-        found.append((target, np.r_[np.arange(offset), offset + kept, np.arange(offset + n, total)], total))
-    for split in group.splits:  # each output of a Split is a range of this space
-        offsets = np.cumsum([0] + split.sizes)
-        for out, start, stop in zip(split.outputs, offsets[:-1], offsets[1:]):
-            part = kept[(kept >= start) & (kept < stop)] - start
-            if not len(part):
-                return f"Split {split.node.name!r} would lose a whole output"
-            found.append((out, part, int(stop - start)))
-    deeper = []
-    for target, target_kept, total in found:
-        problem = _members_disagree(index, target, total)
-        more = problem or _views(index, target, target_kept, total)
-        if isinstance(more, str):
-            return more
-        deeper += more
-    return found + deeper
+    its width now; or why that cannot be done. A Concat output is worked out from all its
+    parts at once (a part may appear twice: GhostNet's primary and cheap halves)."""
+    known = {id(group): (group, kept, n)}
+    order, queue, steps = [group], [group], 0
+    while queue:
+        steps += 1
+        if steps > 100000:  # the spaces form a DAG: this is a guard, not a limit met in practice
+            return "channel index maps do not settle"
+        g = queue.pop(0)
+        _, g_kept, _ = known[id(g)]
+        reached = []
+        for split in g.splits:  # each output of a Split is a range of this space
+            offsets = np.cumsum([0] + split.sizes)
+            for out, start, stop in zip(split.outputs, offsets[:-1], offsets[1:]):
+                part = g_kept[(g_kept >= start) & (g_kept < stop)] - start
+                if not len(part):
+                    return f"Split {split.node.name!r} would lose a whole output"
+                reached.append((out, part, int(stop - start)))
+        for target in {id(t): t for t, _ in g.views}.values():  # a Concat's output, from all its parts
+            pieces, offset = [], 0
+            for part in target.parts:
+                if id(part) in known:
+                    _, part_kept, width = known[id(part)]
+                else:
+                    width = _channels(index, part)
+                    if isinstance(width, str):
+                        return width
+                    part_kept = np.arange(width)
+                pieces.append(offset + part_kept)
+                offset += width
+            reached.append((target, np.concatenate(pieces), offset))
+        for target, target_kept, total in reached:
+            if id(target) not in known:
+                order.append(target)
+            known[id(target)] = (target, target_kept, total)
+            queue.append(target)
+    for target in order[1:]:
+        if target.blocks > 1:
+            return f"a grouped conv reads channels reached through {target.concat and 'Concat' or 'Split'} ranges"
+        problem = _members_disagree(index, target, known[id(target)][2])
+        if problem:
+            return problem
+    return [known[id(t)] for t in order[1:]]
 
 
 def _write_split_sizes(index: GraphIndex, views: list[tuple[Group, np.ndarray, int]]) -> None:
@@ -135,19 +162,56 @@ def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
     _write_split_sizes(index, list(views))
 
 
+def private(index: GraphIndex, node: onnx.NodeProto, position: int) -> str:
+    """The node's input ``position``, copied first when other nodes read the same initializer
+    (the dynamo exporter shares equal constants, such as untrained BN statistics, across layers)."""
+    name = node.input[position]
+    if not index.shared_with(name, node):
+        return name
+    copy = index.unique_name(f"{name}_{node.name or node.output[0]}")
+    index.add_initializer(copy, index.array(name).copy())
+    node.input[position] = copy
+    if name not in node.input:
+        index.readers[name] = [r for r in index.readers[name] if r is not node]
+    index.readers[copy].append(node)
+    return copy
+
+
+def grouped_columns(weight: np.ndarray, groups: int, kept: np.ndarray, n: int) -> np.ndarray:
+    """A grouped conv's weight (O, n / groups, ...) reading only the ``kept`` of its ``n`` input
+    channels (the same count in each group): output block j keeps block j's columns."""
+    rows, width = weight.shape[0] // groups, n // groups
+    parts = [weight[j * rows:(j + 1) * rows][:, kept[(kept >= j * width) & (kept < (j + 1) * width)] - j * width]
+             for j in range(groups)]
+    return np.concatenate(parts, axis=0)
+
+
 def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) -> None:
     """Everything in the space but its producers: depthwise convs, per-channel parameters,
-    consumers (blocks of columns after a Flatten), Reshape constants."""
+    consumers (blocks of columns after a Flatten), Reshape constants; layers that also write a
+    Concat output space (its ``driven`` producers)."""
+    for p in group.driven:
+        take_channels(index, p.weight, kept, n, p.out_axis)
+        if current_bias(p) is not None:
+            take_channels(index, current_bias(p), kept, n, -1)
     for node in group.depthwise:
-        take_channels(index, node.input[1], kept, n, 0)
+        take_channels(index, private(index, node, 1), kept, n, 0)
         if len(node.input) > 2 and node.input[2]:
-            take_channels(index, node.input[2], kept, n, 0)
+            take_channels(index, private(index, node, 2), kept, n, 0)
         set_attr(node, "group", len(kept))
-    for _, name in group.per_channel:
+    sliced = set()  # one node may read one initializer twice (BN's bias and mean, both zero, shared)
+    for node, name in group.per_channel:
+        name = private(index, node, list(node.input).index(name))
+        if name in sliced:
+            continue
+        sliced.add(name)
         arr = index.array(name)
         index.set_array(name, np.take(arr, kept, axis=int(np.argmax(arr.shape))))
     for c in group.consumers:
         weight = index.array(c.weight)
+        if conv_groups(c.node) > 1:
+            index.set_array(c.weight, grouped_columns(weight, conv_groups(c.node), kept, n))
+            continue
         block = int(weight.shape[c.in_axis]) // n
         view = consumer_view(weight, c, n, block)
         index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
@@ -163,10 +227,16 @@ class PruneCoupled:
         opts = ctx.options
         index = GraphIndex(model)
         changed = False
+        chained = {c.producer.node.name for c in find_chains(index)[0]}
         for group in find_groups(index):
-            if not group.coupled and len(group.consumers) == 1:
-                continue  # a free chain: the merge pass's business
             names = [p.name for p in group.producers]
+            if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
+                continue  # a free chain (the merge pass's business), or one it said why not
+            if not group.free and opts.coupled != "prune":
+                ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
+                                           f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
+                         if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
+                continue
             if group.blocked:
                 ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
                 continue
@@ -179,10 +249,14 @@ class PruneCoupled:
             if any(r is None for r in ratios):
                 ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
                 continue
-            n_keep = keep_count(n, min(ratios), opts.round_to)
+            if n % group.blocks:
+                ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
+                continue
+            n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
             if n_keep >= n:
                 continue
-            kept = np.sort(np.argsort(-_scores(index, group, n, opts.plan_options("prune").criterion), kind="stable")[:n_keep])
+            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
+            kept = select_per_block(scores, n_keep, group.blocks)
             views = _views(index, group, kept, n)
             if isinstance(views, str):
                 ctx.skip(", ".join(names), f"coupled group left whole: {views}")
@@ -192,7 +266,7 @@ class PruneCoupled:
             ctx.report.setdefault("layers", []).append({
                 "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in readers),
                 "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
-                "method": "prune (coupled)", "depthwise": [d.name for d in group.depthwise]})
+                "method": f"prune ({group.kind} group)", "depthwise": [d.name for d in group.depthwise]})
             log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)
             changed = True
         return changed

@@ -9,6 +9,19 @@ import numpy as np
 CRITERIA = ("l1-norm", "l2-norm", "l2-GM", "l2-path", "merge-cost")
 
 
+def select_per_block(scores: np.ndarray, n_keep: int, blocks: int = 1) -> np.ndarray:
+    """Sorted indices of the ``n_keep`` highest scores; with ``blocks`` > 1, the ``n_keep / blocks``
+    highest of each of that many equal contiguous blocks (a grouped conv's groups must stay equal)."""
+    n = len(scores)
+    if blocks == 1:
+        return np.sort(np.argsort(-scores, kind="stable")[:n_keep])
+    if n % blocks or n_keep % blocks:
+        raise ValueError(f"{n_keep} of {n} channels do not split evenly over {blocks} blocks")
+    width, per = n // blocks, n_keep // blocks
+    return np.concatenate([j * width + np.sort(np.argsort(-scores[j * width:(j + 1) * width], kind="stable")[:per])
+                           for j in range(blocks)])
+
+
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
     """Channels kept out of ``n`` at pruning ``ratio``: floor(n * (1 - ratio)), at least 1.
 

@@ -19,19 +19,16 @@ Merging is not exact across a sum of several producers, so groups are only prune
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, attr
-from .groups import REDUCE, Layer, Rejected, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
-from .shapes import TensorDims
-
-PER_CHANNEL = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
-               "Clip", "Gelu", "Mish", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout",
-               "Identity", "Resize", "Upsample", "LpPool", "BatchNormalization", "InstanceNormalization", "PRelu"}
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
+from ..graph import GraphIndex, attr
+from .chains import Layer, channel_param_axis, describe_layer, nonnegative_axes, reduction_axes
+from ..ops import BLOCKER, ELEMENTWISE, LAYER, PER_CHANNEL, REDUCE, Decline, conv_groups, is_depthwise, rule
+from ..shapes import TensorDims
 
 
 def _spatial_reduction(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> bool:
@@ -65,10 +62,32 @@ class Group:
     static_width: int | None = None  # channels of a space nothing here writes (a graph input)
     splits: list["SplitView"] = field(default_factory=list)  # Splits of this space along channels
     split_of: tuple["SplitView", int] | None = None  # for a Split output space: the Split, output position
+    residual: list[onnx.NodeProto] = field(default_factory=list)  # Add/Sum/... joining feature maps here
+    # for a Concat output space: layers that also write it (an SE gate's expand conv, a residual
+    # addend), sliced with the ranges its parts keep
+    driven: list[Layer] = field(default_factory=list)
+    blocks: int = 1  # grouped convs read or write it: channels fall in this many equal blocks, pruned alike
 
     @property
     def coupled(self) -> bool:
         return len(self.producers) > 1 or bool(self.depthwise) or bool(self.views)
+
+    @property
+    def free(self) -> bool:
+        """Compressed by default: no residual stream, here or in a space its channels reach."""
+        return not self.residual and not any(target.residual for target, _ in reached_spaces(self))
+
+    @property
+    def kind(self) -> str:
+        if self.residual:
+            return "residual"
+        if self.views or self.splits or self.parts or self.split_of:
+            return "index map"
+        if self.depthwise:
+            return "depthwise"
+        if self.blocks > 1:
+            return "grouped"
+        return "gated" if len(self.producers) > 1 else "fan-out" if len(self.consumers) > 1 else "chain"
 
 
 @dataclass
@@ -115,6 +134,18 @@ def _channel_split(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) ->
     return [int(v) for v in sizes] if sizes and len(sizes) == len(node.output) else None
 
 
+def _whole_channel_range(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, axes: list[int]) -> bool:
+    """A Slice that keeps every channel (GhostNet's ``out[:, :out_chs]`` when the Concat is that wide):
+    it then acts per channel, and its end still covers a pruned width."""
+    if 1 not in axes or 0 in axes or len(node.input) < 3 or not all(index.is_weight(i) for i in node.input[1:3]):
+        return False
+    at = axes.index(1)
+    start, end = int(index.array(node.input[1])[at]), int(index.array(node.input[2])[at])
+    step = int(index.array(node.input[4])[at]) if len(node.input) > 4 and index.is_weight(node.input[4]) else 1
+    width = dims.channels(node.input[0])
+    return start == 0 and step == 1 and width is not None and end >= width
+
+
 def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> str:
     """'' when a Slice or Pad touches only axes from 2 on (it then acts per channel), else why not."""
     label = f"{node.op_type} {node.name!r}"
@@ -127,7 +158,9 @@ def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> 
         axes = None if axes is None else nonnegative_axes(axes, dims.rank(node.input[0]))
         if axes is None:
             return f"{label} slices axes that are not known here"
-        return "" if all(a >= 2 for a in axes) else f"{label} slices the channel axis"
+        if all(a >= 2 for a in axes) or _whole_channel_range(index, dims, node, axes):
+            return ""
+        return f"{label} slices the channel axis"
     pads = attr(node, "pads")
     if pads is None and len(node.input) > 1 and index.is_weight(node.input[1]):
         pads = index.array(node.input[1]).tolist()
@@ -138,13 +171,6 @@ def _spatial_only(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto) -> 
         return (f"{label} pads the channel axis (as an option-A shortcut does): the padded channels belong to "
                 "another space, a mapping not handled here")
     return ""
-
-
-def _is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    if node.op_type != "Conv" or not index.is_weight(node.input[1]):
-        return False
-    dims = index.initializers[node.input[1]].dims
-    return int(attr(node, "group", 1)) > 1 and dims[1] == 1 and dims[0] == int(attr(node, "group", 1))
 
 
 def _add_param(index: GraphIndex, dims: TensorDims, node: onnx.NodeProto, name: str, roles: list, block) -> None:
@@ -163,6 +189,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
     roles: list[tuple[str, str, object]] = []  # (tensor, role, payload)
     concats: list[onnx.NodeProto] = []
     splits: list[tuple[onnx.NodeProto, list[int]]] = []
+    sums: list[onnx.NodeProto] = []  # additive joins of feature maps: residual streams
     dims = TensorDims(index.model)
 
     def block(tensor: str, reason: str) -> None:
@@ -172,21 +199,25 @@ def find_groups(index: GraphIndex) -> list[Group]:
         op = node.op_type
         data = [i for i in node.input if i and not index.is_weight(i)]
         label = f"{op} {node.name!r}"
-        if op in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            if _is_depthwise(index, node):
+        r = rule(op)
+        if r.kind == LAYER:
+            if is_depthwise(index, node):
                 spaces.union(node.input[0], node.output[0])
                 roles.append((node.output[0], "depthwise", node))
                 continue
             try:
                 layer = describe_layer(index, node)
-            except Rejected as exc:
+            except Decline as exc:
                 for t in data + [node.output[0]]:
                     block(t, f"{label}: {exc}")
                 continue
-            if op in ("Conv", "ConvTranspose") and int(attr(node, "group", 1)) != 1:
+            if op == "ConvTranspose" and conv_groups(node) != 1:
                 for t in data + [node.output[0]]:
-                    block(t, f"{label} is a grouped conv")
+                    block(t, f"{label} is a grouped transposed conv")
                 continue
+            if conv_groups(node) != 1:  # its input and output channels each fall in `group` equal blocks
+                roles.append((node.output[0], "blocks", conv_groups(node)))
+                roles.append((node.input[0], "blocks", conv_groups(node)))
             if op == "MatMul" and dims.rank(node.output[0]) != 2:  # channels last, where axis 1 is not
                 for t in data + [layer.output]:
                     block(t, f"{label} works on the last axis of a tensor of rank {dims.rank(node.output[0]) or 'unknown'}")
@@ -195,7 +226,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 spaces.union(node.output[0], layer.output)
             roles.append((layer.output, "producer", layer))
             roles.append((node.input[0], "consumer", layer))
-        elif op in PER_CHANNEL:
+        elif r.kind == PER_CHANNEL and op != "Pad":
             if not data:
                 continue
             spaces.union(data[0], node.output[0])
@@ -206,13 +237,15 @@ def find_groups(index: GraphIndex) -> list[Group]:
                     block(node.output[0], f"{label} takes a computed parameter")
             if op == "BatchNormalization" and (attr(node, "training_mode", 0) or any(node.output[1:])):
                 block(node.output[0], f"{label} runs in training mode")
-        elif op in ELEMENTWISE:
+        elif r.kind == ELEMENTWISE:
             if data:
                 spaces.union(*data, node.output[0])
+            if r.sums and len(data) > 1:
+                sums.append(node)
             for name in node.input:
                 if name and index.is_weight(name) and index.array(name).size > 1:
                     _add_param(index, dims, node, name, roles, block)
-        elif op in REDUCE and data and _spatial_reduction(index, dims, node):
+        elif r.kind == REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
         elif op in ("Slice", "Pad") and data:
             reason = _spatial_only(index, dims, node)
@@ -234,8 +267,9 @@ def find_groups(index: GraphIndex) -> list[Group]:
             spaces.union(node.input[0], node.output[0])
             roles.append((node.output[0], "flatten", node))
         else:
+            why = r.reason if r.kind == BLOCKER else "maps channels in a way not handled here"
             for t in data + [o for o in node.output if o]:
-                block(t, f"{label} maps channels in a way not handled here")
+                block(t, f"{label} {why}")
     for value in list(index.graph.input) + list(index.graph.output):
         block(value.name, f"graph {'input' if value in index.graph.input else 'output'} {value.name!r}")
     for name, readers in index.readers.items():
@@ -259,10 +293,14 @@ def find_groups(index: GraphIndex) -> list[Group]:
             group.consumers.append(payload)
         elif role == "depthwise":
             group.depthwise.append(payload)
+        elif role == "blocks":  # grouped convs: prune the same count in each of their blocks
+            group.blocks = math.lcm(group.blocks, payload)
         elif role == "param":
             group.per_channel.append(payload)
         elif role == "flatten" and payload.op_type == "Reshape":
             group.reshapes.append(payload)
+    for node in sums:
+        group_of(node.output[0]).residual.append(node)
     for tensor, reason in blocked.items():
         group = groups.get(spaces.find(tensor))
         if group is not None and not group.blocked:
@@ -281,10 +319,10 @@ def _link_concats(dims: TensorDims, concats, group_of) -> list:
         out, parts = group_of(node.output[0]), [group_of(t) for t in node.input]
         label = f"Concat {node.name!r}"
         reason = ""
-        if out.producers or out.depthwise:
-            reason = f"{label}'s output channels are also written by other layers"
-        elif len({id(p) for p in parts}) < len(parts) or any(p is out for p in parts):
-            reason = f"{label} reads the same channels more than once"
+        if out.concat is not None:  # e.g. a residual sum of two concatenations
+            reason = f"{label}'s output channels are also written by Concat {out.concat.name!r}"
+        elif any(p is out for p in parts):
+            reason = f"{label} reads its own output's channels"
         for part, tensor in zip(parts, node.input):
             if not (part.producers or part.depthwise or part.parts or part.split_of):
                 part.static_width = dims.channels(tensor)
@@ -295,6 +333,7 @@ def _link_concats(dims: TensorDims, concats, group_of) -> list:
                 g.blocked = g.blocked or reason
             continue
         out.parts, out.concat = parts, node
+        out.driven, out.producers = out.producers, []  # the parts decide its channels
         for position, part in enumerate(parts):
             part.views.append((out, position))
             links.append((part, out, label))
@@ -308,7 +347,7 @@ def _link_splits(splits, group_of) -> list:
     for node, sizes in splits:
         source, outputs = group_of(node.input[0]), [group_of(t) for t in node.output]
         reason = ""
-        if any(o.producers or o.depthwise for o in outputs):
+        if any(o.producers for o in outputs):
             reason = f"Split {node.name!r}: an output's channels are also written by other layers"
         elif len({id(o) for o in outputs}) < len(outputs) or any(o is source for o in outputs):
             reason = f"Split {node.name!r}: its outputs meet again"
@@ -351,7 +390,7 @@ def describe_group(index: GraphIndex, group: Group) -> dict:
     per_channel += sum(size(c.weight) // int(index.initializers[c.weight].dims[c.in_axis]) for g, _ in reached
                        for c in g.consumers)
     consumers = [c.name for c in group.consumers] + [f"{c.name} (via {via})" for g, via in reached for c in g.consumers]
-    return {"producers": [p.name for p in group.producers], "consumers": consumers,
+    return {"kind": group.kind, "free": group.free, "producers": [p.name for p in group.producers], "consumers": consumers,
             "depthwise": [d.name for d in group.depthwise], "channels": channels,
             "params_per_channel": per_channel, "left_whole": group.blocked or None}
 
