@@ -6,8 +6,8 @@ For each layer shape (a 3x3 conv, a 1x1 conv, a 3x3 depthwise conv, a MatMul fee
 next layer's input channels, as after pruning) sweep from half the width to the full width, one
 at a time. Each count is timed interleaved with the others, and its latency is printed beside the
 latency its MACs predict from the full-width layer (``time / (MACs ratio x full time)``): a
-count that falls off onnxruntime's blocked (NCHWc) kernels shows as a step above 1. This is how
-onnx-merge's latency-aware rounding (``--round-to auto``) was chosen.
+count that falls off onnxruntime's blocked (NCHWc) kernels shows as a step above 1. It measures
+the rule a latency-aware ``--round-to`` default has to follow (#23).
 """
 
 from __future__ import annotations

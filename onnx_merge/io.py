@@ -195,11 +195,11 @@ def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
     shifted external-data offset reads garbage) would reach the least-squares fits."""
     from onnx import numpy_helper
 
-    from .groups import LAYERS
+    from .ops import LAYER, rule
 
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type not in LAYERS | {"BatchNormalization"}:
+        if rule(node.op_type).kind != LAYER and node.op_type != "BatchNormalization":
             continue
         for name in node.input[1:]:
             tensor = inits.get(name)

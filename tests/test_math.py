@@ -195,15 +195,3 @@ def test_expected_relu_matches_sampling_and_offset_accounts_for_partner():
     e = expected_relu(bn.beta, bn.gamma)
     assert offset[0] == 0 and offset[1] == pytest.approx(e[1] - 2.0 * e[0]) and offset[2] == pytest.approx(e[2])
 
-
-def test_round_kept_takes_the_largest_block_within_the_slack():
-    from onnx_merge.math.rounding import conv_blocks, round_kept
-
-    assert conv_blocks(16) == (16, 8, 4) and conv_blocks(8) == (8, 4)
-    assert round_kept(64, 44, (16, 8, 4)) == 48  # +4 <= 8 channels of slack
-    assert round_kept(32, 22, (16, 8, 4)) == 24  # 32 would add 10 > 4; 24 adds 2
-    assert round_kept(16, 11, (16, 8, 4)) == 12  # only the 4-block stays within 2 channels
-    assert round_kept(16, 8, (16, 8, 4)) == 8  # already a multiple
-    assert round_kept(10, 5, (16, 8, 4)) == 8  # no block within 1 channel: the smallest one
-    assert round_kept(6, 5, (16, 8, 4)) == 6  # never above n
-    assert round_kept(300, 150, ()) == 150  # dense layers: no blocks, exact count
