@@ -238,3 +238,17 @@ def test_bn_parameters_shared_across_groups_are_copied_before_slicing():
     assert dims["w1"][0] == dims["w2"][0] == 4 and dims["w2"][1] == dims["w3"][1] == 4
     assert sum(1 for n in dims if n.startswith(("zeros", "ones"))) >= 4
     assert run(small, x(1, 3, 5, 5))[0].shape == (1, 4, 5, 5)
+
+
+def test_a_layer_whose_weight_has_the_wrong_rank_is_declined_with_its_shape():
+    from onnx_merge.graph import GraphIndex
+    from onnx_merge.groups import Decline, describe_layer
+
+    w = onnx.numpy_helper.from_array(np.ones((4,), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="c")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4, 4])], [w])
+    index = GraphIndex(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    with pytest.raises(Decline, match=r"shape \[4\]"):
+        describe_layer(index, index.graph.node[0])

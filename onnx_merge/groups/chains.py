@@ -131,6 +131,8 @@ def describe_layer(index: GraphIndex, node: onnx.NodeProto) -> Layer:
     if rule(op).kind != LAYER:
         raise Decline(f"{op} is not a linear layer")
     out_axis, in_axis = rule(op).axes(node)
+    if len(shape) <= max(out_axis, in_axis) or (op in ("Conv", "ConvTranspose") and len(shape) < 3):
+        raise Decline(f"{op} weight {weight!r} has shape {list(shape)}, which is not a {op} weight layout")
     layer = Layer(node=node, weight=weight, out_axis=out_axis, in_axis=in_axis, output=node.output[0])
     if op == "Gemm":
         if attr(node, "transA", 0):
