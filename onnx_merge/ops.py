@@ -6,7 +6,7 @@ One ``Rule`` per op type says which *kind* of op it is for the channels of its d
   channels, the bias input, the MAC formula (groups, a MatMul's bias Add: ``groups.describe_layer``).
 - ``per-channel``: each channel on its own (activations, BN, pools, Dropout, zero Pad, Resize);
   ``homogeneous`` when it commutes with a positive per-channel scale (a merge is exact through
-  it), ``activation`` its name in the planners' vocabulary (``math/elementwise.REFERENCE``).
+  it), ``activation`` its name in the planners' vocabulary (``math/activations.FUNCTIONS``).
 - ``elementwise``: Add, Mul, ... between feature maps: couples its inputs into one group;
   ``sums`` marks an additive join (a residual stream), a Mul is a gate. With scalar constants
   only it is arithmetic inside a *composite unit* (``match_unit``: SiLU as ``x * Sigmoid(x)``,

@@ -9,40 +9,19 @@ evaluates such a subgraph on a grid and asks ``identify`` which named function i
 from __future__ import annotations
 
 import numpy as np
-from scipy import special
+
+from .activations import FUNCTIONS, HOMOGENEOUS  # noqa: F401 - HOMOGENEOUS is re-exported for ops
 
 # Far points tell a ReLU from a Clip with a high bound, and bound every fitted range.
 GRID = np.concatenate([np.linspace(-8.0, 8.0, 161), [-0.05, -1e-3, 1e-3, 0.05, -1e3, 1e3, -1e6, 1e6]])
 TOLERANCE = 1e-5  # relative, per point; gelu and gelu_tanh differ by ~1e-4 of their values
 
 
-def _sigmoid(x):
-    return special.expit(x)
-
-
-def _softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-REFERENCE = {
-    "identity": lambda x: x,
-    "relu": lambda x: np.maximum(x, 0.0),
-    "sigmoid": _sigmoid,
-    "tanh": np.tanh,
-    "silu": lambda x, beta=1.0: x * _sigmoid(beta * x),
-    "hard_sigmoid": lambda x, alpha=1 / 6, beta=0.5: np.clip(alpha * x + beta, 0.0, 1.0),
-    "hard_swish": lambda x: x * np.clip(x / 6 + 0.5, 0.0, 1.0),
-    "gelu": lambda x: 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0))),
-    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3))),
-    "mish": lambda x: x * np.tanh(_softplus(x)),
-    "softplus": _softplus,
-    "elu": lambda x, alpha=1.0: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0))),
-    "selu": lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * np.expm1(np.minimum(x, 0.0))),
-    "leaky_relu": lambda x, alpha=0.01: np.where(x >= 0, x, alpha * x),
-    "clip": lambda x, min=-np.inf, max=np.inf: np.clip(x, min, max),
-}
-# Positively homogeneous (f(a x) = a f(x) for a > 0): a merge's positive scale commutes with them.
-HOMOGENEOUS = {"identity", "relu", "leaky_relu", "prelu"}
+# The functions come from the planners' vocabulary; the order is the order of the tries (relu
+# before a clip, a fitted leaky_relu covers every PReLU slope, so prelu is not tried).
+REFERENCE = {name: FUNCTIONS[name] for name in ("identity", "relu", "sigmoid", "tanh", "silu", "hard_sigmoid",
+                                                "hard_swish", "gelu", "gelu_tanh", "mish", "softplus", "elu", "selu",
+                                                "leaky_relu", "clip")}
 
 
 def _fitted_params(name: str, x: np.ndarray, y: np.ndarray) -> dict:
