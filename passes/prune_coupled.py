@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -220,53 +222,84 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
     drop_value_info(index.model, group.tensors)
 
 
+@dataclass
+class GroupPlan:
+    """One group to prune: its producers' names, width, how many it keeps, the channels the
+    weight criterion keeps, and the spaces those reach through Concat/Split ranges."""
+
+    group: Group
+    names: list[str]
+    channels: int
+    n_keep: int
+    kept: np.ndarray
+    views: list
+
+    @property
+    def readers(self) -> list:
+        return self.group.consumers + [c for target, _, _ in self.views for c in target.consumers]
+
+    def entry(self, kept: int, method: str = "") -> dict:
+        """The report entry once the group keeps ``kept`` channels."""
+        return {"layer": " + ".join(self.names), "op": "coupled group",
+                "consumer": ", ".join(c.name for c in self.readers), "channels": self.channels, "kept": int(kept),
+                "merged": 0, "regressed": 0, "pruned": int(self.channels - kept),
+                "method": method or f"prune ({self.group.kind} group)",
+                "depthwise": [d.name for d in self.group.depthwise]}
+
+
+def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[GroupPlan]:
+    """Every group that is no free chain and can be pruned, with the weight criterion's kept
+    channels; each group left whole is recorded in ``ctx`` with its reason. Lazily: a group
+    reached through a Concat is sized by its parts as pruned when it comes. ``done``: names
+    of groups (their first producer's) already pruned, passed over."""
+    chained = {c.producer.node.name for c in find_chains(index)[0]}
+    for group in find_groups(index):
+        names = [p.name for p in group.producers]
+        if names[0] in done:
+            continue
+        if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
+            continue  # a free chain (the merge pass's business), or one it said why not
+        if not group.free and opts.coupled != "prune":
+            ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
+                                       f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
+                     if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
+            continue
+        if group.blocked:
+            ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
+            continue
+        n = _channels(index, group)
+        if isinstance(n, str):
+            ctx.skip(", ".join(names), f"coupled group left whole: {n}")
+            continue
+        ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
+                  group.producers]
+        if any(r is None for r in ratios):
+            ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
+            continue
+        if n % group.blocks:
+            ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
+            continue
+        n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
+        if n_keep >= n:
+            continue
+        scores = _scores(index, group, n, opts.plan_options("prune").criterion)
+        kept = select_per_block(scores, n_keep, group.blocks)
+        views = _views(index, group, kept, n)
+        if isinstance(views, str):
+            ctx.skip(", ".join(names), f"coupled group left whole: {views}")
+            continue
+        yield GroupPlan(group, names, n, n_keep, kept, views)
+
+
 class PruneCoupled:
     name = "prune-coupled"
 
     def run(self, model: onnx.ModelProto, ctx) -> bool:
-        opts = ctx.options
         index = GraphIndex(model)
         changed = False
-        chained = {c.producer.node.name for c in find_chains(index)[0]}
-        for group in find_groups(index):
-            names = [p.name for p in group.producers]
-            if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
-                continue  # a free chain (the merge pass's business), or one it said why not
-            if not group.free and opts.coupled != "prune":
-                ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
-                                           f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
-                         if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
-                continue
-            if group.blocked:
-                ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
-                continue
-            n = _channels(index, group)
-            if isinstance(n, str):
-                ctx.skip(", ".join(names), f"coupled group left whole: {n}")
-                continue
-            ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
-                      group.producers]
-            if any(r is None for r in ratios):
-                ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
-                continue
-            if n % group.blocks:
-                ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
-                continue
-            n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
-            if n_keep >= n:
-                continue
-            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
-            kept = select_per_block(scores, n_keep, group.blocks)
-            views = _views(index, group, kept, n)
-            if isinstance(views, str):
-                ctx.skip(", ".join(names), f"coupled group left whole: {views}")
-                continue
-            prune_group(index, group, kept, n, views)
-            readers = group.consumers + [c for target, _, _ in views for c in target.consumers]
-            ctx.report.setdefault("layers", []).append({
-                "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in readers),
-                "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
-                "method": f"prune ({group.kind} group)", "depthwise": [d.name for d in group.depthwise]})
-            log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)
+        for plan in plan_groups(index, ctx.options, ctx, frozenset(ctx.groups_done)):
+            prune_group(index, plan.group, plan.kept, plan.channels, plan.views)
+            ctx.report.setdefault("layers", []).append(plan.entry(plan.n_keep))
+            log.info("coupled group %s: %d -> %d channels", " + ".join(plan.names), plan.channels, plan.n_keep)
             changed = True
         return changed
