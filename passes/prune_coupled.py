@@ -299,7 +299,10 @@ class PruneCoupled:
         changed = False
         for plan in plan_groups(index, ctx.options, ctx, frozenset(ctx.groups_done)):
             prune_group(index, plan.group, plan.kept, plan.channels, plan.views)
-            ctx.report.setdefault("layers", []).append(plan.entry(plan.n_keep))
+            entry = plan.entry(plan.n_keep)
+            if getattr(ctx.options, "calibration", None) is not None:  # calibration took every other group
+                entry["calibration"] = "not calibrated (its channels reach Concat or Split ranges): pruned by the criterion"
+            ctx.report.setdefault("layers", []).append(entry)
             log.info("coupled group %s: %d -> %d channels", " + ".join(plan.names), plan.channels, plan.n_keep)
             changed = True
         return changed
