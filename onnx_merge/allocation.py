@@ -33,6 +33,8 @@ log = logging.getLogger("onnx_merge")
 
 PROBE_SAMPLES = 64  # inputs each point of a measured curve is run on
 PROBE_POINTS = 8  # counts per chain at which the model's output change is measured
+PROBE_MIN_SAMPLES = 8  # fewer than this within PROBE_MACS: the predicted curves instead
+PROBE_MACS = 2e12  # multiply-accumulates all runs of the output curves may take (ResNet-56 at 64 samples: 1.7e12)
 RESHAPING = ("Flatten", "Reshape", "Transpose")
 
 
@@ -342,8 +344,16 @@ class OutputProbe:
 
     @classmethod
     def build(cls, index: GraphIndex, chains: list[Chain], options: CompressOptions) -> "OutputProbe | None":
-        """None where there is nothing to run it on, or a chain has no injection point."""
-        feeds = probe_inputs(index.model, options.calibration)
+        """None where there is nothing to run it on, a chain has no injection point, or the runs
+        would take more than PROBE_MACS with PROBE_MIN_SAMPLES samples (a log line says so)."""
+        runs = 1 + sum(len(probe_counts(c.channels, PROBE_POINTS)) - 1 for c in chains)
+        macs = count_macs(index.model) or 0
+        samples = PROBE_SAMPLES if not macs else min(PROBE_SAMPLES, int(PROBE_MACS / (macs * runs)))
+        if samples < PROBE_MIN_SAMPLES:
+            log.info("budget: output curves would take %d runs of %.3g MACs on %d samples: the predicted "
+                     "consumer curves instead", runs, macs, PROBE_MIN_SAMPLES)
+            return None
+        feeds = probe_inputs(index.model, options.calibration, samples)
         points = [injection_point(index, c) for c in chains]
         if feeds is None or not chains or any(p is None for p in points):
             return None

@@ -1,12 +1,18 @@
 """What removing channels costs one layer: its error curve, for the global budget. No ONNX here.
 
-``curve[k]`` is the squared error in the consumer's output once k of the layer's N channels
-are removed (k = 0 .. N - 1), divided by the consumer's output energy, so that curves of
-different layers are comparable: the error the plan predicts under the layer's activation
-model (``activation_model``: BatchNormalization statistics, the white-input kernel model, or
-the Gaussian model of the layer's inputs), weighted by the consumer's weights. (Curves measured by greedy elimination on
-calibration activations allocated worse on the paper's ResNet-56 than these, and took
-minutes: BENCHMARKS.md.)
+Two kinds of curve, ``curve[k]`` after removing k of the layer's N channels (k = 0 .. N - 1):
+
+- measured (the default; run by allocation.OutputProbe): the plan's rebuilt channels
+  (``reconstruction``: a_hat = A a + c) fed into the model in place of the layer's activations,
+  and the change in the model's outputs (``output_change``) at a few counts (``probe_counts``),
+  linear between (``measured_curve``). Every layer is then rated in the same units. Data-free,
+  the inputs are ``natural_noise``.
+- predicted (``planned_curve``; --sensitivity consumer): the squared error in the consumer's
+  output, divided by the consumer's output energy, under the layer's activation model
+  (``activation_model``: BatchNormalization statistics, the white-input kernel model, or the
+  Gaussian model of the layer's inputs), weighted by the consumer's weights. Relative to the
+  consumer, not to what the network computes: on residual networks it misjudges the blocks
+  whose branch carries most of their stream (the downsampling blocks), BENCHMARKS.md.
 """
 
 from __future__ import annotations
