@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.set_defaults(command_parser=sens)
 
     s = sub.add_parser("sweep", parents=[common], help="compress, verify, score (and time) a grid of configurations",
-                       description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original\n"
+                       description="Every MODEL x METHOD x RATIO (or budget) is one job: compress, compare with the original\n"
                        "on the eval data, score on it (and time it with --bench). Each model's original is scored\n"
                        "too, for the accuracy drop. Results go to DIR as sweep.json, sweep.csv, sweep.md and\n"
                        "sweep.png (accuracy against MACs, and latency, with the Pareto frontier marked).\n"
@@ -331,8 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "      --pick 'accuracy_drop<=1.0' --minimize macs",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("models", nargs="+", metavar="MODEL.onnx")
-    s.add_argument("--ratios", required=True, type=_float_list, metavar="R,R,...",
-                   help="fractions of channels to remove per layer, comma-separated")
+    amounts = s.add_mutually_exclusive_group(required=True)
+    amounts.add_argument("--ratios", type=_float_list, metavar="R,R,...",
+                         help="fractions of channels to remove per layer, comma-separated")
+    amounts.add_argument("--target-macs", type=_float_list, metavar="F,F,...",
+                         help="fractions of the MACs to keep, comma-separated, each allocated as compress "
+                         "--target-macs does")
+    amounts.add_argument("--target-params", type=_float_list, metavar="F,F,...",
+                         help="fractions of the parameters to keep, comma-separated (see compress --target-params)")
     s.add_argument("--methods", default="regress", type=_name_list(METHODS), metavar="M,M,...",
                    help=f"compression methods, comma-separated, of {', '.join(METHODS)} (default regress)")
     s.add_argument("--calibration", metavar="CAL.npz", help="calibration inputs for every compress job (see compress)")
@@ -652,7 +658,9 @@ def cmd_sweep(args) -> int:
         raise UsageError("--limit must be at least 1")
     evaluation = EvalSpec(args.data, args.input_key, args.label_key, args.limit, args.scale, parse_floats(args.mean),
                           parse_floats(args.std), args.layout)
-    result = run_sweep(args.models, args.methods, [{"ratio": r} for r in args.ratios], evaluation, args.out,
+    amount, values = next((k, v) for k, v in (("ratio", args.ratios), ("target_macs", args.target_macs),
+                                              ("target_params", args.target_params)) if v is not None)
+    result = run_sweep(args.models, args.methods, [{amount: v} for v in values], evaluation, args.out,
                        calibration=args.calibration, bench=BenchSpec(args.bench_batch, args.bench_runs) if args.bench
                        else None, engine=args.engine, workers=args.workers, threads=args.threads,
                        ray_address=args.ray_address, pick_rule=(args.pick, args.minimize) if args.pick else None,

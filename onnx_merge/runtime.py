@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,21 @@ else:
 # onnxruntime logs from C++ straight to stderr; it may speak only when the user asked for logs
 _SEVERITY = {"quiet": 4, "verbose": 2, "debug": 1}
 _severity = _SEVERITY["quiet"]
+# intra-op threads of the sessions this process makes when a caller names none (None: onnxruntime's
+# default, every core). A sweep job sets its share of the cores, so that its compress and verify
+# sessions do not compete with the other jobs for all of them.
+_default_threads: int | None = None
+
+
+@contextlib.contextmanager
+def session_threads(threads: int | None):
+    """Sessions made inside use ``threads`` intra-op threads unless told otherwise."""
+    global _default_threads
+    previous, _default_threads = _default_threads, threads
+    try:
+        yield
+    finally:
+        _default_threads = previous
 
 
 def set_runtime_logging(level: str) -> None:
@@ -73,6 +89,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, opt
     level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
     opts.log_severity_level = _severity
+    threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
