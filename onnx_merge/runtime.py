@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -74,6 +75,30 @@ def parse_providers(text: str | list[str] | None) -> list[str]:
                          f"{', '.join(ort.get_available_providers())}; install onnx-merge[gpu] "
                          "(onnxruntime-gpu) on a machine with CUDA, or use --providers cpu")
     return list(dict.fromkeys(items)) or ["cpu"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_conv_block() -> int:
+    """onnxruntime's CPU kernels (MLAS) run convs in a blocked NCHWc layout of 16 channels with
+    AVX-512, 8 with AVX2; a count off the block falls back to slower kernels. Elsewhere nothing
+    was measured, and nothing is rounded."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            features = {}
+    return 16 if features.get("AVX512F") else 8 if features.get("AVX2") else 1
+
+
+def channel_block(provider: str, op_type: str) -> int:
+    """The channel count whose multiples ``provider``'s kernels for ``op_type`` run fastest at.
+    CPU: convs in NCHWc blocks; a MatMul/Gemm showed no step (benchmarks/channel_steps.py).
+    CUDA: tensor cores take multiples of 8 (not measured here)."""
+    if provider == "cuda":
+        return 8
+    return _cpu_conv_block() if op_type in ("Conv", "ConvTranspose") else 1
 
 
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

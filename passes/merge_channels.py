@@ -19,7 +19,7 @@ from onnx_merge.datafree import chain_activation, input_model
 from onnx_merge.math.planner import models_activations
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Branch, Chain, Layer, find_chains
-from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, plan_layer,
                              rank_kept, ranks_by_criterion)
 from onnx_merge.shapes import drop_value_info
 
@@ -227,7 +227,7 @@ class MergeChannels:
             if ratio is None:
                 ctx.skip(chain.name, "excluded by --exclude")
                 continue
-            n_keep = keep_count(chain.channels, ratio, opts.round_to)
+            n_keep = opts.kept_channels(chain.channels, ratio, chain.producer.node.op_type)
             if n_keep >= chain.channels:
                 continue
             method = opts.method

@@ -17,7 +17,6 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import onnx
@@ -25,7 +24,7 @@ import onnx
 from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, keep_count, select_per_block
+from onnx_merge.math import importance, select_per_block
 from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
 
@@ -252,7 +251,7 @@ class PruneCoupled:
             if n % group.blocks:
                 ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
                 continue
-            n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
+            n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
             if n_keep >= n:
                 continue
             scores = _scores(index, group, n, opts.plan_options("prune").criterion)

@@ -21,6 +21,32 @@ def test_keep_count_rounds_up_to_multiple():
     assert keep_count(10, 0.5, round_to=16) == 10
 
 
+@pytest.mark.parametrize("n,block,step", [(256, 16, 16), (64, 16, 8), (32, 16, 4), (24, 16, 4), (20, 16, 1), (16, 16, 1),
+                                           (96, 8, 8), (64, 1, 1), (1000, 16, 16)])
+def test_channel_step_costs_at_most_an_eighth_of_the_layer(n, block, step):
+    from onnx_merge.math.criteria import channel_step
+
+    assert channel_step(n, block) == step
+    assert step == 1 or step - 1 <= n / 8
+
+
+def test_auto_rounding_aligns_convs_only_and_a_rounded_count_stays():
+    from onnx_merge.options import CompressOptions
+    from onnx_merge.runtime import channel_block
+
+    auto, exact = CompressOptions(), CompressOptions(round_to=1)
+    block = channel_block("cpu", "Conv")
+    assert channel_block("cpu", "MatMul") == 1 and channel_block("cuda", "Conv") == 8
+    kept = auto.kept_channels(144, 0.3, "Conv")  # MobileNetV2's expansion width
+    assert kept >= exact.kept_channels(144, 0.3, "Conv") == 100 and kept - 100 <= 144 / 8
+    assert block <= 1 or kept % min(block, 16) == 0
+    assert auto.kept_channels(144, 1 - kept / 144, "Conv") == kept  # the budget's ratio gives the same count
+    assert auto.kept_channels(144, 0.3, "Gemm") == 100  # dense layers showed no step: exact
+    assert CompressOptions(providers=("cuda",)).kept_channels(144, 0.3, "Gemm") == 104
+    assert CompressOptions(round_to=8).kept_channels(144, 0.3, "Gemm") == 104
+    assert auto.kept_channels(96, 0.5, "Conv", multiple=3) % 3 == 0  # conv groups always divide the count
+
+
 def test_keep_count_rejects_bad_ratio():
     with pytest.raises(ValueError):
         keep_count(10, 1.0)
