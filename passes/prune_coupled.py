@@ -24,11 +24,12 @@ import onnx
 from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, select_per_block
+from onnx_merge.math import Compensation, importance, select_per_block
+from onnx_merge.math.compensation import compensate_along
 from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
 
-from .merge_channels import take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
+from .merge_channels import take_channels, current_bias, shrink_reshape
 
 log = logging.getLogger("onnx_merge")
 
@@ -212,8 +213,8 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
             index.set_array(c.weight, grouped_columns(weight, conv_groups(c.node), kept, n))
             continue
         block = int(weight.shape[c.in_axis]) // n
-        view = consumer_view(weight, c, n, block)
-        index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
+        pruned, _ = compensate_along(weight, c.in_axis, c.out_axis, Compensation.prune(n, kept), block)
+        index.set_array(c.weight, pruned)
     for node in group.reshapes:
         shrink_reshape(index, node, n, len(kept))
     drop_value_info(index.model, group.tensors)

@@ -172,6 +172,42 @@ def test_compensate_consumer_equals_dense_product():
     assert np.allclose(bias, np.einsum("n,nbmk->m", comp.offset, view))
 
 
+@pytest.mark.parametrize("layout", ["gemm-transB", "matmul", "conv", "interleaved"])
+def test_compensate_along_equals_the_channel_first_view(layout):
+    """Weights compensated in their own layout equal the (N, B, M, K) view's result, laid back."""
+    from onnx_merge.math.compensation import compensate_along
+
+    rng = np.random.default_rng(3)
+    n, block, m = 6, 4, 5
+    comp = Compensation.prune(n, np.array([1, 2, 4]))
+    comp.partner[[0, 5]] = [2, 0]
+    comp.scale[[0, 5]] = [0.5, -1.5]
+    comp.dense = rng.standard_normal((3, 3))
+    comp.offset = rng.standard_normal(n)
+    if layout == "conv":  # (M, N, kh, kw): channels on axis 1, taps after
+        weight, axis, out_axis, block = rng.standard_normal((m, n, 3, 3)), 1, 0, 1
+        view = weight.transpose(1, 0, 2, 3).reshape(n, 1, m, 9)
+    elif layout == "matmul":  # (N*B, M)
+        weight, axis, out_axis = rng.standard_normal((n * block, m)), 0, 1
+        view = weight.reshape(n, block, m, 1)
+    else:  # Gemm transB (M, N*B); interleaved features are ordered (block, channel)
+        weight, axis, out_axis = rng.standard_normal((m, n * block)), 1, 0
+        cols = weight.T.reshape(block, n, m).swapaxes(0, 1) if layout == "interleaved" else weight.T.reshape(n, block, m)
+        view = cols[..., None]
+    out, bias = compensate_along(weight, axis, out_axis, comp, block, layout == "interleaved")
+    expected, expected_bias = compensate_consumer(view, comp)
+    if layout == "conv":
+        laid = expected.reshape(3, m, 3, 3).transpose(1, 0, 2, 3)
+    elif layout == "matmul":
+        laid = expected.reshape(3 * block, m)
+    elif layout == "interleaved":
+        laid = expected[..., 0].swapaxes(0, 1).reshape(3 * block, m).T
+    else:
+        laid = expected[..., 0].reshape(3 * block, m).T
+    assert out.flags.c_contiguous and np.allclose(out, laid)
+    assert np.allclose(bias, expected_bias)
+
+
 def test_batchnorm_fold_matches_bn():
     rng = np.random.default_rng(2)
     bn = BatchNorm(rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.5, 2, 3))
