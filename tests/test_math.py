@@ -257,3 +257,17 @@ def test_expected_relu_matches_sampling_and_offset_accounts_for_partner():
     e = expected_relu(bn.beta, bn.gamma)
     assert offset[0] == 0 and offset[1] == pytest.approx(e[1] - 2.0 * e[0]) and offset[2] == pytest.approx(e[2])
 
+
+
+@pytest.mark.parametrize("criterion", ["l1-norm", "l2-norm", "l2-path"])
+def test_ranking_with_a_bias_scores_the_appended_rows_without_building_them(criterion):
+    from onnx_merge.math.criteria import importance
+    from onnx_merge.math.planner import PlanOptions, ProducerArrays, rank_kept
+
+    rng = np.random.default_rng(4)
+    weight, bias, norms = rng.standard_normal((40, 7)), rng.standard_normal(40) * 3, rng.uniform(0.5, 2, 40)
+    arrays = ProducerArrays(weight=weight, bias=bias, consumer_norms=norms, dense=True)
+    kept = rank_kept(arrays, 15, PlanOptions(method="prune", criterion=criterion))
+    rows = np.hstack([weight, bias[:, None]])
+    expected = np.sort(np.argsort(-importance(rows, criterion, norms), kind="stable")[:15])
+    assert kept.tolist() == expected.tolist()
