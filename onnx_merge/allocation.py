@@ -155,7 +155,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
     curves = chain_curves(index, chains, options, progress)
     ops = {c.name: c.producer.node.op_type for c in chains}
     groups = [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
-                          if options.pinned(c.names) else None, step=options.channel_step(c.channels, ops[c.layer]))
+                          if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
               for c in curves]
     terms = budget_terms(index, chains, what, options.fold_bn)
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions, keep_count
-from .math.criteria import ALIGN_SLACK, channel_step
+from .math.criteria import ALIGN_SLACK, channel_floor, channel_step
 
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
@@ -104,20 +104,26 @@ class CompressOptions:
         return PlanOptions(method=method, criterion=criterion, threshold=self.threshold, lam=self.lam,
                            scale_rule=scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
 
-    def channel_step(self, n: int, op_type: str, multiple: int = 1) -> int:
-        """Kept counts of a layer (or group) of ``n`` channels are multiples of this: ``round_to``;
-        in auto, the step toward the channel block of the kernels the result runs on for
-        ``op_type`` (criteria.channel_step); always a multiple of ``multiple`` (conv groups)."""
+    def alignment(self, n: int, op_type: str, multiple: int = 1) -> tuple[int, int]:
+        """(step, floor): kept counts of a layer (or group) of ``n`` channels are multiples of
+        ``step`` and at least ``floor``. ``round_to`` K: (K, 1). In auto, toward the channel block
+        of the kernels the result runs on for ``op_type`` (criteria.channel_step, channel_floor).
+        Always a multiple of ``multiple`` (conv groups)."""
         if self.round_to is not None:
-            return math.lcm(self.round_to, multiple)
+            return math.lcm(self.round_to, multiple), 1
         from .runtime import channel_block
 
-        step = math.lcm(channel_step(n, max(channel_block(p, op_type) for p in self.providers)), multiple)
-        return step if step - 1 <= ALIGN_SLACK * n else multiple
+        block = max(channel_block(p, op_type) for p in self.providers)
+        step = math.lcm(channel_step(n, block), multiple)
+        if step - 1 > ALIGN_SLACK * n:
+            step = multiple
+        floor = channel_floor(n, block)
+        return step, floor if floor % step == 0 else 1
 
     def kept_channels(self, n: int, ratio: float, op_type: str, multiple: int = 1) -> int:
-        """Channels a layer (or group) of ``n`` keeps at ``ratio``, rounded up to channel_step."""
-        return keep_count(n, ratio, self.channel_step(n, op_type, multiple))
+        """Channels a layer (or group) of ``n`` keeps at ``ratio``, aligned (``alignment``)."""
+        step, floor = self.alignment(n, op_type, multiple)
+        return max(keep_count(n, ratio, step), floor)
 
     @property
     def target(self) -> tuple[str, float] | None:

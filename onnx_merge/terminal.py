@@ -82,6 +82,10 @@ def summary(report: dict) -> str:
     text = tabulate(rows, headers=["", "before", "after", "change"], colalign=("left", "right", "right", "right"))
     ver = report["verification"]
     lines = [text, f"elapsed: {report['elapsed_s']:.1f} s", f"verification: {verdict(ver)}"]
+    block = (s.get("alignment") or {}).get("conv_block", 1)
+    if block > 1:
+        lines.append(f"conv channel counts: multiples of up to {block} for {', '.join(s['alignment']['providers'])} "
+                     "kernels where cheap (--round-to 1: exact)")
     if ver is not None and ver["providers"]:
         cos, agree = _worst(ver, "cosine"), _worst(ver, "top1_agreement")
         figures = [f"lowest cosine {cos:.6f}" if cos is not None else None,

@@ -45,6 +45,9 @@ def test_auto_rounding_aligns_convs_only_and_a_rounded_count_stays():
     assert CompressOptions(providers=("cuda",)).kept_channels(144, 0.3, "Gemm") == 104
     assert CompressOptions(round_to=8).kept_channels(144, 0.3, "Gemm") == 104
     assert auto.kept_channels(96, 0.5, "Conv", multiple=3) % 3 == 0  # conv groups always divide the count
+    if block > 1:  # a conv at least a block wide keeps a block: below it, it runs no faster
+        assert auto.kept_channels(block, 0.5, "Conv") == block and exact.kept_channels(block, 0.5, "Conv") < block
+        assert auto.kept_channels(block // 2, 0.5, "Conv") == exact.kept_channels(block // 2, 0.5, "Conv")
 
 
 def test_keep_count_rejects_bad_ratio():

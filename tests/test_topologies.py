@@ -205,14 +205,14 @@ def test_grouped_conv_is_pruned_equally_per_group_on_both_sides():
                       "y = Conv <kernel_shape = [1, 1]> (br, wc)"])
     model = make(body, "float[1, 3, 5, 5] x", "float[1, 5, 5, 5] y", ws)
     feeds = x(1, 3, 5, 5)
-    only_a, rep = compress(model, CompressOptions(ratio=0.5, exclude=["wb"]))
+    only_a, rep = compress(model, CompressOptions(ratio=0.5, round_to=1, exclude=["wb"]))
     dims = initializer_shapes(only_a)
     assert dims["wa"][0] == 8 and dims["wb"] == (8, 2, 3, 3)
     kept = [i for i, row in enumerate(onnx.numpy_helper.to_array(model.graph.initializer[0]))
             if any(np.array_equal(row, k) for k in onnx.numpy_helper.to_array(only_a.graph.initializer[0]))]
     assert [sum(1 for i in kept if i // 4 == j) for j in range(4)] == [2, 2, 2, 2]
     assert np.allclose(run(only_a, feeds)[0], run(_as_zeroed_rows(model, only_a, {"wa"}), feeds)[0], atol=1e-5)
-    only_b, _ = compress(model, CompressOptions(ratio=0.5, exclude=["wa"]))
+    only_b, _ = compress(model, CompressOptions(ratio=0.5, round_to=1, exclude=["wa"]))
     assert initializer_shapes(only_b)["wb"] == (4, 4, 3, 3) and initializer_shapes(only_b)["wc"] == (5, 4, 1, 1)
     assert np.allclose(run(only_b, feeds)[0], run(_as_zeroed_rows(model, only_b, {"wb"}), feeds)[0], atol=1e-5)
     assert next(g for g in inspect_model(model)["groups"] if "Conv_0" in g["producers"])["kind"] == "grouped"

@@ -57,6 +57,14 @@ def channel_step(n: int, block: int, slack: float = ALIGN_SLACK) -> int:
     return 1
 
 
+def channel_floor(n: int, block: int) -> int:
+    """The fewest channels a layer of ``n`` keeps: a conv left narrower than its kernels' block
+    falls off them and runs no faster than at a full block (the paper's ResNet-56 at batch 1,
+    one thread: stage 1 pruned 16 -> 8 channels saved a quarter of the MACs and 3 % of the
+    latency), so a layer at least a block wide keeps a block."""
+    return block if 1 < block <= n else 1
+
+
 def importance(rows: np.ndarray, criterion: str, consumer_norms: np.ndarray | None = None) -> np.ndarray:
     """One score per row of ``rows`` (N x D); higher means more worth keeping.
 
