@@ -274,3 +274,14 @@ def test_ranking_with_a_bias_scores_the_appended_rows_without_building_them(crit
     rows = np.hstack([weight, bias[:, None]])
     expected = np.sort(np.argsort(-importance(rows, criterion, norms), kind="stable")[:15])
     assert kept.tolist() == expected.tolist()
+
+
+def test_merge_with_a_bias_equals_merging_the_appended_rows():
+    rng = np.random.default_rng(5)
+    weight, bias = rng.standard_normal((12, 6)), rng.standard_normal(12)
+    weight[7], bias[7] = 2 * weight[2], 2 * bias[2]  # an exact multiple merges onto its row
+    kept = np.array([0, 2, 3, 5, 9])
+    whole = merge_by_cosine(np.hstack([weight, bias[:, None]]), kept, 0.1, "projection")
+    parts = merge_by_cosine(weight, kept, 0.1, "projection", bias)
+    assert np.array_equal(whole.partner, parts.partner) and np.allclose(whole.scale, parts.scale)
+    assert parts.partner[7] == 1 and parts.scale[7] == pytest.approx(2.0)

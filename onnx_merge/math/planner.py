@@ -168,7 +168,10 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
         comp = merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
                                 opts.threshold, opts.lam, opts.scale_rule)
     else:
-        comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
+        if arrays.bn is None:  # the rows are [w ; b]: handed over in parts, never built
+            comp = merge_by_cosine(arrays.weight, kept, opts.threshold, opts.scale_rule, arrays.bias)
+        else:
+            comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
     if opts.bias_from_bn and arrays.bn is not None:
         comp.offset = bn_mean_offset(arrays.bn, comp, arrays.act)
     return comp
