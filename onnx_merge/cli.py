@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
     c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
+    c.add_argument("--max-group-error", type=float, default=0.1, metavar="E",
+                   help="prune a coupled group (depthwise block, SE gate) only as far as its predicted relative "
+                   "output error stays under E (default 0.1; the report and the layer table show what was asked "
+                   "where less was removed); 1 applies the asked ratio as it is")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
                    "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
@@ -425,7 +429,7 @@ def cmd_compress(args) -> int:
                               target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
-                              round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
+                              round_to=args.round_to, max_group_error=args.max_group_error, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,

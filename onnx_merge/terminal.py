@@ -94,7 +94,7 @@ def summary(report: dict) -> str:
 def layer_table(layers: list[dict]) -> str:
     if not layers:
         return "no layer was compressed"
-    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r.get("merged", 0),
+    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}" + (f" (asked {r['asked_kept']})" if "asked_kept" in r else ""), r.get("merged", 0),
              r.get("regressed", 0), r.get("pruned", 0), r["method"], r.get("calibration") or "-"] for r in layers]
     return tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "regressed", "pruned", "method",
                                    "calibrated"], maxcolwidths=[WRAP, None, WRAP, None, None, None, None, 20, WRAP])
