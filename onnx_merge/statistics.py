@@ -80,7 +80,7 @@ def tensor_statistics(model: onnx.ModelProto | GraphIndex, input_mean: float = 0
             out = _node_stats(index, node, stats, inside)
         except (ValueError, IndexError, KeyError):  # a shape this model does not cover
             out = None
-        if out is not None:
+        if out is not None and out[1] is not None:
             name, s = out
             if np.all(np.isfinite(s.mean)) and np.all(np.isfinite(s.var)):
                 stats[name] = s

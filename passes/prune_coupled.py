@@ -298,8 +298,9 @@ class PruneCoupled:
             n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
             if n_keep >= n:
                 continue
-            found = consumer_moments(index, group, n, stats) if opts.method != "prune" and not group.views \
-                and not group.splits else None
+            # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
+            found = consumer_moments(index, group, n, stats) if opts.method != "prune" and group.free \
+                and not group.views and not group.splits else None
             moments, anchored = found if found is not None else (None, False)
             predicted = None
             asked = n_keep
