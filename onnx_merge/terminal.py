@@ -82,6 +82,9 @@ def summary(report: dict) -> str:
     text = tabulate(rows, headers=["", "before", "after", "change"], colalign=("left", "right", "right", "right"))
     ver = report["verification"]
     lines = [text, f"elapsed: {report['elapsed_s']:.1f} s", f"verification: {verdict(ver)}"]
+    if s.get("held_back"):
+        lines.append(f"pruned less than asked (predicted error over --max-group-error): {len(s['held_back'])} "
+                     "group(s), see the layer table ('asked') and the skipped list")
     if ver is not None and ver["providers"]:
         cos, agree = _worst(ver, "cosine"), _worst(ver, "top1_agreement")
         figures = [f"lowest cosine {cos:.6f}" if cos is not None else None,
