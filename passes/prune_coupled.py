@@ -269,7 +269,7 @@ class PruneCoupled:
         opts = ctx.options
         index = GraphIndex(model)
         changed = False
-        stats = STATISTICS(index) if opts.method != "prune" else {}
+        stats = None  # computed when the first group needs them
         chained = {c.producer.node.name for c in find_chains(index)[0]}
         for group in find_groups(index):
             names = [p.name for p in group.producers]
@@ -299,8 +299,10 @@ class PruneCoupled:
             if n_keep >= n:
                 continue
             # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
-            found = consumer_moments(index, group, n, stats) if opts.method != "prune" and group.free \
-                and not group.views and not group.splits else None
+            found = None
+            if opts.method != "prune" and group.free and not group.views and not group.splits:
+                stats = STATISTICS(index) if stats is None else stats
+                found = consumer_moments(index, group, n, stats)
             moments, anchored = found if found is not None else (None, False)
             predicted = None
             asked = n_keep
