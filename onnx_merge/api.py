@@ -171,6 +171,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     src, dst = Path(src), Path(dst)
     check_targets([dst, *also_writes], model_files(src))
     providers = parse_providers(providers)
+    options.providers = tuple(providers)  # round_to auto aligns channel counts for the kernels it will run on
     if tolerance is not None:
         tolerance.validate()
     loaded = load_model(src)

@@ -147,7 +147,7 @@ def compress_report(result: dict, options: dict) -> dict:
         summary["held_back"] = held
     details = {"layers": result.get("layers", []), "skipped": result.get("skipped", []),
                "passes": result.get("passes", [])}
-    for key in ("calibration", "heads", "allocation"):  # allocation: a --target-macs / --target-params budget
+    for key in ("calibration", "heads", "allocation", "latency"):  # latency: compress --bench  # allocation: a --target-macs / --target-params budget
         if key in result:
             details[key] = result[key]
     return new_report("compress", options=options, models=[before, after], summary=summary, verification=ver,

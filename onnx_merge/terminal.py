@@ -115,6 +115,15 @@ def allocation_table(allocation: dict | None) -> str:
             f"(target {100 * allocation['fraction']:.2f} %)")
 
 
+def latency_table(latency: dict | None) -> str:
+    """compress --bench: the result's latency against the original's, beside its MACs."""
+    if not latency:
+        return ""
+    rows = [[r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p50_ratio']:.3f}",
+             "-" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"] for r in latency["rows"][1::2]]
+    return tabulate(rows, headers=["batch", "threads", "p50 ms", "p90 ms", "p50 vs original", "MACs vs original"])
+
+
 def _reason_kind(reason: str) -> str:
     """A reason with the names in it blanked, so that alike reasons group together."""
     return re.sub(r"'[^']*'", "'…'", reason)
@@ -168,4 +177,5 @@ def compress_text(report: dict, verbose: bool = False) -> str:
              skipped(report["details"]["skipped"], verbose), op_types(before["op_types"], after["op_types"])]
     if report["verification"] is not None and report["verification"]["providers"]:
         parts.append(verification_table(report["verification"]))
+    parts.append(latency_table(report["details"].get("latency")))
     return "\n\n".join(p for p in parts if p)

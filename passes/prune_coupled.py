@@ -17,7 +17,6 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import onnx
@@ -25,13 +24,14 @@ import onnx
 from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, keep_count, select_per_block
+from onnx_merge.math import Compensation, importance, select_per_block
+from onnx_merge.math.compensation import compensate_along
 from onnx_merge.math.propagate import capped_keep, keep_least_costly, relative_error, removal_costs
 from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
 from onnx_merge.statistics import Stats, tensor_statistics
 
-from .merge_channels import add_consumer_bias, take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
+from .merge_channels import add_consumer_bias, consumer_view, current_bias, shrink_reshape, take_channels
 
 log = logging.getLogger("onnx_merge")
 
@@ -252,8 +252,8 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
             index.set_array(c.weight, grouped_columns(weight, conv_groups(c.node), kept, n))
             continue
         block = int(weight.shape[c.in_axis]) // n
-        view = consumer_view(weight, c, n, block)
-        index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
+        pruned, _ = compensate_along(weight, c.in_axis, c.out_axis, Compensation.prune(n, kept), block)
+        index.set_array(c.weight, pruned)
     for node in group.reshapes:
         shrink_reshape(index, node, n, len(kept))
     drop_value_info(index.model, group.tensors)
@@ -295,7 +295,7 @@ class PruneCoupled:
             if n % group.blocks:
                 ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
                 continue
-            n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
+            n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
             if n_keep >= n:
                 continue
             # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
@@ -308,8 +308,8 @@ class PruneCoupled:
             asked = n_keep
             if moments is not None:
                 costs = group_costs(moments)
-                if group.blocks == 1:
-                    n_keep = capped_keep(costs, n_keep, opts.max_group_error, opts.round_to)
+                n_keep = capped_keep(costs, n_keep, opts.max_group_error,
+                                     opts.channel_step(n, group.producers[0].node.op_type, group.blocks))
                 if n_keep >= n:
                     ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
                              f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "

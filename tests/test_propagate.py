@@ -48,7 +48,7 @@ def test_keep_least_costly_and_cap():
     assert capped_keep(costs, 2, 0.2) == 2  # 1.1 / 7.1 < 0.2
     assert capped_keep(costs, 1, 0.2) == 2  # removing three costs 3.1 / 7.1: keep one more
     assert capped_keep(costs, 1, 0.01) == 4  # not even the cheapest: nothing removed
-    assert capped_keep(costs, 1, 0.2, step=2) == 2
+    assert capped_keep(costs, 1, 0.2, step=3) == 3  # kept counts are multiples of the step (or all)
 
 
 def _net():

@@ -14,6 +14,7 @@ cheap ones behind it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ class BudgetGroup:
 
     cost: np.ndarray
     keep: int | None = None
+    step: int = 1  # kept counts are multiples of it (besides the full width)
 
     @property
     def channels(self) -> int:
@@ -68,7 +70,7 @@ def allocate(groups: list[BudgetGroup], terms: list[BudgetTerm], need: float, ro
     """Kept channels per group so that the terms spend at least ``need`` less than at full width."""
     full = [g.channels for g in groups]
     keeps = [g.channels if g.keep is None else g.keep for g in groups]
-    counts = [allowed_counts(g.channels, round_to) if g.keep is None else np.array([g.keep]) for g in groups]
+    counts = [allowed_counts(g.channels, math.lcm(round_to, g.step)) if g.keep is None else np.array([g.keep]) for g in groups]
     costs = [np.maximum.accumulate(np.asarray(g.cost, np.float64)) for g in groups]  # more removed never costs less
     position = [0] * len(groups)
     start = spend(terms, groups, full)

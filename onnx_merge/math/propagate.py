@@ -88,6 +88,6 @@ def capped_keep(costs: np.ndarray, n_keep: int, max_error: float, step: int = 1)
         return n_keep
     cumulative = np.concatenate([[0.0], np.cumsum(np.sort(costs))]) / total  # cost of removing the k cheapest
     for keep in range(n_keep, n + 1):
-        if (n - keep) % step == 0 and cumulative[n - keep] <= max_error + 1e-12:
+        if (keep % step == 0 or keep == n) and cumulative[n - keep] <= max_error + 1e-12:
             return keep
     return n
