@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "conv layers up toward the channel block of the kernels the result runs on (16 on CPUs "
                    "with AVX-512, 8 with AVX2 or on CUDA) where that adds at most an eighth of the layer's "
                    "channels; counts off the block fall off onnxruntime's fast kernels")
+    c.add_argument("--max-group-error", type=float, default=0.1, metavar="E",
+                   help="prune a coupled group (depthwise block, SE gate) only as far as its predicted relative "
+                   "output error stays under E (default 0.1; the report and the layer table show what was asked "
+                   "where less was removed); 1 applies the asked ratio as it is")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
                    "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
@@ -453,7 +457,7 @@ def cmd_compress(args) -> int:
                               target_params=args.target_params, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
-                              round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
+                              round_to=args.round_to, max_group_error=args.max_group_error, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,

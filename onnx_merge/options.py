@@ -46,6 +46,10 @@ class CompressOptions:
     target_macs: float | None = None
     target_params: float | None = None
     allocated: dict[str, float] = field(default_factory=dict)
+    # A coupled group (depthwise, gated) pruned without a model of what its removed channels carried
+    # is pruned only as far as its predicted relative output error stays under this (METHOD.md,
+    # passes/prune_coupled.py); 1 applies every asked ratio as it is.
+    max_group_error: float = 0.1
     heads: float = 0.0  # fraction of attention heads removed per attention layer (passes/prune_heads.py)
     skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
     fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
@@ -65,6 +69,8 @@ class CompressOptions:
             raise UsageError("--target-macs and --target-params exclude each other: give one")
         if self.target is not None and not 0.0 < self.target[1] <= 1.0:
             raise UsageError(f"--target-{self.target[0]} is the fraction to keep, in (0, 1]: got {self.target[1]}")
+        if not 0.0 < self.max_group_error <= 1.0:
+            raise UsageError(f"--max-group-error must lie in (0, 1], got {self.max_group_error}")
         if self.round_to is not None and self.round_to < 1:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.coupled not in ("skip", "prune"):

@@ -141,6 +141,11 @@ def compress_report(result: dict, options: dict) -> dict:
                           else "warning" if ver["warnings"] else "passed")
     if ver is not None:
         summary["checked_on"] = ver["data"]
+    # groups pruned less than asked, or left whole, because the predicted error was too large
+    held = [e["layer"] for e in result.get("layers", []) if "asked_kept" in e]
+    held += [s["node"] for s in result.get("skipped", []) if "--max-group-error" in s["reason"]]
+    if held:
+        summary["held_back"] = held
     details = {"layers": result.get("layers", []), "skipped": result.get("skipped", []),
                "passes": result.get("passes", [])}
     for key in ("calibration", "heads", "allocation", "latency"):  # latency: compress --bench  # allocation: a --target-macs / --target-params budget

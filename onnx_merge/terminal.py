@@ -86,6 +86,9 @@ def summary(report: dict) -> str:
     if block > 1:
         lines.append(f"conv channel counts: multiples of up to {block} for {', '.join(s['alignment']['providers'])} "
                      "kernels where cheap (--round-to 1: exact)")
+    if s.get("held_back"):
+        lines.append(f"pruned less than asked (predicted error over --max-group-error): {len(s['held_back'])} "
+                     "group(s), see the layer table ('asked') and the skipped list")
     if ver is not None and ver["providers"]:
         cos, agree = _worst(ver, "cosine"), _worst(ver, "top1_agreement")
         figures = [f"lowest cosine {cos:.6f}" if cos is not None else None,
@@ -98,7 +101,7 @@ def summary(report: dict) -> str:
 def layer_table(layers: list[dict]) -> str:
     if not layers:
         return "no layer was compressed"
-    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r.get("merged", 0),
+    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}" + (f" (asked {r['asked_kept']})" if "asked_kept" in r else ""), r.get("merged", 0),
              r.get("regressed", 0), r.get("pruned", 0), r["method"], r.get("calibration") or "-"] for r in layers]
     return tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "regressed", "pruned", "method",
                                    "calibrated"], maxcolwidths=[WRAP, None, WRAP, None, None, None, None, 20, WRAP])
