@@ -171,14 +171,16 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
     index = GraphIndex(model)
     chains = budget_chains(index, options)
     curves = chain_curves(index, chains, options, progress)
-    groups = [BudgetGroup(c.cost, keep_count(c.channels, options.ratio_for(c.names), options.round_to)
-                          if options.pinned(c.names) else None) for c in curves]
+    ops = {c.name: c.producer.node.op_type for c in chains}
+    groups = [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
+                          if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
+              for c in curves]
     terms = budget_terms(index, chains, what, options.fold_bn)
     try:
-        keeps = allocate(groups, terms, total * (1.0 - fraction), options.round_to)
+        keeps = allocate(groups, terms, total * (1.0 - fraction), options.round_to or 1)
     except BudgetUnreachable as exc:
         raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the chains allow "
-                         f"(at least {options.round_to} per layer, pinned layers as given) keeps "
+                         f"(at least {options.round_to or 1} per layer, pinned layers as given) keeps "
                          f"{100 * (1 - exc.saved / total):.1f} % of the {what}") from None
     full = [c.channels for c in curves]
     allocated, rows = {}, []

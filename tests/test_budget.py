@@ -96,6 +96,7 @@ def test_unreachable_and_contradictory_targets_are_usage_errors(tmp_path):
 def test_round_to_and_one_channel_minimum():
     assert allowed_counts(10, 4).tolist() == [10, 8, 4]
     assert allowed_counts(5).tolist() == [5, 4, 3, 2, 1]
+    assert allowed_counts(40, 8, floor=16).tolist() == [40, 32, 24, 16]
     groups = [BudgetGroup(np.linspace(0, 1, 10)), BudgetGroup(np.linspace(0, 2, 12))]
     terms = [BudgetTerm(100.0, (0,)), BudgetTerm(120.0, (1,))]
     keeps = allocate(groups, terms, 120.0, round_to=4)  # at most 60 + 80
