@@ -51,6 +51,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+
+SENSITIVITY_HELP = ("how a budget rates a layer: output (default), the change in the model's outputs when that layer "
+                    "alone is planned, measured on the first 64 --calibration samples or, data-free, on noise; "
+                    "consumer, the plan's predicted error relative to the consumer's output (no model run; "
+                    "misjudges layers that add into a residual stream)")
+
 def _glob_ratio(text: str) -> tuple[str, float]:
     glob, sep, value = text.rpartition("=")
     try:
@@ -192,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--layer-ratio and --exclude still pin the layers they match")
     amount.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction of the parameters, allocated like --target-macs")
+    c.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
     c.add_argument("--heads", type=float, default=0.0, metavar="R",
                    help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
                    "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
@@ -331,14 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sens = sub.add_parser("sensitivity", parents=[common], help="each layer's cost curve: what removing channels "
                        "costs, where a --target-macs / --target-params budget goes",
-                       description="For every chain, the error that removing 0 .. N-1 channels leaves in the "
-                       "consumer's output, as the plan predicts it, relative to that output; with --calibration "
-                       "scaled by the consumer's share of the residual stream it is added to. A budget removes "
-                       "channels where this error per MAC (or parameter) saved is least.")
+                       description="For every chain, what removing 0 .. N-1 of its channels costs: by default the "
+                       "change in the model's outputs with that chain alone planned as compress plans it, relative "
+                       "to how much the outputs vary between samples, measured on the first 64 --calibration "
+                       "samples or, without them, on noise (1/f over image axes); with --sensitivity consumer, "
+                       "the error the plan predicts in the consumer's output relative to that output (with "
+                       "--calibration scaled by the consumer's share of the residual stream it is added to). "
+                       "A budget removes channels where this cost per MAC (or parameter) saved is least.")
     sens.add_argument("model", metavar="MODEL.onnx")
     sens.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
     sens.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
     sens.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
+    sens.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
     sens.add_argument("--report", metavar="R.json", help="write every curve as JSON")
     sens.add_argument("--plot", metavar="S.png", help="draw the curves (matplotlib)")
     sens.set_defaults(command_parser=sens)
@@ -454,7 +465,7 @@ def cmd_compress(args) -> int:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
     options = CompressOptions(ratio=args.ratio, heads=args.heads, target_macs=args.target_macs,
-                              target_params=args.target_params, method=args.method, criterion=args.criterion,
+                              target_params=args.target_params, sensitivity=args.sensitivity, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
                               round_to=args.round_to, max_group_error=args.max_group_error, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
@@ -518,7 +529,7 @@ def cmd_sensitivity(args) -> int:
     started = time.perf_counter()
     protect = model_files(args.model)
     check_targets([args.report, args.plot], protect)
-    options = CompressOptions(method=args.method, exclude=args.exclude,
+    options = CompressOptions(method=args.method, exclude=args.exclude, sensitivity=args.sensitivity,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     loaded = load_model(args.model)
     result = sensitivity(loaded.model, options, progress=api._progress)
@@ -528,8 +539,14 @@ def cmd_sensitivity(args) -> int:
             + [f"{g['curve'][int(f * g['channels'])]:.4f}" for f in fractions] for g in result["groups"]]
     _echo(tabulate(rows, headers=["layer", "channels", "MACs/channel", "params/channel", "stream share"]
                    + [f"error at {int(100 * f)} %" for f in fractions]))
-    _echo("error: the consumer's output error the plan predicts, relative to that output's energy"
-          + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
+    measured = next((g["measured_on"] for g in result["groups"] if g["measured_on"]), None)
+    if measured:
+        _echo("error: the change in the model's outputs with that layer alone planned, relative to how much they "
+              "vary between samples, measured on " + ("the calibration samples" if measured == "calibration"
+                                                      else "noise (no data given)"))
+    else:
+        _echo("error: the consumer's output error the plan predicts, relative to that output's energy"
+              + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
     if args.report:
         _write_report(args.report, report.new_report(
             "sensitivity", options=options_of(args.command_parser, args),

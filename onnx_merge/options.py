@@ -46,6 +46,10 @@ class CompressOptions:
     target_macs: float | None = None
     target_params: float | None = None
     allocated: dict[str, float] = field(default_factory=dict)
+    # how the budget rates a layer (allocation.chain_curves): "output", the change in the model's
+    # outputs measured on calibration samples or noise; "consumer", the plan's predicted error in
+    # the consumer's output (no run of the model; comparable across layers only without residuals)
+    sensitivity: str = "output"
     # A coupled group (depthwise, gated) pruned without a model of what its removed channels carried
     # is pruned only as far as its predicted relative output error stays under this (METHOD.md,
     # passes/prune_coupled.py); 1 applies every asked ratio as it is.
@@ -65,6 +69,8 @@ class CompressOptions:
                 raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 <= self.lam <= 1.0:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.sensitivity not in ("output", "consumer"):
+            raise UsageError(f"--sensitivity is output or consumer: got {self.sensitivity!r}")
         if self.target_macs is not None and self.target_params is not None:
             raise UsageError("--target-macs and --target-params exclude each other: give one")
         if self.target is not None and not 0.0 < self.target[1] <= 1.0:
