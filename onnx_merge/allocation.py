@@ -176,8 +176,19 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
                           if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
               for c in curves]
     terms = budget_terms(index, chains, what, options.fold_bn)
+    need = total * (1.0 - fraction)
     try:
-        keeps = allocate(groups, terms, total * (1.0 - fraction), options.round_to or 1)
+        try:
+            keeps = allocate(groups, terms, need, options.round_to or 1)
+        except BudgetUnreachable:
+            if not any(g.floor > 1 for g in groups):
+                raise
+            # the target outweighs latency: layers a block wide may go below a block after all
+            log.info("--target-%s %g needs convs narrower than a channel block: --round-to auto's floor is off",
+                     what, fraction)
+            options = dataclasses.replace(options, block_floor=False)
+            groups = [dataclasses.replace(g, floor=1) for g in groups]
+            keeps = allocate(groups, terms, need, options.round_to or 1)
     except BudgetUnreachable as exc:
         raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the chains allow "
                          f"(at least {options.round_to or 1} per layer, pinned layers as given) keeps "
@@ -195,7 +206,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
     kept_fraction = 1 - (spend(terms, groups, full) - spend(terms, groups, keeps)) / total
     report["allocation"] = {"target": what, "fraction": fraction, "predicted_fraction": round(kept_fraction, 6),
                             "sensitivity": options.sensitivity if curves and curves[0].measured_on else "consumer",
-                            "groups": rows}
+                            "groups": rows, "block_floor": options.block_floor}
     log.info("allocation: %.4f of the %s kept (target %g)", kept_fraction, what, fraction)
     return dataclasses.replace(options, ratio=0.0, allocated=allocated)
 

@@ -30,6 +30,7 @@ class CompressOptions:
     # of the kernels the result runs on (``providers``), where that costs few channels
     round_to: int | None = None
     providers: tuple[str, ...] = ("cpu",)
+    block_floor: bool = True  # in auto, a conv a block wide keeps a block (off where a budget needs less)
     fold_bn: bool = True
     coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
@@ -129,7 +130,7 @@ class CompressOptions:
         step = math.lcm(channel_step(n, block), multiple)
         if step - 1 > ALIGN_SLACK * n:
             step = multiple
-        floor = channel_floor(n, block)
+        floor = channel_floor(n, block) if self.block_floor else 1
         return step, floor if floor % step == 0 else 1
 
     def kept_channels(self, n: int, ratio: float, op_type: str, multiple: int = 1) -> int:

@@ -294,3 +294,24 @@ def test_inputs_noise_cannot_stand_for_fall_back_to_consumer_curves():
     model = build(text, {"A1": rng.standard_normal((N, D)).astype(np.float32),
                          "A2": rng.standard_normal((M, N)).astype(np.float32)})
     assert probe_inputs(model, None) is None
+
+
+def test_a_budget_that_needs_convs_below_a_block_lifts_the_auto_floor(monkeypatch):
+    """--round-to auto keeps a block-wide conv at a block; a MAC target that needs less still holds."""
+    import onnx_merge.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_cpu_conv_block", lambda: 16)  # as on an AVX-512 machine
+    rng = np.random.default_rng(0)
+    weights = {"c1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+               "c2": rng.standard_normal((8, 16, 3, 3)).astype(np.float32)}
+    model = build(header() + """
+    g (float[1, 3, 8, 8] x) => (float[1, 8, 8, 8] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, c1)
+        r = Relu (h)
+        y = Conv <pads = [1, 1, 1, 1]> (r, c2)
+    }""", weights)
+    for node in model.graph.node:
+        node.name = node.output[0]
+    assert compress(model, CompressOptions(ratio=0.5))[1]["macs_after"] == compress(model, ratio=0.0)[1]["macs_after"]
+    small, rep = compress(model, CompressOptions(target_macs=0.5, sensitivity="consumer"))
+    assert rep["macs_after"] <= 0.5 * rep["macs_before"] and rep["allocation"]["block_floor"] is False
