@@ -37,7 +37,7 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return ((x / 255.0 - 0.5) / 0.5)[:, None], y
 
 
-def build_mobilenet():
+def build_mobilenet(width: float = 1.0):
     import torch.nn as nn
 
     class SqueezeExcite(nn.Module):
@@ -69,14 +69,15 @@ def build_mobilenet():
             return x + y if self.residual else y
 
     hs, silu = nn.Hardswish, nn.SiLU
+    a, b, c = (int(round(k * width / 4)) * 4 for k in (16, 24, 40))
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), hs(),  # 14 x 14
-        InvertedResidual(16, 16, 3, 1, hs, se=False),
-        InvertedResidual(16, 24, 4, 2, hs, se=True),   # 7 x 7
-        InvertedResidual(24, 24, 3, 1, hs, se=True),
-        InvertedResidual(24, 40, 4, 1, silu, se=True),
-        InvertedResidual(40, 40, 3, 1, silu, se=True),
-        nn.Conv2d(40, 128, 1, bias=False), nn.BatchNorm2d(128), silu(),
+        nn.Conv2d(1, a, 3, 2, 1, bias=False), nn.BatchNorm2d(a), hs(),  # 14 x 14
+        InvertedResidual(a, a, 3, 1, hs, se=False),
+        InvertedResidual(a, b, 4, 2, hs, se=True),   # 7 x 7
+        InvertedResidual(b, b, 3, 1, hs, se=True),
+        InvertedResidual(b, c, 4, 1, silu, se=True),
+        InvertedResidual(c, c, 3, 1, silu, se=True),
+        nn.Conv2d(c, 128, 1, bias=False), nn.BatchNorm2d(128), silu(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(128, 10))
 
 
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("mobilenet", "vit"))
     parser.add_argument("--train-limit", type=int, default=60000, help="train on the first N training images")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    parser.add_argument("--width", type=float, default=1.0, help="MobileNet channel multiplier (held-out variants)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,13 +184,13 @@ def main() -> None:
     x, y = x[:args.train_limit], y[:args.train_limit]
     xt, yt = load_split("t10k")
     summary = {}
-    for name, build, epochs, lr in (("mobilenet", build_mobilenet, args.epochs_cnn, 4e-3),
+    for name, build, epochs, lr in (("mobilenet", lambda: build_mobilenet(args.width), args.epochs_cnn, 4e-3),
                                     ("vit", build_vit, args.epochs_vit, 2e-3)):
         if args.only and name != args.only:
             continue
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         print(f"training {name} for {epochs} epochs", flush=True)
-        model = train(build(), x, y, epochs, lr, seed=0)
+        model = train(build(), x, y, epochs, lr, seed=args.seed)
         acc = accuracy(model, xt, yt)
         path = args.out / f"{name}_fashion.onnx"
         export(model, path)

@@ -17,18 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, truncated
 from .errors import UsageError
 from .graph import GraphIndex
 from .groups import Chain, find_chains
-from .math import PlanOptions, keep_count
+from .math import PlanOptions, keep_count, plan_layer
 from .math.budget import BudgetGroup, BudgetTerm, BudgetUnreachable, allocate, per_channel, spend
-from .math.sensitivity import planned_curve
+from .math.sensitivity import (measured_curve, natural_noise, output_change, planned_curve, probe_counts,
+                               reconstruction)
 from .options import CompressOptions
 from .runtime import graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
 
 log = logging.getLogger("onnx_merge")
+
+PROBE_SAMPLES = 64  # inputs each point of a measured curve is run on
+PROBE_POINTS = 8  # counts per chain at which the model's output change is measured
+PROBE_MIN_SAMPLES = 8  # fewer than this within PROBE_MACS: the predicted curves instead
+PROBE_MACS = 2e12  # multiply-accumulates all runs of the output curves may take (ResNet-56 at 64 samples: 1.7e12)
+RESHAPING = ("Flatten", "Reshape", "Transpose")
 
 
 @dataclass
@@ -40,6 +47,7 @@ class ChainCurve:
     channels: int
     cost: np.ndarray
     share: float | None = None  # of the residual stream its consumer feeds, measured on calibration data
+    measured_on: str | None = None  # output curves: "calibration" or "noise"; None: predicted at the consumer
 
 
 def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
@@ -89,11 +97,21 @@ def chain_output(chain: Chain) -> str:
 
 
 def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
-    """Every chain's data-free cost curve; with ``options.calibration``, a consumer that feeds a
-    residual Add has its curve scaled by its share of the stream."""
+    """Every chain's cost curve.
+
+    ``options.sensitivity`` "output" (default): measured at the model's outputs (OutputProbe),
+    on the calibration samples or data-free on noise; where that cannot run, and with
+    "consumer": the plan's predicted error relative to the consumer's output, a consumer that
+    feeds a residual Add scaled with calibration by its share of the stream."""
     from .passes.merge_channels import producer_arrays
 
     model = index.model
+    probe = OutputProbe.build(index, chains, options) if options.sensitivity == "output" else None
+    if probe is not None:
+        source = "calibration" if options.calibration is not None else "noise"
+        return [ChainCurve(c.name, c.match_names(), c.channels, probe.curve(i), measured_on=source)
+                for i, c in enumerate(chains if progress is None else progress(chains, desc="output curves",
+                                                                                 unit="layer"))]
     shares = {} if options.calibration is None else stream_shares(
         index, chains, match_inputs(graph_inputs(model), options.calibration, "--calibration"))
     curves = []
@@ -153,14 +171,27 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
     index = GraphIndex(model)
     chains = budget_chains(index, options)
     curves = chain_curves(index, chains, options, progress)
-    groups = [BudgetGroup(c.cost, keep_count(c.channels, options.ratio_for(c.names), options.round_to)
-                          if options.pinned(c.names) else None) for c in curves]
+    ops = {c.name: c.producer.node.op_type for c in chains}
+    groups = [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
+                          if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
+              for c in curves]
     terms = budget_terms(index, chains, what, options.fold_bn)
+    need = total * (1.0 - fraction)
     try:
-        keeps = allocate(groups, terms, total * (1.0 - fraction), options.round_to)
+        try:
+            keeps = allocate(groups, terms, need, options.round_to or 1)
+        except BudgetUnreachable:
+            if not any(g.floor > 1 for g in groups):
+                raise
+            # the target outweighs latency: layers a block wide may go below a block after all
+            log.info("--target-%s %g needs convs narrower than a channel block: --round-to auto's floor is off",
+                     what, fraction)
+            options = dataclasses.replace(options, block_floor=False)
+            groups = [dataclasses.replace(g, floor=1) for g in groups]
+            keeps = allocate(groups, terms, need, options.round_to or 1)
     except BudgetUnreachable as exc:
         raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the chains allow "
-                         f"(at least {options.round_to} per layer, pinned layers as given) keeps "
+                         f"(at least {options.round_to or 1} per layer, pinned layers as given) keeps "
                          f"{100 * (1 - exc.saved / total):.1f} % of the {what}") from None
     full = [c.channels for c in curves]
     allocated, rows = {}, []
@@ -171,10 +202,11 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
         rows.append({"layer": c.layer, "channels": c.channels, "kept": kept, "ratio": round(ratio, 4),
                      "pinned": g.keep is not None, "predicted_error": float(c.cost[c.channels - kept]),
                      f"{what}_per_channel": per_channel(terms, groups, full, i),
-                     "stream_share": None if c.share is None else round(c.share, 4)})
+                     "stream_share": None if c.share is None else round(c.share, 4), "measured_on": c.measured_on})
     kept_fraction = 1 - (spend(terms, groups, full) - spend(terms, groups, keeps)) / total
     report["allocation"] = {"target": what, "fraction": fraction, "predicted_fraction": round(kept_fraction, 6),
-                            "groups": rows}
+                            "sensitivity": options.sensitivity if curves and curves[0].measured_on else "consumer",
+                            "groups": rows, "block_floor": options.block_floor}
     log.info("allocation: %.4f of the %s kept (target %g)", kept_fraction, what, fraction)
     return dataclasses.replace(options, ratio=0.0, allocated=allocated)
 
@@ -197,7 +229,8 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
             "groups": [{"layer": c.layer, "channels": c.channels,
                         "macs_per_channel": per_channel(per["macs"], groups, full, i),
                         "params_per_channel": per_channel(per["params"], groups, full, i),
-                        "stream_share": c.share, "curve": [round(float(v), 6) for v in c.cost]}
+                        "stream_share": c.share, "measured_on": c.measured_on,
+                        "curve": [round(float(v), 6) for v in c.cost]}
                        for i, c in enumerate(curves)]}
 
 
@@ -217,7 +250,9 @@ def plot_curves(result: dict) -> bytes:
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(groups), 1)))
     for g, color in zip(groups, colors):
         ax.plot(100 * np.arange(g["channels"]) / g["channels"], g["curve"], color=color, label=g["layer"])
-    ax.set(xlabel="channels removed (%)", ylabel="predicted relative output error", title="cost per layer")
+    measured = any(g.get("measured_on") for g in groups)
+    ax.set(xlabel="channels removed (%)", title="cost per layer",
+           ylabel="change in the model's outputs (relative)" if measured else "predicted relative error at the consumer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=max(1, len(groups) // 20))
     fig.tight_layout()
@@ -225,3 +260,143 @@ def plot_curves(result: dict) -> bytes:
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     return png.getvalue()
+
+
+def probe_inputs(model: onnx.ModelProto, calibration: dict | None, samples: int = PROBE_SAMPLES,
+                 seed: int = 0) -> dict[str, np.ndarray] | None:
+    """What the output curves are measured on: the first calibration samples, or, data-free,
+    unit-variance noise (``natural_noise``: 1/f over image-like axes; a model trained on
+    normalised inputs sees about that scale). None where the model takes an input that noise
+    cannot stand for (integer ids, a shape not fixed beyond the batch)."""
+    specs = graph_inputs(model)
+    if calibration is not None:
+        feeds = match_inputs(specs, calibration, "--calibration")
+        return {k: v[:samples] for k, v in feeds.items()}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dims = spec.shape[1:]
+        if spec.type not in ("tensor(float)", "tensor(double)", "tensor(float16)") or not spec.shape or \
+                not all(isinstance(d, int) and d > 0 for d in dims):
+            return None
+        first = spec.shape[0]
+        count = samples if not isinstance(first, int) or first <= 0 else max(first, samples // first * first)
+        feeds[spec.name] = natural_noise((count, *dims), rng)
+    return feeds or None
+
+
+def injection_point(index: GraphIndex, chain: Chain) -> tuple[str, int] | None:
+    """(tensor, channel axis) where the chain's plan rebuilds its channels: the last tensor of
+    the chain's straight path from the producer, before the consumer or any reshaping op,
+    past the BN and the activation; None where the path branches before it gets there."""
+    tensor = chain.producer.output or chain.producer.node.output[0]
+    members = {id(n) for n in chain.path} | ({id(chain.bn)} if chain.bn is not None else set())
+    walked = set()
+    while True:
+        reader = index.sole_reader(tensor)
+        if not isinstance(reader, onnx.NodeProto) or id(reader) not in members or reader.op_type in RESHAPING:
+            break
+        walked.add(id(reader))
+        tensor = reader.output[0]
+    # every member before a reshaping op must lie on the walk (the activation among them)
+    before = [n for n in chain.path[:next((i for i, n in enumerate(chain.path) if n.op_type in RESHAPING),
+                                         len(chain.path))]]
+    if any(id(n) not in walked for n in before) or (chain.bn is not None and id(chain.bn) not in walked):
+        return None
+    return tensor, 1 if chain.producer.node.op_type in ("Conv", "ConvTranspose") else -1
+
+
+class OutputProbe:
+    """The model with an N x N map fed in at every chain's injection point, in one session:
+    what the model computes on ``feeds`` when some chains are planned as the merge pass will
+    plan them (their rebuilt channels a_hat = A a + c in place of a), the rest left whole.
+
+    A chain's cost curve measured here is in the same units for every layer, early or late, in
+    a residual stream or not: the change in the model's outputs (``output_change``)."""
+
+    def __init__(self, index: GraphIndex, chains: list[Chain], options: CompressOptions,
+                 feeds: dict[str, np.ndarray], points: list[tuple[str, int]]):
+        from .passes.merge_channels import producer_arrays
+
+        self.chains, self.points, self.feeds = chains, points, feeds
+        self.arrays = [producer_arrays(index, c, consumer_norms=True, consumer_rows=True) for c in chains]
+        self.options = [chain_plan_options(options, c) for c in chains]
+        self._plans: dict[tuple[int, int], object] = {}
+        model = copy.deepcopy(index.model)
+        fixed = graph_inputs(model)[0].shape[:1]
+        samples = len(next(iter(feeds.values())))
+        self.batch = fixed[0] if fixed and isinstance(fixed[0], int) and fixed[0] > 0 else samples
+        self.total = samples // self.batch * self.batch
+        first = make_session(truncated(model, [t for t, _ in points]), optimize=True)
+        self.ranks = {t: v.ndim for (t, _), v in zip(points, first.run(
+            [t for t, _ in points], {k: v[:self.batch] for k, v in feeds.items()}))}
+        graph = model.graph
+        self.names, added = [], {}
+        for i, (t, axis) in enumerate(points):
+            a, c, out = f"__probe_a{i}", f"__probe_c{i}", f"__probe_{i}"
+            self.names.append((a, c))
+            graph.input.extend([onnx.helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None),
+                                onnx.helper.make_tensor_value_info(c, onnx.TensorProto.FLOAT, None)])
+            for node in graph.node:
+                for j, name in enumerate(node.input):
+                    if name == t:
+                        node.input[j] = out
+            added[t] = ([onnx.helper.make_node("Conv", [t, a, c], [out])] if axis == 1 else
+                        [onnx.helper.make_node("MatMul", [t, a], [out + "_m"]),
+                         onnx.helper.make_node("Add", [out + "_m", c], [out])])
+        nodes = [n for t in added if t not in index.producer for n in added[t]]
+        for node in graph.node:
+            nodes += [node] + [n for t in node.output if t in added for n in added[t]]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        self.session = make_session(model.SerializeToString(), optimize=True)
+        self.identity = {}
+        for i, chain in enumerate(chains):
+            self.identity.update(self._maps(i, np.eye(chain.channels), np.zeros(chain.channels)))
+        self.reference = self._run({})
+
+    @classmethod
+    def build(cls, index: GraphIndex, chains: list[Chain], options: CompressOptions) -> "OutputProbe | None":
+        """None where there is nothing to run it on, a chain has no injection point, or the runs
+        would take more than PROBE_MACS with PROBE_MIN_SAMPLES samples (a log line says so)."""
+        runs = 1 + sum(len(probe_counts(c.channels, PROBE_POINTS)) - 1 for c in chains)
+        macs = count_macs(index.model) or 0
+        samples = PROBE_SAMPLES if not macs else min(PROBE_SAMPLES, int(PROBE_MACS / (macs * runs)))
+        if samples < PROBE_MIN_SAMPLES:
+            log.info("budget: output curves would take %d runs of %.3g MACs on %d samples: the predicted "
+                     "consumer curves instead", runs, macs, PROBE_MIN_SAMPLES)
+            return None
+        feeds = probe_inputs(index.model, options.calibration, samples)
+        points = [injection_point(index, c) for c in chains]
+        if feeds is None or not chains or any(p is None for p in points):
+            return None
+        return cls(index, chains, options, feeds, points)
+
+    def _maps(self, i: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
+        t, axis = self.points[i]
+        a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a.T
+        return {self.names[i][0]: a.astype(np.float32), self.names[i][1]: c.astype(np.float32)}
+
+    def _run(self, extra: dict) -> list[np.ndarray]:
+        parts = [self.session.run(None, {**{k: v[s:s + self.batch] for k, v in self.feeds.items()},
+                                         **self.identity, **extra})
+                 for s in range(0, self.total, self.batch)]
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    def plan(self, i: int, keep: int):
+        if (i, keep) not in self._plans:
+            self._plans[i, keep] = plan_layer(self.arrays[i], keep, self.options[i])
+        return self._plans[i, keep]
+
+    def change(self, keeps: dict[int, int]) -> float:
+        """The output change with chain i keeping keeps[i] channels (all at once)."""
+        extra = {}
+        for i, keep in keeps.items():
+            if keep < self.chains[i].channels:
+                extra.update(self._maps(i, *reconstruction(self.plan(i, keep))))
+        return output_change(self._run(extra), self.reference) if extra else 0.0
+
+    def curve(self, i: int, points: int = PROBE_POINTS) -> np.ndarray:
+        n = self.chains[i].channels
+        counts = probe_counts(n, points)
+        return measured_curve(counts, np.array([self.change({i: n - k}) for k in counts]), n)

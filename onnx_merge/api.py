@@ -83,6 +83,8 @@ def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOption
         model = copy.deepcopy(model)
     report = {"options": {k: v for k, v in vars(options).items() if k not in ("calibration", "allocated")}}
     report["options"]["calibrated"] = options.calibration is not None
+    if options.round_to is None:  # what auto resolved to on this machine, for the summary and the report
+        report["alignment"] = {"conv_block": options.alignment(1 << 20, "Conv")[0], "providers": list(options.providers)}
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
     # counted after canonicalizing: weights computed by constant subgraphs count too, copies of shared ones do not
@@ -171,6 +173,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     src, dst = Path(src), Path(dst)
     check_targets([dst, *also_writes], model_files(src))
     providers = parse_providers(providers)
+    options.providers = tuple(providers)  # round_to auto aligns channel counts for the kernels it will run on
     if tolerance is not None:
         tolerance.validate()
     loaded = load_model(src)

@@ -92,6 +92,25 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
     return results
 
 
+SLOWER_THAN_MACS = 1.15  # a latency ratio this far above the MAC ratio is worth a warning
+
+
+def latency_warnings(rows: list[dict]) -> list[str]:
+    """What a user who compressed to run faster should hear: a configuration where the result is
+    not faster than the original (the first model), or lags its MAC reduction by over 15 %."""
+    found = []
+    for r in rows:
+        if r["model"] == rows[0]["model"]:
+            continue
+        where = f"batch {r['batch']}, threads {r['threads'] or 'default'}"
+        if r["p50_ratio"] >= 1.0:
+            found.append(f"not faster than the original at {where}: p50 latency {r['p50_ratio']:.2f}x")
+        elif r["macs_ratio"] and r["p50_ratio"] > SLOWER_THAN_MACS * r["macs_ratio"]:
+            found.append(f"latency lags the MACs at {where}: p50 {r['p50_ratio']:.2f}x the original's at "
+                         f"{r['macs_ratio']:.2f}x its MACs")
+    return found
+
+
 def plot_latencies(results: list[dict]) -> bytes:
     """Box plots of every run's latency, one panel per configuration, as PNG bytes."""
     import io

@@ -51,6 +51,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+
+SENSITIVITY_HELP = ("how a budget rates a layer: output (default), the change in the model's outputs when that layer "
+                    "alone is planned, measured on the first 64 --calibration samples or, data-free, on noise; "
+                    "consumer, the plan's predicted error relative to the consumer's output (no model run; "
+                    "misjudges layers that add into a residual stream)")
+
 def _glob_ratio(text: str) -> tuple[str, float]:
     glob, sep, value = text.rpartition("=")
     try:
@@ -109,6 +115,15 @@ def _add_gate_args(p: argparse.ArgumentParser, verify: bool) -> None:
                    help="fail unless every output's cosine similarity to the original's is at least C (in [-1, 1])")
     g.add_argument("--max-top1-disagreement", type=_finite, metavar="P",
                    help="fail when more than this fraction (in [0, 1]) of top-1 predictions differ")
+
+
+def _round_to(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def _float_list(text: str) -> list[float]:
@@ -183,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--layer-ratio and --exclude still pin the layers they match")
     amount.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction of the parameters, allocated like --target-macs")
+    c.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
     c.add_argument("--heads", type=float, default=0.0, metavar="R",
                    help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
                    "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
@@ -223,7 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layer-ratio", type=_glob_ratio, action="append", default=[], metavar="GLOB=R",
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
-    c.add_argument("--round-to", type=int, default=1, metavar="K", help="keep channel counts multiples of K")
+    c.add_argument("--bench", action="store_true",
+                   help="after writing, time the original and the result (interleaved, onnxruntime's optimizations "
+                   "on, p50/p90) and warn when the result is not faster, or its latency ratio is more than 15 %% "
+                   "above its MAC ratio")
+    c.add_argument("--bench-batch", default="1", metavar="B[,B...]",
+                   help="with --bench: batch sizes (default 1)")
+    c.add_argument("--bench-threads", default="", metavar="T[,T...]",
+                   help="with --bench: intra-op thread counts (default onnxruntime's choice)")
+    c.add_argument("--bench-runs", type=int, default=50, metavar="N", help="with --bench: timed runs (default 50)")
+    c.add_argument("--round-to", type=_round_to, default=None, metavar="K|auto",
+                   help="keep channel counts multiples of K (1: exactly the ratio's). Default auto: round "
+                   "conv layers up toward the channel block of the kernels the result runs on (16 on CPUs "
+                   "with AVX-512, 8 with AVX2 or on CUDA) where that adds at most an eighth of the layer's "
+                   "channels; counts off the block fall off onnxruntime's fast kernels")
+    c.add_argument("--max-group-error", type=float, default=0.1, metavar="E",
+                   help="prune a coupled group (depthwise block, SE gate) only as far as its predicted relative "
+                   "output error stays under E (default 0.1; the report and the layer table show what was asked "
+                   "where less was removed); 1 applies the asked ratio as it is")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
                    "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
@@ -305,20 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sens = sub.add_parser("sensitivity", parents=[common], help="each layer's cost curve: what removing channels "
                        "costs, where a --target-macs / --target-params budget goes",
-                       description="For every chain, the error that removing 0 .. N-1 channels leaves in the "
-                       "consumer's output, as the plan predicts it, relative to that output; with --calibration "
-                       "scaled by the consumer's share of the residual stream it is added to. A budget removes "
-                       "channels where this error per MAC (or parameter) saved is least.")
+                       description="For every chain, what removing 0 .. N-1 of its channels costs: by default the "
+                       "change in the model's outputs with that chain alone planned as compress plans it, relative "
+                       "to how much the outputs vary between samples, measured on the first 64 --calibration "
+                       "samples or, without them, on noise (1/f over image axes); with --sensitivity consumer, "
+                       "the error the plan predicts in the consumer's output relative to that output (with "
+                       "--calibration scaled by the consumer's share of the residual stream it is added to). "
+                       "A budget removes channels where this cost per MAC (or parameter) saved is least.")
     sens.add_argument("model", metavar="MODEL.onnx")
     sens.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
     sens.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
     sens.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
+    sens.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
     sens.add_argument("--report", metavar="R.json", help="write every curve as JSON")
     sens.add_argument("--plot", metavar="S.png", help="draw the curves (matplotlib)")
     sens.set_defaults(command_parser=sens)
 
     s = sub.add_parser("sweep", parents=[common], help="compress, verify, score (and time) a grid of configurations",
-                       description="Every MODEL x METHOD x RATIO is one job: compress, compare with the original\n"
+                       description="Every MODEL x METHOD x RATIO (or budget) is one job: compress, compare with the original\n"
                        "on the eval data, score on it (and time it with --bench). Each model's original is scored\n"
                        "too, for the accuracy drop. Results go to DIR as sweep.json, sweep.csv, sweep.md and\n"
                        "sweep.png (accuracy against MACs, and latency, with the Pareto frontier marked).\n"
@@ -331,8 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "      --pick 'accuracy_drop<=1.0' --minimize macs",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("models", nargs="+", metavar="MODEL.onnx")
-    s.add_argument("--ratios", required=True, type=_float_list, metavar="R,R,...",
-                   help="fractions of channels to remove per layer, comma-separated")
+    amounts = s.add_mutually_exclusive_group(required=True)
+    amounts.add_argument("--ratios", type=_float_list, metavar="R,R,...",
+                         help="fractions of channels to remove per layer, comma-separated")
+    amounts.add_argument("--target-macs", type=_float_list, metavar="F,F,...",
+                         help="fractions of the MACs to keep, comma-separated, each allocated as compress "
+                         "--target-macs does")
+    amounts.add_argument("--target-params", type=_float_list, metavar="F,F,...",
+                         help="fractions of the parameters to keep, comma-separated (see compress --target-params)")
     s.add_argument("--methods", default="regress", type=_name_list(METHODS), metavar="M,M,...",
                    help=f"compression methods, comma-separated, of {', '.join(METHODS)} (default regress)")
     s.add_argument("--calibration", metavar="CAL.npz", help="calibration inputs for every compress job (see compress)")
@@ -422,15 +465,19 @@ def cmd_compress(args) -> int:
         raise UsageError("gates (--atol, --rtol, --min-cosine, --max-top1-disagreement) need verification; "
                          "drop --no-verify")
     options = CompressOptions(ratio=args.ratio, heads=args.heads, target_macs=args.target_macs,
-                              target_params=args.target_params, method=args.method, criterion=args.criterion,
+                              target_params=args.target_params, sensitivity=args.sensitivity, method=args.method, criterion=args.criterion,
                               threshold=args.threshold, lam=args.lam, scale_rule=args.scale_rule,
                               bn_rule=args.bn_rule, layer_ratios=args.layer_ratio, exclude=args.exclude,
-                              round_to=args.round_to, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
+                              round_to=args.round_to, max_group_error=args.max_group_error, fold_bn=not args.keep_bn, bias_from_bn=args.bias_from_bn,
                               independent_layers=args.independent_layers,
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
                               fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
+    bench = (_int_list(args.bench_batch, "--bench-batch"),
+             _int_list(args.bench_threads, "--bench-threads", allow_empty=True) or (None,))
+    if args.bench_runs < 1:
+        raise UsageError("--bench-runs must be at least 1")
     if args.check_holdout is not None and args.check_holdout < 0:
         raise UsageError(f"--check-holdout must be 0 or more, got {args.check_holdout}")
     try:
@@ -443,6 +490,8 @@ def cmd_compress(args) -> int:
         if exc.report is None:
             raise
         result = exc.report
+    if args.bench and result["written"]:
+        result["latency"] = _bench_result(args, *bench)
     data = report.compress_report(result, options_of(args.command_parser, args))
     _echo(terminal.compress_text(data, verbose=args.verbose))
     ver = data["verification"]
@@ -457,7 +506,21 @@ def cmd_compress(args) -> int:
     if ver is not None and ver["warnings"]:
         print(f"onnx-merge: WARNING: {'; '.join(ver['warnings'])} on {terminal.data_phrase(ver['data'])}; "
               "set --min-cosine or --max-top1-disagreement to fail such a result", file=sys.stderr)
+    for warning in result.get("latency", {}).get("warnings", []):
+        print(f"onnx-merge: WARNING: {warning} (counts off the kernels' channel blocks are slow: see --round-to; "
+              "small layers at batch 1 cost their fixed overhead whatever their MACs)", file=sys.stderr)
     return 0
+
+
+def _bench_result(args, batches: tuple, threads: tuple) -> dict:
+    """--bench: the original against the result as written, p50/p90 per configuration, and warnings."""
+    from .bench import bench_models, latency_warnings
+
+    providers = parse_providers(args.providers)
+    rows = bench_models([args.model, args.output], provider=providers[0], batches=batches, threads=threads,
+                        runs=args.bench_runs, memory=False)
+    kept = ("model", "provider", "batch", "threads", "p50_ms", "p90_ms", "p50_ratio", "macs_ratio")
+    return {"rows": [{k: r[k] for k in kept} for r in rows], "warnings": latency_warnings(rows)}
 
 
 def cmd_sensitivity(args) -> int:
@@ -466,7 +529,7 @@ def cmd_sensitivity(args) -> int:
     started = time.perf_counter()
     protect = model_files(args.model)
     check_targets([args.report, args.plot], protect)
-    options = CompressOptions(method=args.method, exclude=args.exclude,
+    options = CompressOptions(method=args.method, exclude=args.exclude, sensitivity=args.sensitivity,
                               calibration=load_arrays(args.calibration) if args.calibration else None).validate()
     loaded = load_model(args.model)
     result = sensitivity(loaded.model, options, progress=api._progress)
@@ -476,8 +539,14 @@ def cmd_sensitivity(args) -> int:
             + [f"{g['curve'][int(f * g['channels'])]:.4f}" for f in fractions] for g in result["groups"]]
     _echo(tabulate(rows, headers=["layer", "channels", "MACs/channel", "params/channel", "stream share"]
                    + [f"error at {int(100 * f)} %" for f in fractions]))
-    _echo("error: the consumer's output error the plan predicts, relative to that output's energy"
-          + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
+    measured = next((g["measured_on"] for g in result["groups"] if g["measured_on"]), None)
+    if measured:
+        _echo("error: the change in the model's outputs with that layer alone planned, relative to how much they "
+              "vary between samples, measured on " + ("the calibration samples" if measured == "calibration"
+                                                      else "noise (no data given)"))
+    else:
+        _echo("error: the consumer's output error the plan predicts, relative to that output's energy"
+              + (" (times its share of the residual stream, on the calibration data)" if result["calibrated"] else ""))
     if args.report:
         _write_report(args.report, report.new_report(
             "sensitivity", options=options_of(args.command_parser, args),
@@ -652,7 +721,9 @@ def cmd_sweep(args) -> int:
         raise UsageError("--limit must be at least 1")
     evaluation = EvalSpec(args.data, args.input_key, args.label_key, args.limit, args.scale, parse_floats(args.mean),
                           parse_floats(args.std), args.layout)
-    result = run_sweep(args.models, args.methods, [{"ratio": r} for r in args.ratios], evaluation, args.out,
+    amount, values = next((k, v) for k, v in (("ratio", args.ratios), ("target_macs", args.target_macs),
+                                              ("target_params", args.target_params)) if v is not None)
+    result = run_sweep(args.models, args.methods, [{amount: v} for v in values], evaluation, args.out,
                        calibration=args.calibration, bench=BenchSpec(args.bench_batch, args.bench_runs) if args.bench
                        else None, engine=args.engine, workers=args.workers, threads=args.threads,
                        ray_address=args.ray_address, pick_rule=(args.pick, args.minimize) if args.pick else None,

@@ -115,11 +115,35 @@ def _check_tensor_sizes(path: Path, model: onnx.ModelProto) -> None:
                              f"but holds {held} {unit}")
 
 
+# A model file is parsed once per run: the paths it references are asked for several times (to
+# protect them, before any work and again on save), and the first parse is handed to load_model.
+# Keyed by the file's identity and its size and modification time, so a rewritten file is read anew.
+_references: dict[tuple, list[Path]] = {}
+_parsed: dict[tuple, onnx.ModelProto] = {}
+
+
+def _file_key(path: str | os.PathLike) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _parse(path: str | os.PathLike, key: tuple | None) -> onnx.ModelProto:
+    """The file's ModelProto without external data: the parse external_files kept, or a new one."""
+    model = _parsed.pop(key, None) if key is not None else None
+    return model if model is not None else onnx.load(str(path), load_external_data=False)
+
+
 def external_files(path: str | os.PathLike) -> list[Path]:
     """The data files a model file references (resolved), read without its weights; [] if it
     is not a readable model. Used to protect an input's data and to clean up a replaced output."""
+    key = _file_key(path)
+    if key is not None and key in _references:
+        return list(_references[key])
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parse(path, key)
     except Exception:  # not a model (or not ours to judge here): it references nothing
         return []
     base = Path(path).parent
@@ -128,7 +152,11 @@ def external_files(path: str | os.PathLike) -> list[Path]:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if location and not os.path.isabs(location):
             found.append(files.real(base / location))
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    if key is not None:
+        _parsed.clear()  # one parse held at a time: the one load_model is about to ask for
+        _parsed[key], _references[key] = model, found
+    return list(found)
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
@@ -146,7 +174,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: empty file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parse(path, _file_key(path))  # the caller owns it: no later call sees its changes
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
@@ -190,11 +218,19 @@ def check_inferable(model: onnx.ModelProto, path: Path) -> None:
                          "would have to pass") from None
 
 
+def _values(tensor: onnx.TensorProto) -> np.ndarray:
+    """A float tensor's values, read in place from its raw bytes where it has them (no copy)."""
+    from onnx import numpy_helper
+
+    if tensor.HasField("raw_data") and tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        dtype = np.float32 if tensor.data_type == onnx.TensorProto.FLOAT else np.float64
+        return np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
+    return numpy_helper.to_array(tensor)
+
+
 def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
     """The parameters of the layers compression plans on are finite: NaN or Inf there (a
     shifted external-data offset reads garbage) would reach the least-squares fits."""
-    from onnx import numpy_helper
-
     from .ops import LAYER, rule
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -205,7 +241,7 @@ def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
             tensor = inits.get(name)
             if tensor is None or tensor.data_type not in _FLOATS:
                 continue
-            if not np.isfinite(numpy_helper.to_array(tensor)).all():
+            if not np.isfinite(_values(tensor)).all():
                 raise ModelError(f"{path}: tensor {name!r} ({node.op_type} {node.name or node.output[0]!r}) holds "
                                  "NaN or Inf values")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions
+from .math import BN_RULES, CRITERIA, SCALE_RULES, PlanOptions, keep_count
+from .math.criteria import ALIGN_SLACK, channel_floor, channel_step
 
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
@@ -24,7 +26,11 @@ class CompressOptions:
     bn_rule: str = "fold"
     layer_ratios: list[tuple[str, float]] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    round_to: int = 1
+    # kept channel counts: multiples of round_to; None (auto): rounded up toward the channel block
+    # of the kernels the result runs on (``providers``), where that costs few channels
+    round_to: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    block_floor: bool = True  # in auto, a conv a block wide keeps a block (off where a budget needs less)
     fold_bn: bool = True
     coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
@@ -41,6 +47,14 @@ class CompressOptions:
     target_macs: float | None = None
     target_params: float | None = None
     allocated: dict[str, float] = field(default_factory=dict)
+    # how the budget rates a layer (allocation.chain_curves): "output", the change in the model's
+    # outputs measured on calibration samples or noise; "consumer", the plan's predicted error in
+    # the consumer's output (no run of the model; comparable across layers only without residuals)
+    sensitivity: str = "output"
+    # A coupled group (depthwise, gated) pruned without a model of what its removed channels carried
+    # is pruned only as far as its predicted relative output error stays under this (METHOD.md,
+    # passes/prune_coupled.py); 1 applies every asked ratio as it is.
+    max_group_error: float = 0.1
     heads: float = 0.0  # fraction of attention heads removed per attention layer (passes/prune_heads.py)
     skip_fold: bool = False  # leave constant subgraphs as they are (passes/fold_constants.py)
     fold_max_elements: int = 2**28  # a folded constant may hold this many elements ...
@@ -56,11 +70,15 @@ class CompressOptions:
                 raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 <= self.lam <= 1.0:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.sensitivity not in ("output", "consumer"):
+            raise UsageError(f"--sensitivity is output or consumer: got {self.sensitivity!r}")
         if self.target_macs is not None and self.target_params is not None:
             raise UsageError("--target-macs and --target-params exclude each other: give one")
         if self.target is not None and not 0.0 < self.target[1] <= 1.0:
             raise UsageError(f"--target-{self.target[0]} is the fraction to keep, in (0, 1]: got {self.target[1]}")
-        if self.round_to < 1:
+        if not 0.0 < self.max_group_error <= 1.0:
+            raise UsageError(f"--max-group-error must lie in (0, 1], got {self.max_group_error}")
+        if self.round_to is not None and self.round_to < 1:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.coupled not in ("skip", "prune"):
             raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
@@ -98,6 +116,27 @@ class CompressOptions:
         scale_rule = self.scale_rule if self.scale_rule != AUTO else "exact" if bn_hidden else "projection"
         return PlanOptions(method=method, criterion=criterion, threshold=self.threshold, lam=self.lam,
                            scale_rule=scale_rule, bn_rule=self.bn_rule, bias_from_bn=self.bias_from_bn)
+
+    def alignment(self, n: int, op_type: str, multiple: int = 1) -> tuple[int, int]:
+        """(step, floor): kept counts of a layer (or group) of ``n`` channels are multiples of
+        ``step`` and at least ``floor``. ``round_to`` K: (K, 1). In auto, toward the channel block
+        of the kernels the result runs on for ``op_type`` (criteria.channel_step, channel_floor).
+        Always a multiple of ``multiple`` (conv groups)."""
+        if self.round_to is not None:
+            return math.lcm(self.round_to, multiple), 1
+        from .runtime import channel_block
+
+        block = max(channel_block(p, op_type) for p in self.providers)
+        step = math.lcm(channel_step(n, block), multiple)
+        if step - 1 > ALIGN_SLACK * n:
+            step = multiple
+        floor = channel_floor(n, block) if self.block_floor else 1
+        return step, floor if floor % step == 0 else 1
+
+    def kept_channels(self, n: int, ratio: float, op_type: str, multiple: int = 1) -> int:
+        """Channels a layer (or group) of ``n`` keeps at ``ratio``, aligned (``alignment``)."""
+        step, floor = self.alignment(n, op_type, multiple)
+        return max(keep_count(n, ratio, step), floor)
 
     @property
     def target(self) -> tuple[str, float] | None:

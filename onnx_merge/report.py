@@ -134,15 +134,21 @@ def compress_report(result: dict, options: dict) -> dict:
                "macs_before": result["macs_before"], "macs_after": result["macs_after"],
                "input_shapes": result.get("input_shapes", {}),
                "file_bytes_before": before.get("file_bytes"), "file_bytes_after": after.get("file_bytes"),
-               "written": result["written"], "output": result["output"] if result["written"] else None}
+               "written": result["written"], "output": result["output"] if result["written"] else None,
+               "alignment": result.get("alignment")}
     ver = result.get("verification")
     summary["verdict"] = ("not verified" if ver is None else "failed" if not ver["ok"]
                           else "warning" if ver["warnings"] else "passed")
     if ver is not None:
         summary["checked_on"] = ver["data"]
+    # groups pruned less than asked, or left whole, because the predicted error was too large
+    held = [e["layer"] for e in result.get("layers", []) if "asked_kept" in e]
+    held += [s["node"] for s in result.get("skipped", []) if "--max-group-error" in s["reason"]]
+    if held:
+        summary["held_back"] = held
     details = {"layers": result.get("layers", []), "skipped": result.get("skipped", []),
                "passes": result.get("passes", [])}
-    for key in ("calibration", "heads", "allocation"):  # allocation: a --target-macs / --target-params budget
+    for key in ("calibration", "heads", "allocation", "latency"):  # latency: compress --bench  # allocation: a --target-macs / --target-params budget
         if key in result:
             details[key] = result[key]
     return new_report("compress", options=options, models=[before, after], summary=summary, verification=ver,

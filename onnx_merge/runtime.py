@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -21,6 +23,21 @@ else:
 # onnxruntime logs from C++ straight to stderr; it may speak only when the user asked for logs
 _SEVERITY = {"quiet": 4, "verbose": 2, "debug": 1}
 _severity = _SEVERITY["quiet"]
+# intra-op threads of the sessions this process makes when a caller names none (None: onnxruntime's
+# default, every core). A sweep job sets its share of the cores, so that its compress and verify
+# sessions do not compete with the other jobs for all of them.
+_default_threads: int | None = None
+
+
+@contextlib.contextmanager
+def session_threads(threads: int | None):
+    """Sessions made inside use ``threads`` intra-op threads unless told otherwise."""
+    global _default_threads
+    previous, _default_threads = _default_threads, threads
+    try:
+        yield
+    finally:
+        _default_threads = previous
 
 
 def set_runtime_logging(level: str) -> None:
@@ -60,6 +77,30 @@ def parse_providers(text: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(items)) or ["cpu"]
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_conv_block() -> int:
+    """onnxruntime's CPU kernels (MLAS) run convs in a blocked NCHWc layout of 16 channels with
+    AVX-512, 8 with AVX2; a count off the block falls back to slower kernels. Elsewhere nothing
+    was measured, and nothing is rounded."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            features = {}
+    return 16 if features.get("AVX512F") else 8 if features.get("AVX2") else 1
+
+
+def channel_block(provider: str, op_type: str) -> int:
+    """The channel count whose multiples ``provider``'s kernels for ``op_type`` run fastest at.
+    CPU: convs in NCHWc blocks; a MatMul/Gemm showed no step (benchmarks/channel_steps.py).
+    CUDA: tensor cores take multiples of 8 (not measured here)."""
+    if provider == "cuda":
+        return 8
+    return _cpu_conv_block() if op_type in ("Conv", "ConvTranspose") else 1
+
+
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                        "all": "ORT_ENABLE_ALL"}
 
@@ -73,6 +114,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, opt
     level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
     opts.log_severity_level = _severity
+    threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -191,11 +191,12 @@ def run_job(job: Job) -> dict:
     """Compress, verify, score and optionally time one configuration; never raises: a failure is
     the row's ``error``. The row is also written to the job's JSON file, for the cache."""
     from .bench import bench_models
+    from .runtime import session_threads
     from .stats import count_macs, count_parameters
 
     start = time.perf_counter()
     job.path("json").parent.mkdir(parents=True, exist_ok=True)
-    with _job_log(job.path("log")):
+    with _job_log(job.path("log")), session_threads(job.threads):
         try:
             x, y, pre = job.evaluation.load()
             if job.method is None:

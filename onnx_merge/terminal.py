@@ -82,6 +82,13 @@ def summary(report: dict) -> str:
     text = tabulate(rows, headers=["", "before", "after", "change"], colalign=("left", "right", "right", "right"))
     ver = report["verification"]
     lines = [text, f"elapsed: {report['elapsed_s']:.1f} s", f"verification: {verdict(ver)}"]
+    block = (s.get("alignment") or {}).get("conv_block", 1)
+    if block > 1:
+        lines.append(f"conv channel counts: multiples of up to {block} for {', '.join(s['alignment']['providers'])} "
+                     "kernels where cheap (--round-to 1: exact)")
+    if s.get("held_back"):
+        lines.append(f"pruned less than asked (predicted error over --max-group-error): {len(s['held_back'])} "
+                     "group(s), see the layer table ('asked') and the skipped list")
     if ver is not None and ver["providers"]:
         cos, agree = _worst(ver, "cosine"), _worst(ver, "top1_agreement")
         figures = [f"lowest cosine {cos:.6f}" if cos is not None else None,
@@ -94,7 +101,7 @@ def summary(report: dict) -> str:
 def layer_table(layers: list[dict]) -> str:
     if not layers:
         return "no layer was compressed"
-    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}", r.get("merged", 0),
+    rows = [[r["layer"], r["op"], r["consumer"], f"{r['channels']} -> {r['kept']}" + (f" (asked {r['asked_kept']})" if "asked_kept" in r else ""), r.get("merged", 0),
              r.get("regressed", 0), r.get("pruned", 0), r["method"], r.get("calibration") or "-"] for r in layers]
     return tabulate(rows, headers=["layer", "op", "consumer", "channels", "merged", "regressed", "pruned", "method",
                                    "calibrated"], maxcolwidths=[WRAP, None, WRAP, None, None, None, None, 20, WRAP])
@@ -110,6 +117,15 @@ def allocation_table(allocation: dict | None) -> str:
     return (tabulate(rows, headers=["layer", "channels", "ratio", "predicted error", "stream share", ""]) +
             f"\nallocation: {100 * allocation['predicted_fraction']:.2f} % of the {allocation['target']} kept "
             f"(target {100 * allocation['fraction']:.2f} %)")
+
+
+def latency_table(latency: dict | None) -> str:
+    """compress --bench: the result's latency against the original's, beside its MACs."""
+    if not latency:
+        return ""
+    rows = [[r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p50_ratio']:.3f}",
+             "-" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"] for r in latency["rows"][1::2]]
+    return tabulate(rows, headers=["batch", "threads", "p50 ms", "p90 ms", "p50 vs original", "MACs vs original"])
 
 
 def _reason_kind(reason: str) -> str:
@@ -165,4 +181,5 @@ def compress_text(report: dict, verbose: bool = False) -> str:
              skipped(report["details"]["skipped"], verbose), op_types(before["op_types"], after["op_types"])]
     if report["verification"] is not None and report["verification"]["providers"]:
         parts.append(verification_table(report["verification"]))
+    parts.append(latency_table(report["details"].get("latency")))
     return "\n\n".join(p for p in parts if p)

@@ -374,11 +374,10 @@ class Unit:
     group: GroupPlan | None = None
     why_not: str = ""  # why the unit is not calibrated (its fallback is applied)
 
-    def fallback(self, index: GraphIndex) -> dict:
+    def fallback(self, index: GraphIndex, opts) -> dict:
         if self.chain is not None:
             return apply_plan(index, *self.chain)
-        prune_group(index, self.group.group, self.group.kept, self.channels, self.group.views)
-        return self.group.entry(self.n_keep)
+        return self.group.apply(index, opts)
 
     def prune(self, index: GraphIndex, kept: np.ndarray) -> None:
         """Remove the channels outside ``kept`` everywhere, consumers' columns included."""
@@ -581,7 +580,7 @@ class CalibrateConsumers:
         n, ridge = unit.channels, opts.calibration_ridge
 
         def fallback(why: str) -> tuple[dict, np.ndarray]:
-            entry = unit.fallback(index)
+            entry = unit.fallback(index, opts)
             entry["calibration"] = why
             return entry, unit.kept
 

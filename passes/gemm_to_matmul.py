@@ -20,6 +20,7 @@ import onnx
 
 from onnx_merge.attention import concrete_dims
 from onnx_merge.graph import GraphIndex, attr, remove_at
+from onnx_merge.shapes import skeleton
 
 from .cleanup import remove_dead_nodes
 
@@ -47,8 +48,7 @@ def _match(index: GraphIndex, gemm: onnx.NodeProto, dims: list[dict]) -> tuple |
 
 def _batch_dims(model: onnx.ModelProto, batch: int) -> dict:
     """concrete_dims with the free leading dims of the inputs set to ``batch``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = skeleton(model)  # shapes need no weights: no copy of them
     weights = {t.name for t in model.graph.initializer}
     for value in probe.graph.input:
         dim = value.type.tensor_type.shape.dim

@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 
 from onnx_merge.datafree import chain_activation, input_model
+from onnx_merge.math.compensation import compensate_along
 from onnx_merge.math.planner import models_activations
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import Branch, Chain, Layer, find_chains
-from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, compensate_consumer, keep_count, plan_layer,
+from onnx_merge.math import (Compensation, PlanOptions, ProducerArrays, plan_layer,
                              rank_kept, ranks_by_criterion)
 from onnx_merge.shapes import drop_value_info
 
@@ -154,10 +155,8 @@ def compensate(index: GraphIndex, chain: Chain, comp: Compensation) -> str:
     notes = []
     for b in branches_of(chain):
         c = b.consumer
-        weight = index.array(c.weight)
-        view = consumer_view(weight, c, chain.channels, b.block, b.interleaved)
-        new_view, bias = compensate_consumer(view, comp)
-        index.set_array(c.weight, from_consumer_view(new_view, weight, c, b.interleaved))
+        new, bias = compensate_along(index.array(c.weight), c.in_axis, c.out_axis, comp, b.block, b.interleaved)
+        index.set_array(c.weight, new)
         notes.append(add_consumer_bias(index, c, bias) if bias is not None else "")
     return "; ".join(dict.fromkeys(n for n in notes if n))
 
@@ -227,7 +226,7 @@ class MergeChannels:
             if ratio is None:
                 ctx.skip(chain.name, "excluded by --exclude")
                 continue
-            n_keep = keep_count(chain.channels, ratio, opts.round_to)
+            n_keep = opts.kept_channels(chain.channels, ratio, chain.producer.node.op_type)
             if n_keep >= chain.channels:
                 continue
             method = opts.method

@@ -17,9 +17,8 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -27,11 +26,14 @@ import onnx
 from onnx_merge.groups import Group, find_chains, find_groups
 from onnx_merge.graph import GraphIndex, set_attr
 from onnx_merge.io import default_opset
-from onnx_merge.math import importance, keep_count, select_per_block
+from onnx_merge.math import Compensation, importance, select_per_block
+from onnx_merge.math.compensation import compensate_along
+from onnx_merge.math.propagate import capped_keep, keep_least_costly, relative_error, removal_costs
 from onnx_merge.ops import conv_groups
 from onnx_merge.shapes import drop_value_info
+from onnx_merge.statistics import Stats, tensor_statistics
 
-from .merge_channels import take_channels, consumer_view, current_bias, from_consumer_view, shrink_reshape
+from .merge_channels import add_consumer_bias, consumer_view, current_bias, shrink_reshape, take_channels
 
 log = logging.getLogger("onnx_merge")
 
@@ -153,6 +155,43 @@ def _scores(index: GraphIndex, group: Group, n: int, criterion: str) -> np.ndarr
     return total
 
 
+def consumer_moments(index: GraphIndex, group: Group, n: int, stats: dict) -> tuple[list, bool] | None:
+    """Per consumer of the group: its (N, B, M, K) view and the mean (N, B) and variance (N, B) of
+    what it reads; and whether these come from statistics the graph holds (a BatchNormalization's,
+    ``statistics.Stats.anchored``). Without such statistics every channel counts as unit variance
+    and zero mean (its consumer's columns alone rank it). None for a grouped consumer."""
+    out, anchored = [], True
+    for c in group.consumers:
+        if conv_groups(c.node) > 1:
+            return None
+        weight = index.array(c.weight)
+        block = int(weight.shape[c.in_axis]) // n
+        s = stats.get(c.node.input[0])
+        if s is None or not s.anchored:
+            s, anchored = Stats(np.zeros(n), np.ones(n)), False
+        if len(s.mean) == n:
+            mean, var = np.repeat(s.mean[:, None], block, 1), np.repeat(s.var[:, None], block, 1)
+        elif len(s.mean) == n * block:
+            mean, var = s.mean.reshape(n, block), s.var.reshape(n, block)
+        else:
+            return None
+        out.append((c, np.asarray(consumer_view(weight, c, n, block), np.float64), mean, var))
+    return (out, anchored) if out else None
+
+
+def group_costs(moments: list) -> np.ndarray:
+    """Expected squared error in the consumers' outputs of removing each channel, its mean restored."""
+    return sum(removal_costs(var, np.square(view).sum(axis=(2, 3))).sum(axis=1) for _, view, _, var in moments)
+
+
+def restore_means(index: GraphIndex, moments: list, kept: np.ndarray, n: int) -> None:
+    """Each consumer's bias takes what the removed channels gave it on average."""
+    removed = np.setdiff1d(np.arange(n), kept)
+    for c, view, mean, _ in moments:
+        delta = np.einsum("nbmk,nb->m", view[removed], mean[removed])
+        add_consumer_bias(index, c, delta.astype(np.float64))
+
+
 def prune_group(index: GraphIndex, group: Group, kept: np.ndarray, n: int,
                 views: list[tuple[Group, np.ndarray, int]] = ()) -> None:
     for p in group.producers:
@@ -215,17 +254,21 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
             index.set_array(c.weight, grouped_columns(weight, conv_groups(c.node), kept, n))
             continue
         block = int(weight.shape[c.in_axis]) // n
-        view = consumer_view(weight, c, n, block)
-        index.set_array(c.weight, from_consumer_view(view[kept], weight, c))
+        pruned, _ = compensate_along(weight, c.in_axis, c.out_axis, Compensation.prune(n, kept), block)
+        index.set_array(c.weight, pruned)
     for node in group.reshapes:
         shrink_reshape(index, node, n, len(kept))
     drop_value_info(index.model, group.tensors)
 
 
+STATISTICS = tensor_statistics  # the data-free model of every tensor (a calibrated run may replace it)
+
+
 @dataclass
 class GroupPlan:
     """One group to prune: its producers' names, width, how many it keeps, the channels the
-    weight criterion keeps, and the spaces those reach through Concat/Split ranges."""
+    data-free plan keeps, the spaces those reach through Concat/Split ranges, and what the
+    data-free plan measured (the consumers' moments where it has them)."""
 
     group: Group
     names: list[str]
@@ -233,6 +276,11 @@ class GroupPlan:
     n_keep: int
     kept: np.ndarray
     views: list
+    moments: list | None = None
+    anchored: bool = False
+    predicted: float | None = None
+    asked: int = 0
+    notes: dict = field(default_factory=dict)
 
     @property
     def readers(self) -> list:
@@ -243,15 +291,32 @@ class GroupPlan:
         return {"layer": " + ".join(self.names), "op": "coupled group",
                 "consumer": ", ".join(c.name for c in self.readers), "channels": self.channels, "kept": int(kept),
                 "merged": 0, "regressed": 0, "pruned": int(self.channels - kept),
-                "method": method or f"prune ({self.group.kind} group)",
+                "method": method or f"prune ({self.group.kind} group)" + (", means restored" if self.anchored else ""),
                 "depthwise": [d.name for d in self.group.depthwise]}
+
+    def apply(self, index: GraphIndex, opts) -> dict:
+        """The data-free plan: prune (restoring the removed channels' means where BN statistics
+        give them); the report entry."""
+        if self.anchored:
+            restore_means(index, self.moments, self.kept, self.channels)
+        prune_group(index, self.group, self.kept, self.channels, self.views)
+        entry = self.entry(self.n_keep)
+        if self.predicted is not None:
+            entry["predicted_error"] = round(self.predicted, 4)
+            entry["model"] = "batchnorm statistics" if self.anchored else "consumer columns"
+            if self.n_keep > self.asked:
+                entry["asked_kept"] = int(self.asked)
+                entry["note"] = (f"asked {self.asked} of {self.channels} kept; {self.n_keep} kept so that the predicted "
+                                 f"error stays under --max-group-error {opts.max_group_error}")
+        return entry
 
 
 def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[GroupPlan]:
-    """Every group that is no free chain and can be pruned, with the weight criterion's kept
+    """Every group that is no free chain and can be pruned, with the data-free plan's kept
     channels; each group left whole is recorded in ``ctx`` with its reason. Lazily: a group
     reached through a Concat is sized by its parts as pruned when it comes. ``done``: names
     of groups (their first producer's) already pruned, passed over."""
+    stats = None  # computed when the first group needs them
     chained = {c.producer.node.name for c in find_chains(index)[0]}
     for group in find_groups(index):
         names = [p.name for p in group.producers]
@@ -279,29 +344,49 @@ def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> 
         if n % group.blocks:
             ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
             continue
-        n_keep = keep_count(n, min(ratios), math.lcm(opts.round_to, group.blocks))
+        n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
         if n_keep >= n:
             continue
-        scores = _scores(index, group, n, opts.plan_options("prune").criterion)
-        kept = select_per_block(scores, n_keep, group.blocks)
+        # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
+        found = None
+        if opts.method != "prune" and group.free and not group.views and not group.splits:
+            stats = STATISTICS(index) if stats is None else stats
+            found = consumer_moments(index, group, n, stats)
+        moments, anchored = found if found is not None else (None, False)
+        predicted = None
+        asked = n_keep
+        if moments is not None:
+            costs = group_costs(moments)
+            n_keep = capped_keep(costs, n_keep, opts.max_group_error,
+                                 opts.alignment(n, group.producers[0].node.op_type, group.blocks)[0])
+            if n_keep >= n:
+                ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
+                         f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "
+                         f"consumers' output (predicted; --max-group-error {opts.max_group_error} allows less)")
+                continue
+            kept = keep_least_costly(costs, n_keep, group.blocks)
+            predicted = relative_error(costs, kept)
+        else:
+            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
+            kept = select_per_block(scores, n_keep, group.blocks)
         views = _views(index, group, kept, n)
         if isinstance(views, str):
             ctx.skip(", ".join(names), f"coupled group left whole: {views}")
             continue
-        yield GroupPlan(group, names, n, n_keep, kept, views)
+        yield GroupPlan(group, names, n, n_keep, kept, views, moments, anchored, predicted, asked)
 
 
 class PruneCoupled:
     name = "prune-coupled"
 
     def run(self, model: onnx.ModelProto, ctx) -> bool:
+        opts = ctx.options
         index = GraphIndex(model)
         changed = False
-        for plan in plan_groups(index, ctx.options, ctx, frozenset(ctx.groups_done)):
-            prune_group(index, plan.group, plan.kept, plan.channels, plan.views)
-            entry = plan.entry(plan.n_keep)
-            if getattr(ctx.options, "calibration", None) is not None:  # calibration took every other group
-                entry["calibration"] = "not calibrated (its channels reach Concat or Split ranges): pruned by the criterion"
+        for plan in plan_groups(index, opts, ctx, frozenset(ctx.groups_done)):
+            entry = plan.apply(index, opts)
+            if getattr(opts, "calibration", None) is not None:  # calibration took every other group
+                entry["calibration"] = "not calibrated (its channels reach Concat or Split ranges): the data-free plan"
             ctx.report.setdefault("layers", []).append(entry)
             log.info("coupled group %s: %d -> %d channels", " + ".join(plan.names), plan.channels, plan.n_keep)
             changed = True

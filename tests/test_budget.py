@@ -96,6 +96,7 @@ def test_unreachable_and_contradictory_targets_are_usage_errors(tmp_path):
 def test_round_to_and_one_channel_minimum():
     assert allowed_counts(10, 4).tolist() == [10, 8, 4]
     assert allowed_counts(5).tolist() == [5, 4, 3, 2, 1]
+    assert allowed_counts(40, 8, floor=16).tolist() == [40, 32, 24, 16]
     groups = [BudgetGroup(np.linspace(0, 1, 10)), BudgetGroup(np.linspace(0, 2, 12))]
     terms = [BudgetTerm(100.0, (0,)), BudgetTerm(120.0, (1,))]
     keeps = allocate(groups, terms, 120.0, round_to=4)  # at most 60 + 80
@@ -171,7 +172,7 @@ def test_resnet56_half_the_macs_data_free(paper_weights, cifar):
     assert 100 * top1 >= 57.0  # uniform 0.5: 48.77
 
 
-def test_calibrated_curves_are_scaled_by_the_branch_share_of_its_stream():
+def test_consumer_curves_with_calibration_are_scaled_by_the_branch_share_of_its_stream():
     rng = np.random.default_rng(3)
     weights = {"A1": rng.standard_normal((N, D)).astype(np.float32),
                "A2": (0.1 * rng.standard_normal((D, N))).astype(np.float32)}
@@ -188,8 +189,8 @@ def test_calibrated_curves_are_scaled_by_the_branch_share_of_its_stream():
     share = np.sum(branch.astype(np.float64) ** 2) / np.sum((x + branch).astype(np.float64) ** 2)
     from onnx_merge.allocation import sensitivity
 
-    free = sensitivity(model, CompressOptions())["groups"][0]
-    calibrated = sensitivity(model, CompressOptions(calibration={"x": x}))["groups"][0]
+    free = sensitivity(model, CompressOptions(sensitivity="consumer"))["groups"][0]
+    calibrated = sensitivity(model, CompressOptions(sensitivity="consumer", calibration={"x": x}))["groups"][0]
     assert free["stream_share"] is None
     assert calibrated["stream_share"] == pytest.approx(share, rel=1e-4)
     np.testing.assert_allclose(calibrated["curve"], np.array(free["curve"]) * share, rtol=1e-4, atol=1e-9)
@@ -203,3 +204,114 @@ def test_resnet56_half_the_macs_calibrated(paper_weights, cifar):
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     top1 = evaluate(small.SerializeToString(), cifar["x_exact"], cifar["y"][:1017], CIFAR, progress=False)["top1"]
     assert 100 * top1 >= 89.7  # uniform 0.5: 88.20
+
+
+def stream_and_alone(stream_scale: float = 100.0, seed: int = 4):
+    """Two branches with the same weights (the same consumer-relative curves, equal MACs): A's
+    consumer output is added to a stream ``stream_scale`` times the input (about 50 times the
+    branch in energy), B's is an output alone."""
+    rng = np.random.default_rng(seed)
+    w1, w2 = rng.standard_normal((N, D)).astype(np.float32), rng.standard_normal((D, N)).astype(np.float32)
+    weights = {"A1": w1, "A2": w2, "B1": w1.copy(), "B2": w2.copy(), "S": np.float32(stream_scale)}
+    text = header() + """
+    g (float[8, 24] x) => (float[8, 24] ya, float[8, 24] yb) {
+        ha = Gemm <transB = 1> (x, A1)
+        ra = Relu (ha)
+        ba = Gemm <transB = 1> (ra, A2)
+        s = Mul (x, S)
+        ya = Add (s, ba)
+        hb = Gemm <transB = 1> (x, B1)
+        rb = Relu (hb)
+        yb = Gemm <transB = 1> (rb, B2)
+    }"""
+    model = build(text, weights)
+    for node in model.graph.node:
+        node.name = node.output[0]
+    return model
+
+
+def test_output_curves_see_a_branch_diluted_in_its_stream():
+    """The consumer-relative model cannot tell the branches apart; measured at the outputs, the
+    branch hidden in a stream much larger than itself is the cheap one and the budget goes there."""
+    from onnx_merge.allocation import sensitivity
+
+    model = stream_and_alone()
+    consumer = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions(sensitivity="consumer"))["groups"]}
+    np.testing.assert_allclose(consumer["ha"], consumer["hb"], rtol=1e-6)
+    output = {g["layer"]: g for g in sensitivity(model, CompressOptions())["groups"]}
+    assert output["ha"]["measured_on"] == "noise"
+    assert 0 < 20 * output["ha"]["curve"][N // 2] < output["hb"]["curve"][N // 2]
+    _, report = compress(model, CompressOptions(target_macs=0.75))
+    assert kept(report)["ha"] < kept(report)["hb"] == N
+    assert report["allocation"]["sensitivity"] == "output"
+
+
+def test_output_curve_is_zero_for_exact_merges_and_matches_a_rewrite():
+    """The probe's rebuilt channels are what the rewrite computes: removing A1's duplicates
+    changes nothing, and a plan's measured change equals that of the compressed model."""
+    from onnx_merge.allocation import OutputProbe, budget_chains
+    from onnx_merge.graph import GraphIndex
+    from onnx_merge.math.sensitivity import output_change
+
+    model = two_branches()
+    index = GraphIndex(model)
+    options = CompressOptions(method="merge")
+    chains = budget_chains(index, options)
+    probe = OutputProbe.build(index, chains, options)
+    a, b = (next(i for i, c in enumerate(chains) if c.name == name) for name in ("ha", "hb"))
+    assert probe.change({a: N // 2}) == pytest.approx(0.0, abs=1e-9)
+    small, _ = compress(model, CompressOptions(method="merge", ratio=0.0, layer_ratios=[("hb", 0.25)]))
+    feeds = probe.feeds
+    got = np.concatenate([np.concatenate(run(small, {"x": feeds["x"][i:i + 1]}), axis=1) for i in range(len(feeds["x"]))])
+    ref = np.concatenate([np.concatenate(run(model, {"x": feeds["x"][i:i + 1]}), axis=1) for i in range(len(feeds["x"]))])
+    expected = output_change([got[:, :M], got[:, M:]], [ref[:, :M], ref[:, M:]])
+    assert expected > 1e-3
+    assert probe.change({b: N - N // 4}) == pytest.approx(expected, rel=1e-3)
+
+
+def test_natural_noise_has_more_power_at_low_frequencies_and_unit_variance():
+    from onnx_merge.math.sensitivity import natural_noise
+
+    x = natural_noise((16, 3, 32, 32), np.random.default_rng(0))
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x.std(axis=(0, 2, 3)), 1.0, rtol=1e-4)
+    power = np.abs(np.fft.fft2(x.astype(np.float64))).mean(axis=(0, 1)) ** 2
+    assert power[1, 1] > 20 * power[16, 16]
+    flat = natural_noise((64, 10), np.random.default_rng(0))  # no image axes: white
+    assert abs(np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]) < 0.5
+
+
+def test_inputs_noise_cannot_stand_for_fall_back_to_consumer_curves():
+    from onnx_merge.allocation import probe_inputs
+
+    text = header() + """
+    g (int64[1, 4] ids, float[N, 24] x) => (float[N, 12] y) {
+        h = Gemm <transB = 1> (x, A1)
+        r = Relu (h)
+        y = Gemm <transB = 1> (r, A2)
+    }"""
+    rng = np.random.default_rng(0)
+    model = build(text, {"A1": rng.standard_normal((N, D)).astype(np.float32),
+                         "A2": rng.standard_normal((M, N)).astype(np.float32)})
+    assert probe_inputs(model, None) is None
+
+
+def test_a_budget_that_needs_convs_below_a_block_lifts_the_auto_floor(monkeypatch):
+    """--round-to auto keeps a block-wide conv at a block; a MAC target that needs less still holds."""
+    import onnx_merge.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_cpu_conv_block", lambda: 16)  # as on an AVX-512 machine
+    rng = np.random.default_rng(0)
+    weights = {"c1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+               "c2": rng.standard_normal((8, 16, 3, 3)).astype(np.float32)}
+    model = build(header() + """
+    g (float[1, 3, 8, 8] x) => (float[1, 8, 8, 8] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, c1)
+        r = Relu (h)
+        y = Conv <pads = [1, 1, 1, 1]> (r, c2)
+    }""", weights)
+    for node in model.graph.node:
+        node.name = node.output[0]
+    assert compress(model, CompressOptions(ratio=0.5))[1]["macs_after"] == compress(model, ratio=0.0)[1]["macs_after"]
+    small, rep = compress(model, CompressOptions(target_macs=0.5, sensitivity="consumer"))
+    assert rep["macs_after"] <= 0.5 * rep["macs_before"] and rep["allocation"]["block_floor"] is False

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx_merge import report
 from onnx_merge.cli import main
 from onnx_merge.models.lenet import lenet_300_100, random_lenet_weights
 
@@ -134,6 +135,34 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
     assert main(["bench", str(lenet_file), "--batch", "0"]) == 2
     assert main(["bench", str(lenet_file), "--threads", "two"]) == 2
+
+
+def test_compress_bench_times_the_result_against_the_original(tmp_path, lenet_file, capsys):
+    out, report_path = tmp_path / "small.onnx", tmp_path / "r.json"
+    args = ["compress", str(lenet_file), "-o", str(out), "--no-verify", "--bench", "--bench-runs", "5",
+            "--bench-batch", "1,2", "--bench-threads", "1", "--report", str(report_path)]
+    assert main(args) == 0
+    assert "p50 vs original" in capsys.readouterr().out
+    written = json.loads(report_path.read_text())
+    report.validate(written)
+    rows = written["details"]["latency"]["rows"]
+    assert [(r["model"], r["batch"], r["threads"]) for r in rows] == [
+        (str(lenet_file), 1, 1), (str(out), 1, 1), (str(lenet_file), 2, 1), (str(out), 2, 1)]
+    assert rows[0]["p50_ratio"] == 1.0 and 0 < rows[1]["macs_ratio"] < 1
+    assert main(args[:-2] + ["--bench-runs", "0"]) == 2
+
+
+def test_latency_warnings_name_a_slow_result():
+    from onnx_merge.bench import latency_warnings
+
+    def row(model, p50_ratio, macs_ratio):
+        return {"model": model, "batch": 1, "threads": 1, "p50_ratio": p50_ratio, "macs_ratio": macs_ratio}
+
+    base = row("a", 1.0, 1.0)
+    assert latency_warnings([base, row("b", 0.55, 0.5)]) == []  # within 15 % of its MACs
+    assert "lags the MACs" in latency_warnings([base, row("b", 0.6, 0.5)])[0]
+    assert "not faster" in latency_warnings([base, row("b", 1.02, 0.5)])[0]
+    assert latency_warnings([base, row("b", 0.9, None)]) == []  # no MAC count: only the 1.0 line holds
 
 
 def _lenet_variant(tmp_path, edit) -> str:

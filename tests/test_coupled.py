@@ -48,23 +48,23 @@ def _out_channels(model):
 
 def test_bottleneck_residual_group_is_pruned_consistently():
     model = bottleneck_net()
-    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune"))
     onnx.checker.check_model(small, full_check=True)
     _, dims = _out_channels(small)
     assert dims["stem"][0] == dims["c0"][0] == dims["c1"][0] == 11  # floor(16 * 0.7)
     assert dims["a0"][1] == dims["a1"][1] == dims["fc"][1] == 11
-    kept_bn, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", fold_bn=False))
+    kept_bn, _ = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune", fold_bn=False))
     bn_dims = initializer_shapes(kept_bn)
     assert bn_dims["cbn0_g"] == bn_dims["sbn_v"] == bn_dims["cbn1_m"] == (11,)
     assert np.allclose(run(kept_bn, x(2, 3, 8, 8))[0].shape, (2, 10))
     assert dims["a0"][0] == 5 and dims["b0"] == (5, 5, 3, 3)  # inner chains: floor(8 * 0.7)
     assert rep["params_after"] < rep["params_before"]
     assert run(small, x(2, 3, 8, 8))[0].shape == (2, 10)
-    skipped, _ = compress(model, CompressOptions(ratio=0.3))
+    skipped, _ = compress(model, CompressOptions(round_to=1, ratio=0.3))
     assert _out_channels(skipped)[1]["stem"][0] == 16  # default: coupled channels stay whole
     # a group is pruned, never merged: merge-cost, a set choice for merges, ranks it by l1-norm
-    by_set, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", criterion="merge-cost"))
-    by_l1, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", criterion="l1-norm"))
+    by_set, _ = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune", criterion="merge-cost"))
+    by_l1, _ = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune", criterion="l1-norm"))
     weights = [{t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer} for m in (by_set, by_l1)]
     assert weights[0]["stem"].shape[0] == 11 and np.array_equal(weights[0]["stem"], weights[1]["stem"])
 
@@ -75,7 +75,8 @@ def test_depthwise_block_prunes_group_count():
                       "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (ar, dw)",
                       _bnode("d", "dn", "n2"), "dr = Relu (dn)", "y = Conv <kernel_shape = [1, 1]> (dr, w3)"])
     model = make(body, "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", ws)
-    small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
+    # random weights: every channel matters alike, so the default --max-group-error would keep more
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.5, coupled="prune", max_group_error=1.0))
     dims = initializer_shapes(small)
     assert dims["w1"] == (4, 4, 1, 1) and dims["dw"] == (4, 1, 3, 3) and dims["w3"] == (6, 4, 1, 1)
     dw = next(n for n in small.graph.node if list(n.input[1:2]) == ["dw"])
@@ -87,7 +88,7 @@ def test_option_a_shortcuts_are_refused_with_a_reason(resnet20_weights):
     from onnx_merge.models.resnet import resnet_akamaster
 
     model = resnet_akamaster(resnet20_weights, fold=True)
-    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune"))
     onnx.checker.check_model(small, full_check=True)
     reasons = " ".join(s["reason"] for s in rep["skipped"])
     assert "Slice" in reasons or "Pad" in reasons
@@ -95,7 +96,7 @@ def test_option_a_shortcuts_are_refused_with_a_reason(resnet20_weights):
 
 
 def _compresses(model, shape, **kw):
-    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune", **kw))
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune", **kw))
     onnx.checker.check_model(small, full_check=True)
     assert rep["params_after"] < rep["params_before"]
     feeds = x(*shape)
@@ -157,7 +158,7 @@ def test_dense_block_and_vgg_head_with_dropout_and_softmax():
     # the new layer's channels sit after the 8 input channels in the concat: fc1 loses
     # their blocks of 16 flattened features, at that offset
     assert dims["c1"][0] == 2 and dims["fc1"][1] == (8 + 2) * 16
-    only_c1, _ = compress(model, CompressOptions(ratio=0.3, coupled="prune", exclude=["b1", "fc1"]))
+    only_c1, _ = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune", exclude=["b1", "fc1"]))
     feeds = x(2, 8, 4, 4)
     expected = run(_as_zeroed_rows(model, only_c1, {"c1"}), feeds)[0]
     assert np.allclose(run(only_c1, feeds)[0], expected, atol=1e-5)
@@ -208,7 +209,7 @@ def test_nested_concats_map_ranges_through_both_levels():
 
 def test_concat_whose_output_is_left_whole_keeps_its_inputs_whole():
     model = _two_layer_dense_block(concat_is_output=True)
-    small, rep = compress(model, CompressOptions(ratio=0.3, coupled="prune"))
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.3, coupled="prune"))
     dims = initializer_shapes(small)
     assert dims["c1"] == (4, 8, 3, 3) and dims["c2"] == (4, 12, 3, 3)
     reasons = " ".join(s["reason"] for s in rep["skipped"])
@@ -267,8 +268,49 @@ def test_a_scale_is_sliced_only_when_it_lies_on_the_channel_axis(scale_shape, wh
         h = Relu (m)
         y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h, w3)"""
     model = make(body, "float[2, 3, 6, 6] x", "float[2, 4, 6, 6] y", ws)
-    small, rep = compress(model, CompressOptions(ratio=0.5, coupled="prune"))
+    small, rep = compress(model, CompressOptions(round_to=1, ratio=0.5, coupled="prune"))
     assert (initializer_shapes(small)["scale"] == scale_shape) is whole
     assert run(small, x(2, 3, 6, 6))[0].shape == (2, 4, 6, 6)
     if whole:
         assert any("not laid out per channel" in s["reason"] for s in rep["skipped"])
+
+
+def _depthwise_block(zero_columns=()):
+    ws = {"w1": _w(8, 4, 1, 1), **_bn("n1", 8), "dw": _w(8, 1, 3, 3), **_bn("n2", 8), "w3": _w(6, 8, 1, 1)}
+    ws["w3"][:, list(zero_columns)] *= 1e-3  # the consumer barely reads these channels
+    body = "\n".join(["a = Conv <kernel_shape = [1, 1]> (x, w1)", _bnode("a", "an", "n1"), "ar = HardSwish (an)",
+                      "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (ar, dw)",
+                      _bnode("d", "dn", "n2"), "dr = HardSwish (dn)", "y = Conv <kernel_shape = [1, 1]> (dr, w3)"])
+    return make(body, "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", ws), ws
+
+
+def test_depthwise_group_removes_what_its_consumer_reads_least_and_restores_bn_means():
+    model, ws = _depthwise_block(zero_columns=(1, 5, 6))
+    small, rep = compress(model, CompressOptions(ratio=3 / 8, max_group_error=1.0, fold_bn=False))
+    entry = next(e for e in rep["layers"] if e["op"] == "coupled group")
+    assert entry["kept"] == 5 and "means restored" in entry["method"] and entry["predicted_error"] < 1e-4
+    kept_w1 = initializer_shapes(small)["w1"]
+    assert kept_w1[0] == 5
+    w1 = {t.name: onnx.numpy_helper.to_array(t) for t in small.graph.initializer}["w1"]
+    assert [i for i in range(8) if not any(np.array_equal(w1[j], ws["w1"][i]) for j in range(5))] == [1, 5, 6]
+    # the removed channels' mean (BN's statistics through HardSwish) goes into the consumer's bias
+    bias = next(n for n in small.graph.node if n.op_type == "Conv" and n.output[0] == "y").input[2]
+    from onnx_merge.math.activations import activation
+    from onnx_merge.math.propagate import activation_stats
+    mean, _ = activation_stats(activation("hard_swish"), ws["n2_b"].astype(np.float64), ws["n2_g"].astype(np.float64) ** 2)
+    expected = ws["w3"][:, [1, 5, 6], 0, 0] @ mean[[1, 5, 6]]
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(next(t for t in small.graph.initializer if t.name == bias)),
+                               expected, rtol=1e-4, atol=1e-7)
+
+
+def test_depthwise_group_is_pruned_less_than_asked_where_the_predicted_error_is_large():
+    model, _ = _depthwise_block(zero_columns=(1,))
+    small, rep = compress(model, CompressOptions(ratio=0.5, max_group_error=0.05, fold_bn=False))
+    entry = next((e for e in rep["layers"] if e["op"] == "coupled group"), None)
+    if entry is None:  # not even one channel is cheap enough: left whole, with the reason
+        assert any("max-group-error" in s["reason"] for s in rep["skipped"])
+    else:
+        assert entry["asked_kept"] == 4 and entry["kept"] > 4 and entry["predicted_error"] <= 0.05
+        assert "asked 4" in entry["note"]
+    whole, rep = compress(model, CompressOptions(ratio=0.5, max_group_error=1.0, fold_bn=False))
+    assert initializer_shapes(whole)["w1"][0] == 4

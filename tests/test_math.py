@@ -21,6 +21,35 @@ def test_keep_count_rounds_up_to_multiple():
     assert keep_count(10, 0.5, round_to=16) == 10
 
 
+@pytest.mark.parametrize("n,block,step", [(256, 16, 16), (64, 16, 8), (32, 16, 4), (24, 16, 4), (20, 16, 1), (16, 16, 1),
+                                           (96, 8, 8), (64, 1, 1), (1000, 16, 16)])
+def test_channel_step_costs_at_most_an_eighth_of_the_layer(n, block, step):
+    from onnx_merge.math.criteria import channel_step
+
+    assert channel_step(n, block) == step
+    assert step == 1 or step - 1 <= n / 8
+
+
+def test_auto_rounding_aligns_convs_only_and_a_rounded_count_stays():
+    from onnx_merge.options import CompressOptions
+    from onnx_merge.runtime import channel_block
+
+    auto, exact = CompressOptions(), CompressOptions(round_to=1)
+    block = channel_block("cpu", "Conv")
+    assert channel_block("cpu", "MatMul") == 1 and channel_block("cuda", "Conv") == 8
+    kept = auto.kept_channels(144, 0.3, "Conv")  # MobileNetV2's expansion width
+    assert kept >= exact.kept_channels(144, 0.3, "Conv") == 100 and kept - 100 <= 144 / 8
+    assert block <= 1 or kept % min(block, 16) == 0
+    assert auto.kept_channels(144, 1 - kept / 144, "Conv") == kept  # the budget's ratio gives the same count
+    assert auto.kept_channels(144, 0.3, "Gemm") == 100  # dense layers showed no step: exact
+    assert CompressOptions(providers=("cuda",)).kept_channels(144, 0.3, "Gemm") == 104
+    assert CompressOptions(round_to=8).kept_channels(144, 0.3, "Gemm") == 104
+    assert auto.kept_channels(96, 0.5, "Conv", multiple=3) % 3 == 0  # conv groups always divide the count
+    if block > 1:  # a conv at least a block wide keeps a block: below it, it runs no faster
+        assert auto.kept_channels(block, 0.5, "Conv") == block and exact.kept_channels(block, 0.5, "Conv") < block
+        assert auto.kept_channels(block // 2, 0.5, "Conv") == exact.kept_channels(block // 2, 0.5, "Conv")
+
+
 def test_keep_count_rejects_bad_ratio():
     with pytest.raises(ValueError):
         keep_count(10, 1.0)
@@ -146,6 +175,42 @@ def test_compensate_consumer_equals_dense_product():
     assert np.allclose(bias, np.einsum("n,nbmk->m", comp.offset, view))
 
 
+@pytest.mark.parametrize("layout", ["gemm-transB", "matmul", "conv", "interleaved"])
+def test_compensate_along_equals_the_channel_first_view(layout):
+    """Weights compensated in their own layout equal the (N, B, M, K) view's result, laid back."""
+    from onnx_merge.math.compensation import compensate_along
+
+    rng = np.random.default_rng(3)
+    n, block, m = 6, 4, 5
+    comp = Compensation.prune(n, np.array([1, 2, 4]))
+    comp.partner[[0, 5]] = [2, 0]
+    comp.scale[[0, 5]] = [0.5, -1.5]
+    comp.dense = rng.standard_normal((3, 3))
+    comp.offset = rng.standard_normal(n)
+    if layout == "conv":  # (M, N, kh, kw): channels on axis 1, taps after
+        weight, axis, out_axis, block = rng.standard_normal((m, n, 3, 3)), 1, 0, 1
+        view = weight.transpose(1, 0, 2, 3).reshape(n, 1, m, 9)
+    elif layout == "matmul":  # (N*B, M)
+        weight, axis, out_axis = rng.standard_normal((n * block, m)), 0, 1
+        view = weight.reshape(n, block, m, 1)
+    else:  # Gemm transB (M, N*B); interleaved features are ordered (block, channel)
+        weight, axis, out_axis = rng.standard_normal((m, n * block)), 1, 0
+        cols = weight.T.reshape(block, n, m).swapaxes(0, 1) if layout == "interleaved" else weight.T.reshape(n, block, m)
+        view = cols[..., None]
+    out, bias = compensate_along(weight, axis, out_axis, comp, block, layout == "interleaved")
+    expected, expected_bias = compensate_consumer(view, comp)
+    if layout == "conv":
+        laid = expected.reshape(3, m, 3, 3).transpose(1, 0, 2, 3)
+    elif layout == "matmul":
+        laid = expected.reshape(3 * block, m)
+    elif layout == "interleaved":
+        laid = expected[..., 0].swapaxes(0, 1).reshape(3 * block, m).T
+    else:
+        laid = expected[..., 0].reshape(3 * block, m).T
+    assert out.flags.c_contiguous and np.allclose(out, laid)
+    assert np.allclose(bias, expected_bias)
+
+
 def test_batchnorm_fold_matches_bn():
     rng = np.random.default_rng(2)
     bn = BatchNorm(rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.5, 2, 3))
@@ -195,3 +260,28 @@ def test_expected_relu_matches_sampling_and_offset_accounts_for_partner():
     e = expected_relu(bn.beta, bn.gamma)
     assert offset[0] == 0 and offset[1] == pytest.approx(e[1] - 2.0 * e[0]) and offset[2] == pytest.approx(e[2])
 
+
+
+@pytest.mark.parametrize("criterion", ["l1-norm", "l2-norm", "l2-path"])
+def test_ranking_with_a_bias_scores_the_appended_rows_without_building_them(criterion):
+    from onnx_merge.math.criteria import importance
+    from onnx_merge.math.planner import PlanOptions, ProducerArrays, rank_kept
+
+    rng = np.random.default_rng(4)
+    weight, bias, norms = rng.standard_normal((40, 7)), rng.standard_normal(40) * 3, rng.uniform(0.5, 2, 40)
+    arrays = ProducerArrays(weight=weight, bias=bias, consumer_norms=norms, dense=True)
+    kept = rank_kept(arrays, 15, PlanOptions(method="prune", criterion=criterion))
+    rows = np.hstack([weight, bias[:, None]])
+    expected = np.sort(np.argsort(-importance(rows, criterion, norms), kind="stable")[:15])
+    assert kept.tolist() == expected.tolist()
+
+
+def test_merge_with_a_bias_equals_merging_the_appended_rows():
+    rng = np.random.default_rng(5)
+    weight, bias = rng.standard_normal((12, 6)), rng.standard_normal(12)
+    weight[7], bias[7] = 2 * weight[2], 2 * bias[2]  # an exact multiple merges onto its row
+    kept = np.array([0, 2, 3, 5, 9])
+    whole = merge_by_cosine(np.hstack([weight, bias[:, None]]), kept, 0.1, "projection")
+    parts = merge_by_cosine(weight, kept, 0.1, "projection", bias)
+    assert np.array_equal(whole.partner, parts.partner) and np.allclose(whole.scale, parts.scale)
+    assert parts.partner[7] == 1 and parts.scale[7] == pytest.approx(2.0)

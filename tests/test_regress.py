@@ -169,7 +169,7 @@ def test_pruned_hardswish_chain_after_a_kept_bn_gets_the_removed_means():
     reference = run(model, feeds)[0]
 
     def error(**kw):
-        small, rep = compress(model, CompressOptions(ratio=0.5, fold_bn=False, **kw))
+        small, rep = compress(model, CompressOptions(ratio=0.5, fold_bn=False, round_to=1, **kw))
         return float(np.mean((run(small, feeds)[0] - reference) ** 2)), rep["layers"][0]
 
     plain, _ = error(method="prune")

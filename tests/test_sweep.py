@@ -195,3 +195,32 @@ def test_fingerprint_follows_contents_not_names(tmp_path):
     np.savez(a, x=np.zeros(3))
     np.savez(b, x=np.zeros(3))
     assert fingerprint(str(a)) == fingerprint(str(b))
+
+
+def test_cli_sweep_over_mac_budgets(files, capsys):
+    """--target-macs values are settings like ratios: each row keeps at most its fraction of the MACs."""
+    out = files / "budgets"
+    args = ["sweep", str(files / "lenet.onnx"), "--target-macs", "0.6,0.3", "--methods", "merge", "--data",
+            str(files / "eval.npz"), "--scale", "255", "--out", str(out), "--workers", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "lenet merge target_macs=0.3" in printed.err and "target_macs" in printed.out
+    rows = json.loads((out / "sweep.json").read_text())["details"]["rows"]
+    budgets = {r["target_macs"]: r for r in rows if r["method"] == "merge"}
+    assert set(budgets) == {0.6, 0.3}
+    for target, row in budgets.items():
+        assert row["status"] == "ok" and target - 0.05 < row["macs_kept"] <= target
+    with pytest.raises(SystemExit) as refused:  # one amount at a time
+        main(args + ["--ratios", "0.5"])
+    assert refused.value.code == 2
+
+
+def test_a_job_sessions_use_its_share_of_the_cores(files):
+    """Inside a sweep job, sessions made without a thread count take the job's share, not every core."""
+    from onnx_merge.runtime import session_threads
+
+    with session_threads(1):
+        inside = make_session(files / "lenet.onnx").get_session_options().intra_op_num_threads
+        named = make_session(files / "lenet.onnx", threads=2).get_session_options().intra_op_num_threads
+    outside = make_session(files / "lenet.onnx").get_session_options().intra_op_num_threads
+    assert (inside, named, outside) == (1, 2, 0)

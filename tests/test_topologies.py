@@ -162,8 +162,9 @@ def _inverted_residual_with_se(gate="Sigmoid"):
 
 @pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
 def test_depthwise_block_with_se_gate_is_one_group_pruned_by_default(gate):
+    # random weights: every channel counts alike, so the default --max-group-error would keep more
     model = _inverted_residual_with_se(gate)
-    small, rep = compress(model, CompressOptions(ratio=0.5, exclude=["r", "ro"]))
+    small, rep = compress(model, CompressOptions(ratio=0.5, exclude=["r", "ro"], max_group_error=1.0))
     dims = initializer_shapes(small)
     assert dims["ex"][0] == dims["dw"][0] == dims["r"][1] == dims["e"][0] == dims["eb"][0] == dims["pj"][1] == 6
     assert dims["r"][0] == 3  # the SE's hidden layer is a group of its own (excluded here)
@@ -205,14 +206,14 @@ def test_grouped_conv_is_pruned_equally_per_group_on_both_sides():
                       "y = Conv <kernel_shape = [1, 1]> (br, wc)"])
     model = make(body, "float[1, 3, 5, 5] x", "float[1, 5, 5, 5] y", ws)
     feeds = x(1, 3, 5, 5)
-    only_a, rep = compress(model, CompressOptions(ratio=0.5, exclude=["wb"]))
+    only_a, rep = compress(model, CompressOptions(round_to=1, ratio=0.5, exclude=["wb"], max_group_error=1.0))
     dims = initializer_shapes(only_a)
     assert dims["wa"][0] == 8 and dims["wb"] == (8, 2, 3, 3)
     kept = [i for i, row in enumerate(onnx.numpy_helper.to_array(model.graph.initializer[0]))
             if any(np.array_equal(row, k) for k in onnx.numpy_helper.to_array(only_a.graph.initializer[0]))]
     assert [sum(1 for i in kept if i // 4 == j) for j in range(4)] == [2, 2, 2, 2]
     assert np.allclose(run(only_a, feeds)[0], run(_as_zeroed_rows(model, only_a, {"wa"}), feeds)[0], atol=1e-5)
-    only_b, _ = compress(model, CompressOptions(ratio=0.5, exclude=["wa"]))
+    only_b, _ = compress(model, CompressOptions(round_to=1, ratio=0.5, exclude=["wa"], max_group_error=1.0))
     assert initializer_shapes(only_b)["wb"] == (4, 4, 3, 3) and initializer_shapes(only_b)["wc"] == (5, 4, 1, 1)
     assert np.allclose(run(only_b, feeds)[0], run(_as_zeroed_rows(model, only_b, {"wb"}), feeds)[0], atol=1e-5)
     assert next(g for g in inspect_model(model)["groups"] if "Conv_0" in g["producers"])["kind"] == "grouped"
@@ -232,7 +233,7 @@ def test_bn_parameters_shared_across_groups_are_copied_before_slicing():
         "e = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (bn, dw2)", "er = Relu (e)",
         "y = Conv <kernel_shape = [1, 1]> (er, w3)"])
     model = make(body, "float[1, 3, 5, 5] x", "float[1, 4, 5, 5] y", ws)
-    small, _ = compress(model, CompressOptions(ratio=0.5, fold_bn=False))
+    small, _ = compress(model, CompressOptions(ratio=0.5, fold_bn=False, max_group_error=1.0))
     onnx.checker.check_model(small, full_check=True)
     dims = initializer_shapes(small)
     assert dims["w1"][0] == dims["w2"][0] == 4 and dims["w2"][1] == dims["w3"][1] == 4

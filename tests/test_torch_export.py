@@ -65,7 +65,7 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
                           dynamic_axes={"input": {0: "batch"}})
     before = initializer_shapes(onnx.load(path))
     out = tmp_path / "small.onnx"
-    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5"]) == 0
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--round-to", "1"]) == 0
     source_external = any(t.data_location == onnx.TensorProto.EXTERNAL
                           for t in onnx.load(path, load_external_data=False).graph.initializer)
     assert (tmp_path / "small.onnx.data").is_file() == source_external
@@ -86,7 +86,7 @@ def test_exported_resnet_compresses_inner_convs_only(tmp_path, dynamo):
     assert got.shape == (2, 10) and np.isfinite(got).all()
     assert main(["verify", str(path), str(out), "--min-cosine", "0.5"]) == 0
     coupled = tmp_path / "coupled.onnx"
-    assert main(["compress", str(path), "-o", str(coupled), "--ratio", "0.5", "--coupled", "prune"]) == 0
+    assert main(["compress", str(path), "-o", str(coupled), "--ratio", "0.5", "--coupled", "prune", "--round-to", "1"]) == 0
     dims = initializer_shapes(onnx.load(coupled))
     widths = sorted(dims[n.input[1]][0] for n in onnx.load(coupled).graph.node if n.op_type == "Conv")
     assert widths == sorted(c // 2 for c in orig_channels)  # every conv halves: residual groups too
@@ -127,7 +127,7 @@ def test_exported_heads_and_shape_annotations(tmp_path, head, dynamo):
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}})
     out, report_path = tmp_path / "small.onnx", tmp_path / "report.json"
-    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report_path)]) == 0
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--round-to", "1", "--report", str(report_path)]) == 0
     import json
 
     layers = json.loads(report_path.read_text())["details"]["layers"]

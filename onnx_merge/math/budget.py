@@ -14,6 +14,7 @@ cheap ones behind it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ class BudgetGroup:
 
     cost: np.ndarray
     keep: int | None = None
+    step: int = 1  # kept counts are multiples of it (besides the full width) ...
+    floor: int = 1  # ... and at least this many
 
     @property
     def channels(self) -> int:
@@ -47,10 +50,11 @@ class BudgetUnreachable(ValueError):
         self.need, self.saved = need, saved
 
 
-def allowed_counts(n: int, round_to: int = 1) -> np.ndarray:
+def allowed_counts(n: int, round_to: int = 1, floor: int = 1) -> np.ndarray:
     """Channel counts a group of n may keep, descending: n, then multiples of ``round_to`` below
-    it (at least one channel; keep_count never rounds below a multiple)."""
-    return np.r_[n, np.arange((n - 1) // round_to * round_to, 0, -round_to)].astype(np.int64)
+    it, down to ``floor`` (at least one channel; keep_count never rounds below a multiple)."""
+    counts = np.r_[n, np.arange((n - 1) // round_to * round_to, 0, -round_to)].astype(np.int64)
+    return counts[(counts >= floor) | (counts == n)]
 
 
 def spend(terms: list[BudgetTerm], groups: list[BudgetGroup], keeps: list[int]) -> float:
@@ -68,7 +72,7 @@ def allocate(groups: list[BudgetGroup], terms: list[BudgetTerm], need: float, ro
     """Kept channels per group so that the terms spend at least ``need`` less than at full width."""
     full = [g.channels for g in groups]
     keeps = [g.channels if g.keep is None else g.keep for g in groups]
-    counts = [allowed_counts(g.channels, round_to) if g.keep is None else np.array([g.keep]) for g in groups]
+    counts = [allowed_counts(g.channels, math.lcm(round_to, g.step), g.floor) if g.keep is None else np.array([g.keep]) for g in groups]
     costs = [np.maximum.accumulate(np.asarray(g.cost, np.float64)) for g in groups]  # more removed never costs less
     position = [0] * len(groups)
     start = spend(terms, groups, full)

@@ -84,18 +84,44 @@ def compensate_consumer(view: np.ndarray, comp: Compensation) -> tuple[np.ndarra
           contiguous block), M outputs, K kernel taps.
     Returns the (P, B, M, K) weights and the (M,) bias delta (None when there is no offset).
     """
-    if view.shape[0] != comp.n:
-        raise ValueError(f"consumer has {view.shape[0]} input channels, compensation expects {comp.n}")
-    out = view[comp.kept]
+    return _compensate(view, 0, 2, comp)
+
+
+def compensate_along(weight: np.ndarray, axis: int, out_axis: int, comp: Compensation, block: int = 1,
+                     interleaved: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """compensate_consumer on weights in their own layout, so that nothing is transposed: a
+    Gemm after a Flatten can hold hundreds of MB, and each transposing copy costs a pass over it.
+
+    ``axis`` of ``weight`` holds the N x ``block`` input features (channel-major: channel n owns
+    features n*block ... ; ``interleaved``: feature b*N + n), ``out_axis`` the outputs. Returns the
+    weights with P x block features on ``axis`` (C-contiguous) and the bias delta per output.
+    """
+    shape = weight.shape
+    pair = (block, comp.n) if interleaved else (comp.n, block)
+    split = weight.reshape(shape[:axis] + pair + shape[axis + 1:])  # a view of a contiguous array
+    channel = axis + 1 if interleaved else axis
+    out, bias = _compensate(split, channel, out_axis + (out_axis > axis), comp)
+    return out.reshape(shape[:axis] + (len(comp.kept) * block,) + shape[axis + 1:]), bias
+
+
+def _compensate(w: np.ndarray, channel: int, out_axis: int, comp: Compensation) -> tuple[np.ndarray, np.ndarray | None]:
+    """Z (and c) applied along ``channel`` of ``w``; the layout of every other axis is kept."""
+    if w.shape[channel] != comp.n:
+        raise ValueError(f"consumer has {w.shape[channel]} input channels, compensation expects {comp.n}")
+    out = np.take(w, comp.kept, axis=channel)
     merged = comp.merged
     if len(merged):
         # Sparse scatter-add of the merged columns into their partners.
-        scale = comp.scale[merged, None, None, None].astype(view.dtype)
-        np.add.at(out, comp.partner[merged], view[merged] * scale)
+        moved = np.moveaxis(np.take(w, merged, axis=channel), channel, 0)
+        scale = comp.scale[merged].astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
+        np.add.at(np.moveaxis(out, channel, 0), comp.partner[merged], moved * scale)
     removed = comp.removed
     if comp.dense is not None and len(removed):
-        out += np.einsum("pr,rbmk->pbmk", comp.dense.astype(view.dtype), view[removed], optimize=True)
+        added = np.tensordot(comp.dense.astype(w.dtype), np.take(w, removed, axis=channel), axes=([1], [channel]))
+        out += np.moveaxis(added, 0, channel)
     bias = None
     if comp.offset is not None and np.any(comp.offset):
-        bias = np.einsum("n,nbmk->m", comp.offset, view, optimize=True)
-    return out.astype(view.dtype, copy=False), bias
+        per_output = np.tensordot(comp.offset, w, axes=([0], [channel]))  # the channel axis summed away
+        keep = out_axis - (out_axis > channel)
+        bias = per_output.sum(axis=tuple(a for a in range(per_output.ndim) if a != keep))
+    return out.astype(w.dtype, copy=False), bias

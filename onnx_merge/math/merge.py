@@ -29,31 +29,40 @@ def relu_kernel_factor(cos: np.ndarray) -> np.ndarray:
     return (np.sin(t) + (np.pi - t) * c) / np.pi
 
 
-def cosine_to_kept(rows: np.ndarray, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(R, P) cosine similarities of removed rows to kept rows, and all row norms.
+def cosine_to_kept(rows: np.ndarray, kept: np.ndarray, removed: np.ndarray,
+                   bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(R, P) cosine similarities of removed rows to kept rows, and all row norms; with ``bias``
+    (N,), of the rows [w_n ; b_n], without building them (a copy of a wide layer's weight).
 
     The product runs in float32 or wider (``dots``: wide layers are the expensive case); norms
     are accumulated in float64.
     """
     rows = np.asarray(rows)
     norms = row_norms(rows)
+    products = dots(rows[removed], rows[kept])
+    if bias is not None:
+        bias = np.asarray(bias, np.float64)
+        norms = np.hypot(norms, bias)
+        products += np.outer(bias[removed], bias[kept])
     safe = np.where(norms > 0, norms, 1.0)
-    return np.clip(dots(rows[removed], rows[kept]) / np.outer(safe[removed], safe[kept]), -1.0, 1.0), norms
+    return np.clip(products / np.outer(safe[removed], safe[kept]), -1.0, 1.0), norms
 
 
-def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_rule: str) -> Compensation:
+def merge_by_cosine(rows: np.ndarray, kept: np.ndarray, threshold: float, scale_rule: str,
+                    bias: np.ndarray | None = None) -> Compensation:
     """METHOD.md 3a: each removed row goes to its most similar kept row when cos >= threshold.
 
     scale_rule "paper"/"exact": s = |u_n| / |u_m| (the paper's norm ratio);
     "projection": s = cos * |u_n| / |u_m| (least-squares fit of u_n by s * u_m);
     "kernel": the norm ratio times relu_kernel_factor(cos) (least-squares fit of the
     activations under a Gaussian input model). All are exact for an exact positive multiple.
+    ``bias``: the rows are [w_n ; b_n] (cosine_to_kept).
     """
     comp = Compensation.prune(len(rows), kept)
     removed = comp.removed
     if len(removed) == 0 or len(kept) == 0:
         return comp
-    cos, norms = cosine_to_kept(rows, comp.kept, removed)
+    cos, norms = cosine_to_kept(rows, comp.kept, removed, bias)
     best = np.argmax(cos, axis=1)
     best_cos = cos[np.arange(len(removed)), best]
     ok = (best_cos >= threshold) & (best_cos > 0) & (norms[comp.kept][best] > 0)

@@ -9,7 +9,7 @@ import numpy as np
 from .activations import FUNCTIONS, HOMOGENEOUS, activation, relu_slope
 from .batchnorm import BatchNorm, expected_relu
 from .compensation import Compensation
-from .criteria import select_kept
+from .criteria import importance, select_kept
 from .merge import duplicate_of, merge_by_cosine, merge_through_bn
 from .moments import gaussian_means
 from .regress import (InputModel, activation_moments, consumer_metric_root, kernel_moments, layer_preactivations,
@@ -128,6 +128,16 @@ def ranks_by_criterion(arrays: ProducerArrays, opts: PlanOptions) -> bool:
 
 def rank_kept(arrays: ProducerArrays, n_keep: int, opts: PlanOptions) -> np.ndarray:
     """The ``n_keep`` channels the criterion keeps (the highest ranked, or merge-cost's set)."""
+    if opts.criterion in ("l1-norm", "l2-norm", "l2-path") and arrays.bn is None and arrays.bias is not None:
+        # [w_n ; b_n] scored without building it: on a wide layer that is a copy of the weight
+        scores = importance(arrays.weight, opts.criterion, arrays.consumer_norms)
+        bias = np.abs(np.asarray(arrays.bias, np.float64))
+        if opts.criterion == "l1-norm":
+            scores = scores + bias
+        else:
+            scale = 1.0 if opts.criterion == "l2-norm" else np.asarray(arrays.consumer_norms, np.float64)
+            scores = np.hypot(scores, bias * scale)
+        return np.sort(np.argsort(-scores, kind="stable")[:n_keep])
     # l2-path and merge-cost judge the rows as the merge will see them (BN folded in)
     rows = arrays.folded_rows() if opts.criterion in ("l2-path", "merge-cost") else criterion_rows(arrays)
     return select_kept(rows, n_keep, opts.criterion, arrays.consumer_norms, opts.threshold)
@@ -158,7 +168,10 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
         comp = merge_through_bn(np.asarray(arrays.weight, np.float64), arrays.bn_with_bias(), kept,
                                 opts.threshold, opts.lam, opts.scale_rule)
     else:
-        comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
+        if arrays.bn is None:  # the rows are [w ; b]: handed over in parts, never built
+            comp = merge_by_cosine(arrays.weight, kept, opts.threshold, opts.scale_rule, arrays.bias)
+        else:
+            comp = merge_by_cosine(arrays.folded_rows(), kept, opts.threshold, opts.scale_rule)
     if opts.bias_from_bn and arrays.bn is not None:
         comp.offset = bn_mean_offset(arrays.bn, comp, arrays.act)
     return comp

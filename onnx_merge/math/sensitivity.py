@@ -1,12 +1,18 @@
 """What removing channels costs one layer: its error curve, for the global budget. No ONNX here.
 
-``curve[k]`` is the squared error in the consumer's output once k of the layer's N channels
-are removed (k = 0 .. N - 1), divided by the consumer's output energy, so that curves of
-different layers are comparable: the error the plan predicts under the layer's activation
-model (``activation_model``: BatchNormalization statistics, the white-input kernel model, or
-the Gaussian model of the layer's inputs), weighted by the consumer's weights. (Curves measured by greedy elimination on
-calibration activations allocated worse on the paper's ResNet-56 than these, and took
-minutes: BENCHMARKS.md.)
+Two kinds of curve, ``curve[k]`` after removing k of the layer's N channels (k = 0 .. N - 1):
+
+- measured (the default; run by allocation.OutputProbe): the plan's rebuilt channels
+  (``reconstruction``: a_hat = A a + c) fed into the model in place of the layer's activations,
+  and the change in the model's outputs (``output_change``) at a few counts (``probe_counts``),
+  linear between (``measured_curve``). Every layer is then rated in the same units. Data-free,
+  the inputs are ``natural_noise``.
+- predicted (``planned_curve``; --sensitivity consumer): the squared error in the consumer's
+  output, divided by the consumer's output energy, under the layer's activation model
+  (``activation_model``: BatchNormalization statistics, the white-input kernel model, or the
+  Gaussian model of the layer's inputs), weighted by the consumer's weights. Relative to the
+  consumer, not to what the network computes: on residual networks it misjudges the blocks
+  whose branch carries most of their stream (the downsampling blocks), BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -75,3 +81,54 @@ def planned_curve(arrays: ProducerArrays, opts: PlanOptions) -> np.ndarray:
         np.linspace(0, n - 1, MAX_PLANNED_POINTS).round().astype(int))
     errors = [0.0 if k == 0 else plan_error(gram, metric, plan_layer(arrays, n - k, opts)) for k in counts]
     return np.interp(np.arange(n), counts, errors) / energy
+
+
+def reconstruction(comp: Compensation) -> tuple[np.ndarray, np.ndarray]:
+    """(A, c) with a_hat = A a + c: what the consumer reads once the plan ``comp`` is applied
+    (the removed channels rebuilt from the kept ones; A is N x N, zero on removed columns)."""
+    n = comp.n
+    a = np.zeros((n, n))
+    a[:, comp.kept] = comp.to_dense().T
+    c = np.zeros(n) if comp.offset is None else np.asarray(comp.offset, np.float64)
+    return a, c
+
+
+def probe_counts(n: int, points: int) -> np.ndarray:
+    """Removed-channel counts a measured curve is sampled at: 0, then up to ``points`` counts
+    spread evenly up to n - 1."""
+    return np.unique(np.linspace(0, n - 1, points + 1).round().astype(int))
+
+
+def output_change(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """sum over the model's outputs of E|y_hat - y|^2 / E|y - E y|^2: the change an edit makes
+    to what the model computes, relative to how much the outputs vary between samples (a
+    constant part of the logits carries no decision)."""
+    total = 0.0
+    for y_hat, y in zip(outputs, reference):
+        y = np.asarray(y, np.float64).reshape(len(y), -1)
+        spread = np.sum((y - y.mean(axis=0)) ** 2)
+        total += float(np.sum((np.asarray(y_hat, np.float64).reshape(len(y), -1) - y) ** 2) / max(spread, 1e-30))
+    return total
+
+
+def measured_curve(counts: np.ndarray, errors: np.ndarray, n: int) -> np.ndarray:
+    """A curve of length n from errors measured at ``counts`` (counts[0] = 0), linear between."""
+    return np.interp(np.arange(n), counts, errors)
+
+
+def natural_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Standard normal samples (samples first) whose last two axes, where both are at least 8
+    long, have the 1/f amplitude spectrum of natural images instead of a flat one; each
+    channel (axis 1) scaled to unit variance. What a data-free output curve is measured on:
+    a network trained on normalised images, fed white noise, sees mostly the high frequencies
+    its filters ignore, and its outputs barely vary."""
+    x = rng.standard_normal(shape)
+    if len(shape) >= 3 and min(shape[-2:]) >= 8:
+        fy, fx = np.fft.fftfreq(shape[-2])[:, None], np.fft.fftfreq(shape[-1])[None, :]
+        f = np.sqrt(fy ** 2 + fx ** 2)
+        f[0, 0] = 1.0 / max(shape[-2:])
+        x = np.real(np.fft.ifft2(np.fft.fft2(x) / f))
+    if x.ndim >= 2:
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        x = (x - x.mean(axis=axes, keepdims=True)) / np.maximum(x.std(axis=axes, keepdims=True), 1e-12)
+    return x.astype(np.float32)
