@@ -357,7 +357,9 @@ def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> 
         asked = n_keep
         if moments is not None:
             costs = group_costs(moments)
-            n_keep = capped_keep(costs, n_keep, opts.max_group_error,
+            # calibration measures each group's error itself: the ratio's count, uncapped
+            cap = 1.0 if getattr(opts, "calibration", None) is not None else opts.max_group_error
+            n_keep = capped_keep(costs, n_keep, cap,
                                  opts.alignment(n, group.producers[0].node.op_type, group.blocks)[0])
             if n_keep >= n:
                 ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
