@@ -20,6 +20,7 @@ class Context:
     progress: Callable | None = None
     plans: list = field(default_factory=list)  # (chain, method, Compensation) from the merge pass
     original: bytes | None = None  # the model before rewriting, for calibration targets
+    groups_done: set = field(default_factory=set)  # coupled groups (first producer's name) calibration pruned
 
     def skip(self, node: str, reason: str) -> None:
         log.info("skipped %s: %s", node, reason)

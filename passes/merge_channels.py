@@ -243,14 +243,11 @@ class MergeChannels:
             else:
                 plans.append((chain, plan_opts, plan_layer(arrays, n_keep, plan_opts)))
         if calibrating:
-            # The calibration pass selects and rewrites layer by layer; these plans are its fallback.
-            # It fits one consumer: a fan-out gets its data-free plan here.
+            # The calibration pass selects and rewrites layer by layer (a fan-out's consumers
+            # together); these plans are its fallback.
             ctx.original = model.SerializeToString()
-            ctx.plans = [p for p in plans if len(branches_of(p[0])) == 1]
-            for chain, plan_opts, comp in plans:
-                if len(branches_of(chain)) > 1:
-                    layers.append(apply_plan(index, chain, comp, plan_opts))
-            return bool(len(ctx.plans) < len(plans))
+            ctx.plans = plans
+            return False
         rewrites = waiting or plans
         if ctx.progress is not None:
             rewrites = ctx.progress(rewrites, desc="rewriting", unit="layer")

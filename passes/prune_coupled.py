@@ -17,6 +17,8 @@ sum is not a positive multiple of another unless every term is, so the group is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -262,6 +264,120 @@ def _prune_readers(index: GraphIndex, group: Group, kept: np.ndarray, n: int) ->
 STATISTICS = tensor_statistics  # the data-free model of every tensor (a calibrated run may replace it)
 
 
+@dataclass
+class GroupPlan:
+    """One group to prune: its producers' names, width, how many it keeps, the channels the
+    data-free plan keeps, the spaces those reach through Concat/Split ranges, and what the
+    data-free plan measured (the consumers' moments where it has them)."""
+
+    group: Group
+    names: list[str]
+    channels: int
+    n_keep: int
+    kept: np.ndarray
+    views: list
+    moments: list | None = None
+    anchored: bool = False
+    predicted: float | None = None
+    asked: int = 0
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def readers(self) -> list:
+        return self.group.consumers + [c for target, _, _ in self.views for c in target.consumers]
+
+    def entry(self, kept: int, method: str = "") -> dict:
+        """The report entry once the group keeps ``kept`` channels."""
+        return {"layer": " + ".join(self.names), "op": "coupled group",
+                "consumer": ", ".join(c.name for c in self.readers), "channels": self.channels, "kept": int(kept),
+                "merged": 0, "regressed": 0, "pruned": int(self.channels - kept),
+                "method": method or f"prune ({self.group.kind} group)" + (", means restored" if self.anchored else ""),
+                "depthwise": [d.name for d in self.group.depthwise]}
+
+    def apply(self, index: GraphIndex, opts) -> dict:
+        """The data-free plan: prune (restoring the removed channels' means where BN statistics
+        give them); the report entry."""
+        if self.anchored:
+            restore_means(index, self.moments, self.kept, self.channels)
+        prune_group(index, self.group, self.kept, self.channels, self.views)
+        entry = self.entry(self.n_keep)
+        if self.predicted is not None:
+            entry["predicted_error"] = round(self.predicted, 4)
+            entry["model"] = "batchnorm statistics" if self.anchored else "consumer columns"
+            if self.n_keep > self.asked:
+                entry["asked_kept"] = int(self.asked)
+                entry["note"] = (f"asked {self.asked} of {self.channels} kept; {self.n_keep} kept so that the predicted "
+                                 f"error stays under --max-group-error {opts.max_group_error}")
+        return entry
+
+
+def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[GroupPlan]:
+    """Every group that is no free chain and can be pruned, with the data-free plan's kept
+    channels; each group left whole is recorded in ``ctx`` with its reason. Lazily: a group
+    reached through a Concat is sized by its parts as pruned when it comes. ``done``: names
+    of groups (their first producer's) already pruned, passed over."""
+    stats = None  # computed when the first group needs them
+    chained = {c.producer.node.name for c in find_chains(index)[0]}
+    for group in find_groups(index):
+        names = [p.name for p in group.producers]
+        if names[0] in done:
+            continue
+        if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
+            continue  # a free chain (the merge pass's business), or one it said why not
+        if not group.free and opts.coupled != "prune":
+            ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
+                                       f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
+                     if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
+            continue
+        if group.blocked:
+            ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
+            continue
+        n = _channels(index, group)
+        if isinstance(n, str):
+            ctx.skip(", ".join(names), f"coupled group left whole: {n}")
+            continue
+        ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
+                  group.producers]
+        if any(r is None for r in ratios):
+            ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
+            continue
+        if n % group.blocks:
+            ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
+            continue
+        n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
+        if n_keep >= n:
+            continue
+        # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
+        found = None
+        if opts.method != "prune" and group.free and not group.views and not group.splits:
+            stats = STATISTICS(index) if stats is None else stats
+            found = consumer_moments(index, group, n, stats)
+        moments, anchored = found if found is not None else (None, False)
+        predicted = None
+        asked = n_keep
+        if moments is not None:
+            costs = group_costs(moments)
+            # calibration measures each group's error itself: the ratio's count, uncapped
+            cap = 1.0 if getattr(opts, "calibration", None) is not None else opts.max_group_error
+            n_keep = capped_keep(costs, n_keep, cap,
+                                 opts.alignment(n, group.producers[0].node.op_type, group.blocks)[0])
+            if n_keep >= n:
+                ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
+                         f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "
+                         f"consumers' output (predicted; --max-group-error {opts.max_group_error} allows less)")
+                continue
+            kept = keep_least_costly(costs, n_keep, group.blocks)
+            predicted = relative_error(costs, kept)
+        else:
+            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
+            kept = select_per_block(scores, n_keep, group.blocks)
+        views = _views(index, group, kept, n)
+        if isinstance(views, str):
+            ctx.skip(", ".join(names), f"coupled group left whole: {views}")
+            continue
+        yield GroupPlan(group, names, n, n_keep, kept, views, moments, anchored, predicted, asked)
+
+
 class PruneCoupled:
     name = "prune-coupled"
 
@@ -269,78 +385,11 @@ class PruneCoupled:
         opts = ctx.options
         index = GraphIndex(model)
         changed = False
-        stats = None  # computed when the first group needs them
-        chained = {c.producer.node.name for c in find_chains(index)[0]}
-        for group in find_groups(index):
-            names = [p.name for p in group.producers]
-            if not group.coupled and len(names) == 1 and (group.producers[0].node.name in chained or group.blocked):
-                continue  # a free chain (the merge pass's business), or one it said why not
-            if not group.free and opts.coupled != "prune":
-                ctx.skip(", ".join(names), f"residual stream left whole ({group.residual[0].op_type} "
-                                           f"{group.residual[0].name!r} adds it; --coupled prune prunes it)"
-                         if group.residual else "its channels reach a residual stream (--coupled prune prunes it)")
-                continue
-            if group.blocked:
-                ctx.skip(", ".join(names), f"coupled group left whole: {group.blocked}")
-                continue
-            n = _channels(index, group)
-            if isinstance(n, str):
-                ctx.skip(", ".join(names), f"coupled group left whole: {n}")
-                continue
-            ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
-                      group.producers]
-            if any(r is None for r in ratios):
-                ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
-                continue
-            if n % group.blocks:
-                ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
-                continue
-            n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
-            if n_keep >= n:
-                continue
-            # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
-            found = None
-            if opts.method != "prune" and group.free and not group.views and not group.splits:
-                stats = STATISTICS(index) if stats is None else stats
-                found = consumer_moments(index, group, n, stats)
-            moments, anchored = found if found is not None else (None, False)
-            predicted = None
-            asked = n_keep
-            if moments is not None:
-                costs = group_costs(moments)
-                n_keep = capped_keep(costs, n_keep, opts.max_group_error,
-                                     opts.alignment(n, group.producers[0].node.op_type, group.blocks)[0])
-                if n_keep >= n:
-                    ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
-                             f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "
-                             f"consumers' output (predicted; --max-group-error {opts.max_group_error} allows less)")
-                    continue
-                kept = keep_least_costly(costs, n_keep, group.blocks)
-                predicted = relative_error(costs, kept)
-            else:
-                scores = _scores(index, group, n, opts.plan_options("prune").criterion)
-                kept = select_per_block(scores, n_keep, group.blocks)
-            views = _views(index, group, kept, n)
-            if isinstance(views, str):
-                ctx.skip(", ".join(names), f"coupled group left whole: {views}")
-                continue
-            if anchored:
-                restore_means(index, moments, kept, n)
-            prune_group(index, group, kept, n, views)
-            readers = group.consumers + [c for target, _, _ in views for c in target.consumers]
-            ctx.report.setdefault("layers", []).append({
-                "layer": " + ".join(names), "op": "coupled group", "consumer": ", ".join(c.name for c in readers),
-                "channels": n, "kept": int(n_keep), "merged": 0, "regressed": 0, "pruned": int(n - n_keep),
-                "method": f"prune ({group.kind} group)" + (", means restored" if anchored else ""),
-                "depthwise": [d.name for d in group.depthwise]})
-            if predicted is not None:
-                entry = ctx.report["layers"][-1]
-                entry["predicted_error"] = round(predicted, 4)
-                entry["model"] = "batchnorm statistics" if anchored else "consumer columns"
-                if n_keep > asked:
-                    entry["asked_kept"] = int(asked)
-                    entry["note"] = (f"asked {asked} of {n} kept; {n_keep} kept so that the predicted error stays "
-                                     f"under --max-group-error {opts.max_group_error}")
-            log.info("coupled group %s: %d -> %d channels", " + ".join(names), n, n_keep)
+        for plan in plan_groups(index, opts, ctx, frozenset(ctx.groups_done)):
+            entry = plan.apply(index, opts)
+            if getattr(opts, "calibration", None) is not None:  # calibration took every other group
+                entry["calibration"] = "not calibrated (its channels reach Concat or Split ranges): the data-free plan"
+            ctx.report.setdefault("layers", []).append(entry)
+            log.info("coupled group %s: %d -> %d channels", " + ".join(plan.names), plan.channels, plan.n_keep)
             changed = True
         return changed

@@ -5,7 +5,7 @@ import pytest
 
 from onnx_merge import CompressOptions, compress
 from onnx_merge.math.calibrate import LeastSquaresFit, im2col, same_pads
-from tests.helpers import build, header, rng_weights, run
+from tests.helpers import build, header, initializer_shapes, rng_weights, run
 from tests.test_passes import conv_bn_relu_pool_conv
 
 
@@ -377,3 +377,65 @@ def test_original_targets_are_read_in_one_run_and_a_small_store_gives_the_same_m
     again, rep = compress(model, CompressOptions(**opts))
     assert rep["calibration"]["original_runs"] == 2
     assert np.allclose(run(again, calib)[0], run(small, calib)[0], atol=1e-6)
+
+
+def _fresh_error(model, small, shape, n=48, seed=5):
+    """Mean squared output error on inputs the calibration never saw."""
+    xs = np.random.default_rng(seed).standard_normal((n,) + shape).astype(np.float32)
+    return float(np.mean([(run(small, {"x": v[None]})[0] - run(model, {"x": v[None]})[0]) ** 2 for v in xs]))
+
+
+@pytest.mark.parametrize("exclude", [["r", "ro"], []])
+def test_depthwise_block_with_se_gate_refits_its_project_and_reduce_convs(exclude):
+    """expand -> depthwise -> SE gate -> project: the group's kept channels are chosen on the
+    project conv's problem, the SE reduce conv is refitted to the original's hidden layer (not
+    asked which to keep) and the project conv is refitted on what the refitted gate gives. With
+    the SE's hidden chain compressed too, the reduce conv is fitted to the outputs it still writes."""
+    from tests.test_topologies import _inverted_residual_with_se
+
+    model = _inverted_residual_with_se("HardSigmoid")
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 4, 6, 6)).astype(np.float32)}
+    # the data-free plan at the same counts (its cap on the predicted error would keep more)
+    plain, _ = compress(model, CompressOptions(ratio=0.5, exclude=exclude, max_group_error=1.0))
+    small, rep = compress(model, CompressOptions(ratio=0.5, exclude=exclude, calibration=calib))
+    entry = next(e for e in rep["layers"] if e.get("depthwise"))
+    assert entry["method"] == "calibrated (depthwise group)", entry
+    reduce_conv, project = (next(n.name for n in small.graph.node if n.input[1:2] == [w]) for w in ("r", "pj"))
+    assert entry["refitted"] == [f"{reduce_conv} (gate)", project]
+    assert entry["error"]["calibrated"] < entry["error"]["data_free"]
+    dims = initializer_shapes(small)
+    assert dims["ex"][0] == dims["dw"][0] == dims["r"][1] == dims["e"][0] == dims["pj"][1] == 6
+    if not exclude:
+        assert dims["r"][0] < 3 and any(e["layer"] == reduce_conv and "refitted" in e for e in rep["layers"])
+    assert _fresh_error(model, small, (4, 6, 6)) < _fresh_error(model, plain, (4, 6, 6))
+
+
+def test_fan_out_chooses_on_every_consumer_and_refits_each():
+    """A squeeze conv read by two expand convs (SqueezeNet's fire module): the kept channels are
+    chosen on both consumers' problems together and both are refitted."""
+    from tests.test_topologies import _fire
+
+    model = _fire()
+    calib = {"x": np.random.default_rng(2).standard_normal((48, 8, 5, 5)).astype(np.float32)}
+    plain, _ = compress(model, CompressOptions(ratio=0.5, exclude=["e1", "e3"]))
+    small, rep = compress(model, CompressOptions(ratio=0.5, exclude=["e1", "e3"], calibration=calib))
+    entry = next(e for e in rep["layers"] if e["layer"] == "Conv_0")
+    assert entry["method"] == "calibrated" and len(entry["refitted"]) == 2 and len(entry["rows"]) == 2
+    assert entry["error"]["calibrated"] < entry["error"]["data_free"]
+    assert initializer_shapes(small)["e1"][1] == initializer_shapes(small)["e3"][1] == 3
+    assert _fresh_error(model, small, (8, 5, 5)) < _fresh_error(model, plain, (8, 5, 5))
+
+
+def test_gate_readers_are_the_reduce_convs_of_mul_gates_not_a_residual_blocks_first_conv():
+    from onnx_merge.graph import GraphIndex
+    from onnx_merge.groups import find_groups
+    from onnx_merge.passes.calibrate_consumers import gate_readers
+    from tests.test_topologies import _inverted_residual_with_se
+
+    model = compress(_inverted_residual_with_se("Sigmoid"), CompressOptions(ratio=0.0))[0]  # nodes named
+    index = GraphIndex(model)
+    group = next(g for g in find_groups(index) if g.depthwise)
+    assert gate_readers(index, group) == {next(n.name for n in model.graph.node if n.input[1:2] == ["r"])}
+    index = GraphIndex(two_residual_blocks(with_bn=False))
+    stream = next(g for g in find_groups(index) if g.residual)
+    assert gate_readers(index, stream) == set()

@@ -26,6 +26,23 @@ def test_gradient_matches_finite_differences(slope):
     assert err < 1e-5 * max(1.0, np.linalg.norm(loss_and_gradient(theta, *args)[1]))
 
 
+@pytest.mark.parametrize("name", ["gelu", "silu", "hard_swish"])
+def test_gradient_through_any_named_activation_matches_finite_differences(name):
+    """GELU/SiLU/HardSwish blocks (a transformer's FFN) are refined too: the derivative by
+    central differences gives the objective's gradient."""
+    from onnx_merge.math.activations import activation
+
+    rng = np.random.default_rng(2)
+    start = random_block(rng)
+    start = DenseBlock(start.w1, start.b1, start.w2, start.b2, fn=activation(name))
+    x, target = rng.standard_normal((40, 6)), rng.standard_normal((40, 3))
+    theta0 = start.flat()
+    theta = theta0 + 0.3 * rng.standard_normal(theta0.size)
+    args = (start, x, target, 0.5, theta0)
+    err = check_grad(lambda t: loss_and_gradient(t, *args)[0], lambda t: loss_and_gradient(t, *args)[1], theta)
+    assert err < 1e-4 * max(1.0, np.linalg.norm(loss_and_gradient(theta, *args)[1]))
+
+
 def test_refinement_lowers_the_error_of_a_smaller_block():
     """A block with fewer hidden units than the one that made the targets gets closer to them,
     on all rows and on the held-out ones."""

@@ -145,7 +145,7 @@ def select_channels(fit: LeastSquaresFit, channels: int, n_keep: int, ridge: flo
 
 
 def select_channels_jointly(fits: list[LeastSquaresFit], channels: int, n_keep: int, ridge: float = 1e-3,
-                            max_condition: float = 1e10) -> tuple[np.ndarray, list] | None:
+                            max_condition: float = 1e10, weights=None) -> tuple[np.ndarray, list] | None:
     """Greedy backward elimination of whole channels (groups of features) by the group
     Optimal-Brain-Surgeon cost summed over every consumer that reads the channels, then each
     consumer's least-squares refit on what is kept.
@@ -154,9 +154,12 @@ def select_channels_jointly(fits: list[LeastSquaresFit], channels: int, n_keep: 
     consumer has its own g). Removing group G from the ridge solution beta = A^-1 C raises the
     error by tr(beta_G^T [(A^-1)_GG]^-1 beta_G); the inverse and the solution are downdated
     after each removal (Schur complement), so only one F x F inverse per consumer is formed.
+    ``weights``: each consumer's cost is multiplied by its weight (1 / its target energy
+    makes the sum one of relative errors: consumers of different scales count alike).
     Returns (kept channels, [(W' (M, P * g), b' (M,)) per consumer]), or None when a problem
     is ill-conditioned.
     """
+    weights = np.ones(len(fits)) if weights is None else np.asarray(weights, np.float64)
     states = []
     for fit in fits:
         f = fit.gram.shape[0] - 1
@@ -167,7 +170,7 @@ def select_channels_jointly(fits: list[LeastSquaresFit], channels: int, n_keep: 
     alive = np.ones(channels, dtype=bool)
     for _ in range(channels - n_keep):
         live = np.flatnonzero(alive)
-        pick = live[int(np.argmin(sum(state.costs(live) for state in states)))]
+        pick = live[int(np.argmin(sum(w * state.costs(live) for w, state in zip(weights, states))))]
         for state in states:
             state.remove(pick)
         alive[pick] = False

@@ -3,13 +3,14 @@
 The least-squares refit moves only the consumer, so it cannot make the kept neurons any better
 at standing in for the removed ones. Refinement fits both layers of the block
 
-    y = W2 f(W1 x + b1) + b2,        f = ReLU (or LeakyReLU with slope a)
+    y = W2 f(W1 x + b1) + b2,        f = ReLU (or LeakyReLU with slope a), or any activation
+                                      (GELU, SiLU, ...: its derivative by central differences)
 
 to the original output t on the calibration rows, starting from the fitted block theta0:
 
     minimise  |y - t|^2 / (n mean(t^2))  +  lam |theta - theta0|^2 / (|theta| mean(theta0^2))
 
-with L-BFGS (the loss is piecewise quadratic). The proximal term keeps the block near what
+with L-BFGS (for a ReLU the loss is piecewise quadratic). The proximal term keeps the block near what
 the closed-form steps produced, so a few hundred rows do not overfit; its strength lam is
 chosen by holding out a quarter of the rows, and the refined block is used only when it beats
 the starting block on those held-out rows. No labels and no ONNX here.
@@ -17,6 +18,7 @@ the starting block on those held-out rows. No labels and no ONNX here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,13 +29,23 @@ STRENGTHS = (0.1, 1.0, 10.0)
 
 @dataclass
 class DenseBlock:
-    """Producer (w1 (P, F), b1 (P,)) -> activation -> consumer (w2 (M, P), b2 (M,))."""
+    """Producer (w1 (P, F), b1 (P,)) -> activation -> consumer (w2 (M, P), b2 (M,)). The
+    activation is ``fn`` where given (math/activations.py), else the ReLU with ``slope``."""
 
     w1: np.ndarray
     b1: np.ndarray
     w2: np.ndarray
     b2: np.ndarray
     slope: float = 0.0
+    fn: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def act(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """f(z) and f'(z)."""
+        if self.fn is None:
+            gate = np.where(z > 0, 1.0, self.slope)
+            return z * gate, gate
+        h = 1e-4 * (1.0 + np.abs(z))
+        return self.fn(z), (self.fn(z + h) - self.fn(z - h)) / (2.0 * h)
 
     def flat(self) -> np.ndarray:
         return np.concatenate([self.w1.ravel(), self.b1, self.w2.ravel(), self.b2])
@@ -43,11 +55,12 @@ class DenseBlock:
         for like in (self.w1, self.b1, self.w2, self.b2):
             parts.append(theta[at:at + like.size].reshape(like.shape))
             at += like.size
-        return DenseBlock(*parts, slope=self.slope)
+        return DenseBlock(*parts, slope=self.slope, fn=self.fn)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         z = x @ self.w1.T + self.b1
-        return np.where(z > 0, z, self.slope * z) @ self.w2.T + self.b2
+        h = np.where(z > 0, z, self.slope * z) if self.fn is None else self.fn(z)
+        return h @ self.w2.T + self.b2
 
 
 def block_error(block: DenseBlock, x: np.ndarray, target: np.ndarray) -> float:
@@ -60,8 +73,7 @@ def loss_and_gradient(theta: np.ndarray, start: DenseBlock, x: np.ndarray, targe
     """The refinement objective (module docstring) and its gradient in theta."""
     b = start.with_flat(theta)
     z = x @ b.w1.T + b.b1
-    gate = np.where(z > 0, 1.0, b.slope)
-    h = z * gate
+    h, gate = b.act(z)
     err = h @ b.w2.T + b.b2 - target
     norm = len(x) * max(float(np.mean(target ** 2)), 1e-30)
     g_out = 2.0 * err / norm
