@@ -66,9 +66,15 @@ def _torchvision():
     import torch
 
     # torchvision registers its C++ ops on import; the CPU wheel here lacks them, so declare two
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    # (once per process: a test module may have declared them already)
+    lib = None
+    if "torchvision" not in sys.modules:
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:
+            lib = None
     import torchvision
 
     return torchvision, lib
