@@ -84,7 +84,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOption
     report = {"options": {k: v for k, v in vars(options).items() if k not in ("calibration", "allocated")}}
     report["options"]["calibrated"] = options.calibration is not None
     if options.round_to is None:  # what auto resolved to on this machine, for the summary and the report
-        report["alignment"] = {"conv_block": options.alignment(1 << 20, "Conv")[0], "providers": list(options.providers)}
+        report["alignment"] = {"conv_block": options.channel_block("Conv"), "providers": list(options.providers)}
     ctx = Context(options=options, report=report, progress=_progress)
     canonicalize().run(model, ctx)
     # counted after canonicalizing: weights computed by constant subgraphs count too, copies of shared ones do not

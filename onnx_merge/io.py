@@ -219,7 +219,7 @@ def check_inferable(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _values(tensor: onnx.TensorProto) -> np.ndarray:
-    """A float tensor's values, read in place from its raw bytes where it has them (no copy)."""
+    """A float tensor's values, viewed on its raw bytes where it has them (to_array copies them again)."""
     from onnx import numpy_helper
 
     if tensor.HasField("raw_data") and tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):

@@ -124,14 +124,18 @@ class CompressOptions:
         Always a multiple of ``multiple`` (conv groups)."""
         if self.round_to is not None:
             return math.lcm(self.round_to, multiple), 1
-        from .runtime import channel_block
-
-        block = max(channel_block(p, op_type) for p in self.providers)
+        block = self.channel_block(op_type)
         step = math.lcm(channel_step(n, block), multiple)
         if step - 1 > ALIGN_SLACK * n:
             step = multiple
         floor = channel_floor(n, block) if self.block_floor else 1
         return step, floor if floor % step == 0 else 1
+
+    def channel_block(self, op_type: str) -> int:
+        """The channel block of the kernels ``providers`` run ``op_type`` with (runtime.channel_block)."""
+        from .runtime import channel_block
+
+        return max(channel_block(p, op_type) for p in self.providers)
 
     def kept_channels(self, n: int, ratio: float, op_type: str, multiple: int = 1) -> int:
         """Channels a layer (or group) of ``n`` keeps at ``ratio``, aligned (``alignment``)."""

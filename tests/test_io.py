@@ -70,3 +70,20 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert main(["compress", str(src), "-o", str(tmp_path / "o.onnx")]) == 3
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
     assert src.read_bytes() == before
+
+
+def test_a_model_file_is_parsed_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    """external_files hands its parse to load_model; a file saved anew is read anew."""
+    import onnx_merge.io as io
+
+    path = tmp_path / "m.onnx"
+    onnx.save(lenet_300_100(random_lenet_weights()), path)
+    parses = []
+    real = onnx.load
+    monkeypatch.setattr(io.onnx, "load", lambda *a, **k: parses.append(a[0]) or real(*a, **k))
+    assert external_files(path) == [] and external_files(path) == []
+    load_model(path)
+    assert len(parses) == 1
+    onnx.save(lenet_300_100(random_lenet_weights()), path, save_as_external_data=True, location="m.data")
+    os.utime(path, ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    assert [p.name for p in external_files(path)] == ["m.data"] and len(parses) == 2
