@@ -39,7 +39,7 @@ class CompressOptions:
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
     calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
-    calibration_rows: int = 16384  # patch rows per batch entering the least-squares statistics
+    calibration_rows: int = 4096  # patch rows per batch entering the least-squares statistics (more for wide consumers)
     refine_iterations: int = 100  # L-BFGS iterations of block refinement (fully connected chains); 0: off
     # A global budget instead of one ratio: keep this fraction of the MACs or parameters, the
     # layers' ratios allocated where they cost least (onnx_merge/allocation.py fills ``allocated``,

@@ -77,11 +77,24 @@ def parse_providers(text: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(items)) or ["cpu"]
 
 
-@functools.lru_cache(maxsize=None)
+CPU_BLOCK_VARIABLE = "ONNX_MERGE_CPU_BLOCK"  # the deployment CPU's block, where it is not this machine's
+
+
 def _cpu_conv_block() -> int:
     """onnxruntime's CPU kernels (MLAS) run convs in a blocked NCHWc layout of 16 channels with
     AVX-512, 8 with AVX2; a count off the block falls back to slower kernels. Elsewhere nothing
-    was measured, and nothing is rounded."""
+    was measured, and nothing is rounded. $ONNX_MERGE_CPU_BLOCK names the block of the CPU the
+    model will run on when that is not the one compressing it."""
+    given = os.environ.get(CPU_BLOCK_VARIABLE)
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise UsageError(f"${CPU_BLOCK_VARIABLE} must be a channel count such as 8 or 16, got {given!r}")
+        return int(given)
+    return _probed_cpu_block()
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_cpu_block() -> int:
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:  # numpy < 2

@@ -15,6 +15,16 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def avx512_channel_block(monkeypatch):
+    """--round-to auto aligns conv counts to the CPU kernels' block, which the machine decides (16
+    with AVX-512, 8 with AVX2). The tests' expected counts were written for 16: pinned, they do
+    not depend on the machine that runs them (CLI subprocesses read the same variable)."""
+    from onnx_merge.runtime import CPU_BLOCK_VARIABLE
+
+    monkeypatch.setenv(CPU_BLOCK_VARIABLE, "16")
+
+
 @pytest.fixture(scope="session")
 def lenet_weights():
     return dict(np.load(shared_file("weights", "lenet_300_100_fashionmnist.npz")))

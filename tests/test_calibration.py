@@ -155,6 +155,27 @@ def test_consumer_before_a_residual_add_also_cancels_the_stream_error(with_bn, m
     assert np.mean((corrected - ref) ** 2) < np.mean((plain - ref) ** 2)
 
 
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_a_producer_whose_input_drifted_is_refitted_to_its_original_output(with_bn, monkeypatch):
+    """The second block's first conv reads the stream that the first block's compression moved:
+    it is refitted to its original output on the compressed model's input (the first block's,
+    reading the untouched stem, is not), and the model's output error drops below that of
+    leaving it as it was."""
+    import onnx_merge.passes.calibrate_consumers as calibrate
+
+    model = two_residual_blocks(with_bn)
+    calib = _calib(64)
+    ref = _run_chunks(model, calib)
+    small, rep = compress(model, CompressOptions(ratio=0.5, calibration=calib))
+    first, second = rep["layers"]
+    assert "producers_refitted" not in first
+    (done,) = second["producers_refitted"]
+    assert done["error"]["after"] < done["error"]["before"]
+    monkeypatch.setattr(calibrate, "drifted_producers", lambda index, unit, units: [])
+    plain = _run_chunks(compress(model, CompressOptions(ratio=0.5, calibration=calib))[0], calib)
+    assert np.mean((_run_chunks(small, calib) - ref) ** 2) < np.mean((plain - ref) ** 2)
+
+
 @pytest.mark.parametrize("head", ["matmul-flatten", "transpose-flatten"])
 def test_channel_last_flatten_is_refitted_in_its_layout(head):
     """There channel c owns features c, c + N, ...: the fit reads them in that order and writes the
@@ -366,8 +387,9 @@ def test_original_targets_are_read_in_one_run_and_a_small_store_gives_the_same_m
     import onnx_merge.passes.calibrate_consumers as calibrate
 
     model, calib = two_residual_blocks(with_bn=False), _calib(40)
-    # 300 random patch rows of each batch's 1,024 or 512
+    # 300 random patch rows of each batch's 1,024 or 512 (3 batches: a 72-feature consumer has 12 rows per feature)
     opts = dict(ratio=0.5, calibration=calib, calibration_batch=16, calibration_rows=300)
+    monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", 12)
     small, rep = compress(model, CompressOptions(**opts))
     assert len(rep["layers"]) == 2 and rep["calibration"]["original_runs"] == 1
     for entry in rep["layers"]:  # per group: rows, errors of both plans, the plan kept, time
@@ -375,8 +397,42 @@ def test_original_targets_are_read_in_one_run_and_a_small_store_gives_the_same_m
         assert entry["error"]["calibrated"] < entry["error"]["data_free"] and "refitted" in entry["calibration"]
     monkeypatch.setattr(calibrate, "STORE_BYTES", 1)
     again, rep = compress(model, CompressOptions(**opts))
-    assert rep["calibration"]["original_runs"] == 2
+    assert rep["calibration"]["original_runs"] == 3  # the second block's drifted producer reads its own
     assert np.allclose(run(again, calib)[0], run(small, calib)[0], atol=1e-6)
+    monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", 20)  # 20 x 72 / 3 = 480 rows a batch, over the 300 asked
+    assert all(e["rows"] == 3 * 480 for e in compress(model, CompressOptions(**opts))[1]["layers"])
+
+
+def test_runs_start_from_cached_tensors_and_give_the_same_model(monkeypatch):
+    """A group's run over the calibration set starts from the compressed model's tensors that an
+    earlier run left and nothing since rewrote (the second block's from the first block's input,
+    not from the model's): the model is the one that running every group from the inputs gives."""
+    import onnx_merge.passes.calibrate_consumers as calibrate
+
+    model, calib = two_residual_blocks(with_bn=True), _calib(40)
+    opts = dict(ratio=0.5, calibration=calib, calibration_batch=16)
+    small, rep = compress(model, CompressOptions(**opts))
+    assert rep["calibration"]["runs_from_cached"] >= 2
+    monkeypatch.setattr(calibrate, "CACHE_BYTES", 0)
+    again, rep = compress(model, CompressOptions(**opts))
+    assert rep["calibration"]["runs_from_cached"] == 0
+    assert np.allclose(run(again, calib)[0], run(small, calib)[0], atol=1e-6)
+
+
+def test_a_cached_tensor_goes_stale_when_a_weight_upstream_of_it_changes_not_downstream():
+    from onnx_merge.calibration import ActivationCache
+    from onnx_merge.graph import GraphIndex
+
+    model, feeds = two_residual_blocks(with_bn=False), [_calib(8)]
+    cache = ActivationCache(1 << 30)
+    (out,) = cache.taps(model, ["h1"], "real", 1, keep=["h1"]).over(feeds)
+    later = cache.taps(model, ["y"], "real", 1)
+    assert list(later.cut) == ["h1"] and np.allclose(next(later.over(feeds))["y"], run(model, feeds[0])[0], atol=1e-5)
+    index = GraphIndex(model)
+    index.set_array("c2", index.array("c2") * 2)  # downstream of h1
+    assert list(cache.taps(model, ["y"], "real", 1).cut) == ["h1"]
+    index.set_array("a2", index.array("a2") * 2)  # upstream of h1
+    assert not cache.taps(model, ["y"], "real", 1).cut
 
 
 def _fresh_error(model, small, shape, n=48, seed=5):

@@ -285,3 +285,15 @@ def test_merge_with_a_bias_equals_merging_the_appended_rows():
     parts = merge_by_cosine(weight, kept, 0.1, "projection", bias)
     assert np.array_equal(whole.partner, parts.partner) and np.allclose(whole.scale, parts.scale)
     assert parts.partner[7] == 1 and parts.scale[7] == pytest.approx(2.0)
+
+
+def test_the_deployment_cpus_block_can_be_named(monkeypatch):
+    """A model compressed here may run on another CPU: $ONNX_MERGE_CPU_BLOCK names its block."""
+    from onnx_merge.errors import UsageError
+    from onnx_merge.runtime import CPU_BLOCK_VARIABLE, channel_block
+
+    monkeypatch.setenv(CPU_BLOCK_VARIABLE, "8")
+    assert channel_block("cpu", "Conv") == 8 and channel_block("cpu", "Gemm") == 1
+    monkeypatch.setenv(CPU_BLOCK_VARIABLE, "wide")
+    with pytest.raises(UsageError, match=CPU_BLOCK_VARIABLE):
+        channel_block("cpu", "Conv")
