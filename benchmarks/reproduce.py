@@ -2,7 +2,8 @@
 tool's other settings. Writes BENCHMARKS.md and benchmarks/accuracy_vs_params.png.
 
     python benchmarks/reproduce.py            (make reproduce; about 10 minutes on 2 cores)
-    python benchmarks/reproduce.py --only budget   (the global-budget section of BENCHMARKS.md alone)
+    python benchmarks/reproduce.py --only budget   (the global-budget section of BENCHMARKS.md alone;
+                                                    also: fashion, calibrated)
 
 Data: LeNet on the real FashionMNIST test set (10,000); ResNet-56 on the 1,017 exact CIFAR-10
 test images (`x_exact`) and, for l1-norm, on the full 10,000-image JPEG copy (`x`).
@@ -385,7 +386,8 @@ def fashion_section(lines: list[str]) -> None:
 
 
 def main() -> None:
-    only = {"budget": budget_section, "fashion": fashion_section}
+    only = {"budget": budget_section, "fashion": fashion_section,
+            "calibrated": lambda lines: calibrated_section(lines, {})}
     if sys.argv[1:2] == ["--only"] and sys.argv[2:3] and sys.argv[2] in only:  # regenerate that section alone
         section: list[str] = []
         start = time.time()

@@ -250,6 +250,9 @@ class Problem:
     residual: tuple[str, np.ndarray | None] | None
     features: int
     outputs: int
+    # False for a drifted producer's refit: mixed samples would cost a run of everything before it
+    # per copy (3 on ResNet-18's layer4.0 took 40 of 200 s) for a fit that only tidies the drift
+    mixable: bool = True
 
     @property
     def taps(self) -> list[str]:
@@ -260,7 +263,7 @@ class Problem:
         fully connected layer's rows from one sample (its tokens) count as one: they are far
         from independent (a ViT's 17 tokens per image overfit its FFN refits like 1)."""
         independent = rows if self.layer.node.op_type == "Conv" else samples
-        return independent < MIXED_BELOW_ROWS_PER_FEATURE * self.features and rows * self.features ** 2 <= MIXED_WORK
+        return self.mixable and independent < MIXED_BELOW_ROWS_PER_FEATURE * self.features and rows * self.features ** 2 <= MIXED_WORK
 
 
 
@@ -506,7 +509,7 @@ class CalibrateConsumers:
             unit.refits = [Reader(p, problem=problem) for p in drifted_producers(index, unit, units)
                            if (problem := problem_for(orig_index, orig_nodes, p)) is not None]
             for r in unit.refits:
-                r.problem = replace(r.problem, residual=None)  # its own output is the target
+                r.problem = replace(r.problem, residual=None, mixable=False)  # its own output is the target
                 r.slot = len(problems)
                 problems.append(r.problem)
             for r in unit.readers:
