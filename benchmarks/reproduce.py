@@ -354,6 +354,7 @@ def fashion_section(lines: list[str]) -> None:
     --max-group-error, so a ratio alone does not say how much went)."""
     import onnx
 
+    from onnx_merge.runtime import channel_block
     from onnx_merge.stats import count_parameters
 
     test = load_idx_dir("/usr/share/datasets/fashion-mnist")
@@ -365,7 +366,9 @@ def fashion_section(lines: list[str]) -> None:
                "calibrated (512 training images)": dict(calibration=calib)}
     lines += ["## FashionMNIST models (benchmarks/fashion/), test set, 10,000 images", "",
               "Each cell: top-1 accuracy % / parameters kept %. `--max-group-error` (default 0.1) was chosen on "
-              "2,000 training images (50,000-51,999) that the MobileNet-style net never saw.", ""]
+              "2,000 training images (50,000-51,999) that the MobileNet-style net never saw. `--round-to auto` "
+              f"aligned conv counts to this machine's channel block, {channel_block('cpu', 'Conv')} (16 with "
+              "AVX-512, 8 with AVX2), so the default rows differ between machines.", ""]
     for path in sorted((ROOT / "benchmarks" / "fashion").glob("*.onnx")):
         model = onnx.load(path)
         before = count_parameters(model)
