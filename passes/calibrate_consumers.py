@@ -541,9 +541,11 @@ class CalibrateConsumers:
                 ctx.groups_done.add(unit.group.names[0])
             entry["seconds"] = round(time.perf_counter() - began, 2)
             error = entry.get("error")
-            log.info("%s: %s%s, %.1f s", unit.name, entry["calibration"],
+            producers = "".join(f"; producer {r['layer']} refitted first, relative error {r['error']['before']:.4g} -> "
+                                f"{r['error']['after']:.4g}" for r in entry.get("producers_refitted", []))
+            log.info("%s: %s%s%s, %.1f s", unit.name, entry["calibration"],
                      "" if error is None else f"; relative error {error['data_free']:.4g} (data-free) -> "
-                     f"{error['calibrated']:.4g} (refit)", entry["seconds"])
+                     f"{error['calibrated']:.4g} (refit)", producers, entry["seconds"])
             layers.append(entry)
         ctx.report["calibration"].update(seconds=round(time.perf_counter() - started, 2),
                                          original_runs=targets.runs, runs_from_cached=calib.cache.started_from)
