@@ -119,9 +119,9 @@ OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC"
 
 
 def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool | str = False,
-                 threads: int | None = None) -> ort.InferenceSession:
+                 threads: int | None = None, name: str | os.PathLike | None = None) -> ort.InferenceSession:
     """``optimize``: False (equality checks: no graph rewrites), True (everything, as deployed)
-    or a level name from OPTIMIZATION_LEVELS."""
+    or a level name from OPTIMIZATION_LEVELS. ``name``: what an error calls a model given as bytes."""
     require_runtime()
     opts = ort.SessionOptions()
     level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
@@ -137,10 +137,30 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, opt
     except Exception as exc:  # onnxruntime's own error types
         lowered = _with_runtime_ir_version(model)
         if lowered is not None:
-            return make_session(lowered, provider, optimize=optimize, threads=threads)
-        where = "model" if isinstance(model, bytes) else str(model)
+            return make_session(lowered, provider, optimize=optimize, threads=threads, name=name)
+        where = str(name or "model") if isinstance(model, bytes) else str(model)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{where}: onnxruntime cannot load it ({first})") from None
+
+
+def runnable(model: "onnx.ModelProto", path: str | os.PathLike) -> str | os.PathLike | bytes:
+    """What onnxruntime is given for ``model``, loaded from ``path``: the file, or, where its IR
+    version is newer than onnxruntime reads (and no weights live in external files), the model
+    already in memory serialized at the newest version it reads. Otherwise make_session's
+    fallback tries the file, fails, and parses the whole file again."""
+    import onnx
+
+    from .io import max_runtime_ir_version
+
+    newest = max_runtime_ir_version()
+    if model.ir_version <= newest or any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return path
+    own = model.ir_version
+    model.ir_version = newest
+    try:
+        return model.SerializeToString()
+    finally:
+        model.ir_version = own
 
 
 def _with_runtime_ir_version(model) -> bytes | None:
