@@ -183,7 +183,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
         from .passes.fold_constants import check_constant_sizes
 
         check_constant_sizes(loaded.model, options)
-    dry_run(make_session(runnable(loaded.model, src), providers[0], name=src))  # the original must run (or we say why) before any work
+    dry_run(make_session(runnable(loaded.model, src), providers[0], name=src, once=True))  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     source = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "--inputs"
     arrays = load_arrays(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -203,7 +203,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
     def prove(staged: Path) -> None:
         try:
             if not verify:
-                make_session(staged, providers[0])  # unverified, but a model onnxruntime loads
+                make_session(staged, providers[0], once=True)  # unverified, but a model onnxruntime loads
                 return
             result = verify_models(src, staged, inputs=arrays, providers=providers, tolerance=tolerance,
                                    check=check, input_source=source)
