@@ -149,8 +149,9 @@ class ActivationCache:
             if node is not None:
                 stack.extend(i for i in node.input if i)
         self.started_from += bool(cut)
-        kept = {t: fingerprint(index, t) for t in dict.fromkeys(keep)
-                if t in taps and t not in cut and t in index.producer}  # a graph input is fed anyway
+        kept = {} if self.limit <= 0 else {  # a cache that holds nothing hashes nothing
+            t: fingerprint(index, t) for t in dict.fromkeys(keep)
+            if t in taps and t not in cut and t in index.producer}  # a graph input is fed anyway
         return CachedTaps(self, model, list(taps), kind, cut, kept)
 
     def store(self, kind: str, name: str, print_: int, values: list[np.ndarray]) -> None:
