@@ -23,8 +23,9 @@ from .graph import GraphIndex
 from .groups import Chain, find_chains
 from .math import PlanOptions, keep_count, plan_layer
 from .math.budget import BudgetGroup, BudgetTerm, BudgetUnreachable, allocate, per_channel, spend
-from .math.sensitivity import (measured_curve, natural_noise, output_change, planned_curve, probe_counts,
-                               reconstruction)
+from .math.regress import consumer_metric_root, regress_plan
+from .math.sensitivity import (measured_curve, measured_moments, natural_noise, output_change, planned_curve,
+                               probe_counts, reconstruction)
 from .options import CompressOptions
 from .runtime import graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
@@ -330,6 +331,8 @@ class OutputProbe:
         first = make_session(truncated(model, [t for t, _ in points]), optimize=True)
         self.ranks = {t: v.ndim for (t, _), v in zip(points, first.run(
             [t for t, _ in points], {k: v[:self.batch] for k, v in feeds.items()}))}
+        # with calibration the consumer is refitted on these activations: plan as that refit sees them
+        self.grams = self._moments(first) if options.calibration is not None else None
         graph = model.graph
         self.names, added = [], {}
         for i, (t, axis) in enumerate(points):
@@ -372,6 +375,16 @@ class OutputProbe:
             return None
         return cls(index, chains, options, feeds, points)
 
+    def _moments(self, session) -> list[np.ndarray]:
+        """Each injection point's measured [a, 1] moments over the probe's samples."""
+        taps = list(dict.fromkeys(t for t, _ in self.points))
+        sums = dict.fromkeys(taps, 0.0)
+        for s in range(0, self.total, self.batch):
+            values = session.run(taps, {k: v[s:s + self.batch] for k, v in self.feeds.items()})
+            for t, v in zip(taps, values):
+                sums[t] = sums[t] + measured_moments(v, dict(self.points)[t] % v.ndim)
+        return [sums[t] / max(self.total // self.batch, 1) for t, _ in self.points]
+
     def _maps(self, i: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
         t, axis = self.points[i]
         a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a.T
@@ -385,8 +398,21 @@ class OutputProbe:
 
     def plan(self, i: int, keep: int):
         if (i, keep) not in self._plans:
+            self._plans[i, keep] = self._refit_plan(i, keep) if self.grams is not None else None
+        if self._plans[i, keep] is None:
             self._plans[i, keep] = plan_layer(self.arrays[i], keep, self.options[i])
         return self._plans[i, keep]
+
+    def _refit_plan(self, i: int, keep: int):
+        """The regression of the removed channels on the kept ones in the measured moments; None
+        where they are ill-conditioned (the data-free plan instead)."""
+        rows = self.arrays[i].consumer_rows
+        if rows is None:
+            return None
+        try:
+            return regress_plan(self.grams[i], keep, consumer_metric_root(rows), self.options[i].ridge)
+        except np.linalg.LinAlgError:
+            return None
 
     def change(self, keeps: dict[int, int]) -> float:
         """The output change with chain i keeping keeps[i] channels (all at once)."""

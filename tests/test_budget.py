@@ -315,3 +315,41 @@ def test_a_budget_that_needs_convs_below_a_block_lifts_the_auto_floor(monkeypatc
     assert compress(model, CompressOptions(ratio=0.5))[1]["macs_after"] == compress(model, ratio=0.0)[1]["macs_after"]
     small, rep = compress(model, CompressOptions(target_macs=0.5, sensitivity="consumer"))
     assert rep["macs_after"] <= 0.5 * rep["macs_before"] and rep["allocation"]["block_floor"] is False
+
+
+def test_calibrated_curves_rebuild_channels_as_the_refit_sees_them():
+    """Half of B1's channels never fire on the calibration inputs (positive x, negative rows):
+    refitted on those activations they cost nothing, which the data-free plan, seeing centred
+    inputs, cannot know. The calibrated curve says so, and the budget goes there."""
+    from onnx_merge.allocation import sensitivity
+    from onnx_merge.math.sensitivity import measured_moments
+
+    rng = np.random.default_rng(1)
+    weights = {"A1": rng.standard_normal((N, D)), "A2": rng.standard_normal((M, N)),
+               "B1": np.vstack([np.abs(rng.standard_normal((N // 2, D))), -np.abs(rng.standard_normal((N // 2, D)))]),
+               "B2": rng.standard_normal((M, N))}
+    text = header() + """
+    g (float[N, 24] x) => (float[N, 12] ya, float[N, 12] yb) {
+        ha = Gemm <transB = 1> (x, A1)
+        ra = Relu (ha)
+        ya = Gemm <transB = 1> (ra, A2)
+        hb = Gemm <transB = 1> (x, B1)
+        rb = Relu (hb)
+        yb = Gemm <transB = 1> (rb, B2)
+    }"""
+    model = build(text, {k: v.astype(np.float32) for k, v in weights.items()})
+    for node in model.graph.node:
+        node.name = node.output[0]
+    cal = {"x": np.abs(rng.standard_normal((64, D))).astype(np.float32)}
+    free = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions())["groups"]}
+    fitted = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions(calibration=cal))["groups"]}
+    assert free["hb"][N // 2] > 1e-2
+    assert fitted["hb"][N // 2] < 1e-6 < fitted["ha"][N // 2]
+    _, report = compress(model, CompressOptions(target_macs=0.75, calibration=cal))
+    assert kept(report)["hb"] == N // 2 and kept(report)["ha"] == N
+    # the moments themselves: channels on any axis, a constant 1 appended
+    acts = rng.standard_normal((5, 3, 4))
+    gram = measured_moments(acts, 1)
+    flat = np.moveaxis(acts, 1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(gram[:3, :3], flat.T @ flat / len(flat))
+    np.testing.assert_allclose(gram[3], np.r_[flat.mean(axis=0), 1.0])

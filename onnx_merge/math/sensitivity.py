@@ -10,7 +10,12 @@ Two kinds of curve, ``curve[k]`` after removing k of the layer's N channels (k =
 - predicted (``planned_curve``; --sensitivity consumer): the squared error in the consumer's
   output, divided by the consumer's output energy, under the layer's activation model
   (``activation_model``: BatchNormalization statistics, the white-input kernel model, or the
-  Gaussian model of the layer's inputs), weighted by the consumer's weights. Relative to the
+  Gaussian model of the layer's inputs), weighted by the consumer's weights.
+
+With calibration the consumer is refitted on the layer's measured activations rather than
+compensated by the data-free plan, so a measured curve rebuilds the channels as that refit sees
+them (``measured_moments``, then ``regress_plan`` on them): the removed channels regressed on
+the kept ones in the calibration activations' own statistics. Relative to the
   consumer, not to what the network computes: on residual networks it misjudges the blocks
   whose branch carries most of their stream (the downsampling blocks), BENCHMARKS.md.
 """
@@ -81,6 +86,14 @@ def planned_curve(arrays: ProducerArrays, opts: PlanOptions) -> np.ndarray:
         np.linspace(0, n - 1, MAX_PLANNED_POINTS).round().astype(int))
     errors = [0.0 if k == 0 else plan_error(gram, metric, plan_layer(arrays, n - k, opts)) for k in counts]
     return np.interp(np.arange(n), counts, errors) / energy
+
+
+def measured_moments(acts: np.ndarray, axis: int) -> np.ndarray:
+    """(N + 1, N + 1) mean second moments of [a, 1] over every sample and position of ``acts``,
+    whose channels lie on ``axis``: what ``regress_plan`` takes in place of a modelled gram."""
+    a = np.moveaxis(np.asarray(acts, np.float64), axis, -1).reshape(-1, acts.shape[axis])
+    a = np.hstack([a, np.ones((len(a), 1))])
+    return a.T @ a / max(len(a), 1)
 
 
 def reconstruction(comp: Compensation) -> tuple[np.ndarray, np.ndarray]:
