@@ -377,12 +377,12 @@ class OutputProbe:
 
     def _moments(self, session) -> list[np.ndarray]:
         """Each injection point's measured [a, 1] moments over the probe's samples."""
-        taps = list(dict.fromkeys(t for t, _ in self.points))
-        sums = dict.fromkeys(taps, 0.0)
+        axes = dict(self.points)
+        sums = dict.fromkeys(axes, 0.0)
         for s in range(0, self.total, self.batch):
-            values = session.run(taps, {k: v[s:s + self.batch] for k, v in self.feeds.items()})
-            for t, v in zip(taps, values):
-                sums[t] = sums[t] + measured_moments(v, dict(self.points)[t] % v.ndim)
+            values = session.run(list(axes), {k: v[s:s + self.batch] for k, v in self.feeds.items()})
+            for (t, axis), v in zip(axes.items(), values):
+                sums[t] = sums[t] + measured_moments(v, axis % v.ndim)
         return [sums[t] / max(self.total // self.batch, 1) for t, _ in self.points]
 
     def _maps(self, i: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
@@ -398,16 +398,15 @@ class OutputProbe:
 
     def plan(self, i: int, keep: int):
         if (i, keep) not in self._plans:
-            self._plans[i, keep] = self._refit_plan(i, keep) if self.grams is not None else None
-        if self._plans[i, keep] is None:
-            self._plans[i, keep] = plan_layer(self.arrays[i], keep, self.options[i])
+            plan = self._refit_plan(i, keep)
+            self._plans[i, keep] = plan if plan is not None else plan_layer(self.arrays[i], keep, self.options[i])
         return self._plans[i, keep]
 
     def _refit_plan(self, i: int, keep: int):
         """The regression of the removed channels on the kept ones in the measured moments; None
         where they are ill-conditioned (the data-free plan instead)."""
         rows = self.arrays[i].consumer_rows
-        if rows is None:
+        if self.grams is None or rows is None:
             return None
         try:
             return regress_plan(self.grams[i], keep, consumer_metric_root(rows), self.options[i].ridge)

@@ -31,17 +31,22 @@ def two_branches(seed: int = 0):
     rng = np.random.default_rng(seed)
     a1 = rng.standard_normal((N // 2, D)).astype(np.float32)
     a1 = np.vstack([a1, a1 * rng.uniform(0.5, 2.0, (N // 2, 1)).astype(np.float32)])
-    weights = {"A1": a1, "B1": rng.standard_normal((N, D)).astype(np.float32),
-               "A2": rng.standard_normal((M, N)).astype(np.float32), "B2": rng.standard_normal((M, N)).astype(np.float32)}
-    text = header() + """
-    g (float[1, 24] x) => (float[1, 12] ya, float[1, 12] yb) {
+    return branch_pair({"A1": a1, "B1": rng.standard_normal((N, D)), "A2": rng.standard_normal((M, N)),
+                        "B2": rng.standard_normal((M, N))})
+
+
+def branch_pair(weights: dict, batch: str = "1"):
+    """x -> A1 -> Relu -> A2 and x -> B1 -> Relu -> B2 with the given weights, nodes named by their outputs."""
+    weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    text = header() + f"""
+    g (float[{batch}, 24] x) => (float[{batch}, 12] ya, float[{batch}, 12] yb) {{
         ha = Gemm <transB = 1> (x, A1)
         ra = Relu (ha)
         ya = Gemm <transB = 1> (ra, A2)
         hb = Gemm <transB = 1> (x, B1)
         rb = Relu (hb)
         yb = Gemm <transB = 1> (rb, B2)
-    }"""
+    }}"""
     model = build(text, weights)
     for node in model.graph.node:
         node.name = node.output[0]
@@ -328,18 +333,7 @@ def test_calibrated_curves_rebuild_channels_as_the_refit_sees_them():
     weights = {"A1": rng.standard_normal((N, D)), "A2": rng.standard_normal((M, N)),
                "B1": np.vstack([np.abs(rng.standard_normal((N // 2, D))), -np.abs(rng.standard_normal((N // 2, D)))]),
                "B2": rng.standard_normal((M, N))}
-    text = header() + """
-    g (float[N, 24] x) => (float[N, 12] ya, float[N, 12] yb) {
-        ha = Gemm <transB = 1> (x, A1)
-        ra = Relu (ha)
-        ya = Gemm <transB = 1> (ra, A2)
-        hb = Gemm <transB = 1> (x, B1)
-        rb = Relu (hb)
-        yb = Gemm <transB = 1> (rb, B2)
-    }"""
-    model = build(text, {k: v.astype(np.float32) for k, v in weights.items()})
-    for node in model.graph.node:
-        node.name = node.output[0]
+    model = branch_pair(weights, batch="N")
     cal = {"x": np.abs(rng.standard_normal((64, D))).astype(np.float32)}
     free = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions())["groups"]}
     fitted = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions(calibration=cal))["groups"]}

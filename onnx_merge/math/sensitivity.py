@@ -10,14 +10,14 @@ Two kinds of curve, ``curve[k]`` after removing k of the layer's N channels (k =
 - predicted (``planned_curve``; --sensitivity consumer): the squared error in the consumer's
   output, divided by the consumer's output energy, under the layer's activation model
   (``activation_model``: BatchNormalization statistics, the white-input kernel model, or the
-  Gaussian model of the layer's inputs), weighted by the consumer's weights.
+  Gaussian model of the layer's inputs), weighted by the consumer's weights. Relative to the
+  consumer, not to what the network computes: on residual networks it misjudges the blocks
+  whose branch carries most of their stream (the downsampling blocks), BENCHMARKS.md.
 
 With calibration the consumer is refitted on the layer's measured activations rather than
 compensated by the data-free plan, so a measured curve rebuilds the channels as that refit sees
 them (``measured_moments``, then ``regress_plan`` on them): the removed channels regressed on
-the kept ones in the calibration activations' own statistics. Relative to the
-  consumer, not to what the network computes: on residual networks it misjudges the blocks
-  whose branch carries most of their stream (the downsampling blocks), BENCHMARKS.md.
+the kept ones in the calibration activations' own statistics.
 """
 
 from __future__ import annotations
