@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, metavar="N",
                    help="jobs at once (default: one per CPU core; with --ray-address: as the cluster allows)")
     s.add_argument("--threads", type=int, metavar="T",
-                   help="threads per job (default: the cores shared out among the workers; 1 on a Ray cluster)")
+                   help="threads (cores) per job (default 1: --workers N jobs at once use N cores; with --workers 1, "
+                   "--threads 2 gives the one job two)")
     s.add_argument("--ray-address", metavar="ADDRESS", help="with --engine ray: an existing cluster (e.g. auto)")
     s.add_argument("--pick", metavar="RULE", help="choose a configuration meeting RULE, e.g. 'accuracy_drop<=1.0' "
                    "(points of top-1), and write it to DIR/picked.onnx; any figure of the rows (accuracy, "

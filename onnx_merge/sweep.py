@@ -353,8 +353,7 @@ def run_sweep(models: list[str], methods: list[str], settings: list[dict], evalu
         if pick_rule[1] not in MINIMIZE or (pick_rule[1] == "latency" and bench is None):
             raise UsageError(f"--minimize must be one of {', '.join(MINIMIZE)} (latency needs --bench), "
                              f"got {pick_rule[1]!r}")
-    if threads is None:  # the machine's cores shared out among the jobs that run at once
-        threads = 1 if ray_address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1))
+    threads = threads or 1  # a worker is one core, as a Ray task is one CPU: --workers N uses N cores
     jobs = plan_jobs([str(m) for m in models], methods, settings, evaluation, str(out),
                      calibration=calibration and str(calibration), bench=bench, threads=threads)
     (out / "models").mkdir(parents=True, exist_ok=True)
