@@ -23,7 +23,7 @@ from .io import check_inferable, check_layer_weights, load_arrays, load_model, m
 from .manager import Context, PassManager
 from .options import CompressOptions
 from .report import describe_model, file_bytes
-from .runtime import dry_run, graph_inputs, make_session, parse_providers, runnable
+from .runtime import dry_run, graph_inputs, make_session, parse_providers
 from .shapes import skeleton
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
@@ -183,7 +183,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
         from .passes.fold_constants import check_constant_sizes
 
         check_constant_sizes(loaded.model, options)
-    dry_run(make_session(runnable(loaded.model, src), providers[0], name=src, once=True))  # the original must run (or we say why) before any work
+    dry_run(make_session(src, providers[0], once=True))  # the original must run (or we say why) before any work
     specs = graph_inputs(loaded.model)  # data is checked before the work, not after it
     source = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "--inputs"
     arrays = load_arrays(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs

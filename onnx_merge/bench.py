@@ -23,7 +23,7 @@ LEVELS = ("disable", "basic", "extended", "all")
 def _footprint(path: str, provider: str, batch: int, threads: int | None, level: str) -> float:
     """Peak resident memory (MiB) of a fresh process that creates a session of ``path`` and runs
     it once: what deploying that model costs, apart from the interpreter itself."""
-    session = make_session(path, provider, optimize=level, threads=threads)
+    session = make_session(path, provider, optimize=level, threads=threads, in_place=False)
     session.run(None, random_inputs(session, batch=batch))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -42,7 +42,7 @@ def _time_config(paths, provider: str, batch: int, threads: int | None, level: s
     created, sessions = [], []
     for p in paths:
         start = time.perf_counter()
-        sessions.append(make_session(p, provider, optimize=level, threads=threads))
+        sessions.append(make_session(p, provider, optimize=level, threads=threads, in_place=False))
         created.append(time.perf_counter() - start)
     feeds = [random_inputs(s, batch=batch) for s in sessions]
     # a batch dimension fixed at export stays as it is: report the batch that was run

@@ -88,6 +88,7 @@ class GraphIndex:
         # Kept C-contiguous: a later reader reshapes it (a strided copy each time otherwise),
         # and tobytes() below is then a plain memory copy.
         value = np.ascontiguousarray(value, dtype=dtype)
+        self._arrays.pop(name, None)  # the old values go before the new bytes are made: a wide layer's peak
         if old.data_type in (onnx.TensorProto.STRING,):
             old.CopyFrom(numpy_helper.from_array(value, name))
         else:  # write the bytes once instead of building a tensor and copying it

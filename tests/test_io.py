@@ -87,23 +87,3 @@ def test_a_model_file_is_parsed_once_and_a_rewritten_one_again(tmp_path, monkeyp
     onnx.save(lenet_300_100(random_lenet_weights()), path, save_as_external_data=True, location="m.data")
     os.utime(path, ns=(1, 1))  # a new modification time, whatever the clock's resolution
     assert [p.name for p in external_files(path)] == ["m.data"] and len(parses) == 2
-
-
-def test_a_model_newer_than_onnxruntime_reads_is_given_to_it_from_memory(monkeypatch):
-    """Not the file (which onnxruntime would refuse, and the fallback parse again): the model in
-    memory at the newest IR version onnxruntime reads, the caller's copy left as it was."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    import onnx_merge.io as io
-    from onnx_merge.runtime import runnable
-
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
-    monkeypatch.setattr(io, "max_runtime_ir_version", lambda: 8)
-    given = runnable(model, "m.onnx")
-    assert isinstance(given, bytes) and onnx.load_from_string(given).ir_version == 8 and model.ir_version == 10
-    model.ir_version = 8
-    assert runnable(model, "m.onnx") == "m.onnx"
