@@ -81,10 +81,10 @@ def budget_terms(index: GraphIndex, chains: list[Chain], what: str, fold_bn: boo
             if not fold_bn:
                 names += [name for bn in bns if bn is not None for name in bn.input[1:5]]
             names += [node.input[1] for node in chain.path if node.op_type == "PRelu"]
-            extra += [BudgetTerm(float(n), (i,)) for name in names if index.array(name).size == n]
+            extra += [BudgetTerm(float(n), (i,)) for name in names if index.size(name) == n]
     if what == "macs":
         return [BudgetTerm(float(macs.get(name, 0)), tuple(sorted(g))) for name, (_, g) in layers.items()] + extra
-    return [BudgetTerm(float(index.array(layer.weight).size), tuple(sorted(g))) for layer, g in layers.values()] + extra
+    return [BudgetTerm(float(index.size(layer.weight)), tuple(sorted(g))) for layer, g in layers.values()] + extra
 
 
 def budget_chains(index: GraphIndex, options: CompressOptions) -> list[Chain]:

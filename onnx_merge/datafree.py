@@ -27,7 +27,7 @@ def _scalar(index: GraphIndex, node: onnx.NodeProto, position: int, default: flo
     if len(node.input) <= position or not node.input[position]:
         return default
     name = node.input[position]
-    if not index.is_weight(name) or index.array(name).size != 1:
+    if not index.is_weight(name) or index.size(name) != 1:
         return None
     return float(index.array(name).reshape(-1)[0])
 
@@ -51,7 +51,7 @@ def _prelu(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, dict] | None:
 
 def _max(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, dict] | None:
     consts = [i for i in node.input if index.is_weight(i)]
-    if len(node.input) == 2 and len(consts) == 1 and index.array(consts[0]).size == 1 \
+    if len(node.input) == 2 and len(consts) == 1 and index.size(consts[0]) == 1 \
             and float(index.array(consts[0]).reshape(-1)[0]) == 0.0:
         return "relu", {}
     return None

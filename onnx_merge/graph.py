@@ -71,6 +71,15 @@ class GraphIndex:
     def is_weight(self, name: str) -> bool:
         return name in self.initializers
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A weight's dims, from its declaration: reading its values would copy them."""
+        if name in self._arrays:
+            return self._arrays[name].shape
+        return tuple(self.initializers[name].dims)
+
+    def size(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64))
+
     def array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
             self._arrays[name] = numpy_helper.to_array(self.initializers[name])

@@ -258,7 +258,7 @@ class Unit:
 
 
 def _scalar(index: GraphIndex, name: str) -> bool:
-    return index.is_weight(name) and index.array(name).size == 1
+    return index.is_weight(name) and index.size(name) == 1
 
 
 def match_unit(index: GraphIndex, tensor: str, limit: int = 24) -> Unit | None:

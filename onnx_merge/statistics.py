@@ -123,7 +123,7 @@ def _node_stats(index: GraphIndex, node: onnx.NodeProto, stats: dict[str, Stats]
             bias = np.broadcast_to(index.array(node.input[2]).reshape(-1), (w.shape[0],)) * float(attr(node, "beta", 1.0))
         m, v = layer_moments(x.mean, x.var, w, bias)
         return node.output[0], Stats(m, v, 2)
-    if op == "MatMul" and x.rank == 2 and index.is_weight(node.input[1]) and index.array(node.input[1]).ndim == 2:
+    if op == "MatMul" and x.rank == 2 and index.is_weight(node.input[1]) and len(index.shape(node.input[1])) == 2:
         m, v = layer_moments(x.mean, x.var, index.array(node.input[1]).T)
         return node.output[0], Stats(m, v, 2)
     if op in ("Add", "Sub", "Mul", "Div"):

@@ -29,8 +29,8 @@ def _match(index: GraphIndex, gemm: onnx.NodeProto, dims: list[dict]) -> tuple |
     """(first Reshape, second Reshape) when the Gemm sits between two axis-folding Reshapes."""
     if gemm.op_type != "Gemm" or attr(gemm, "transA", 0) or not index.is_weight(gemm.input[1]):
         return None
-    if len(gemm.input) > 2 and gemm.input[2] and (not index.is_weight(gemm.input[2]) or index.array(
-            gemm.input[2]).size not in (1, index.array(gemm.input[1]).shape[0 if attr(gemm, "transB", 0) else 1])):
+    if len(gemm.input) > 2 and gemm.input[2] and (not index.is_weight(gemm.input[2]) or index.size(
+            gemm.input[2]) not in (1, index.shape(gemm.input[1])[0 if attr(gemm, "transB", 0) else 1])):
         return None  # a bias that varies over the rows
     first, second = index.producer.get(gemm.input[0]), index.sole_reader(gemm.output[0])
     if (first is None or first.op_type != "Reshape" or not isinstance(second, onnx.NodeProto)

@@ -66,7 +66,7 @@ def _members_disagree(index: GraphIndex, group: Group, n: int) -> str:
         if features % n:
             return f"consumer {c.name!r} reads {features} features, not a multiple of {n} channels"
     for node, name in group.per_channel:
-        if index.array(name).size != n or max(index.array(name).shape) != n:
+        if index.size(name) != n or max(index.shape(name)) != n:
             return f"{node.op_type} {node.name!r} parameter {name!r} is not per channel"
     return ""
 

@@ -121,7 +121,7 @@ class Rewrite:
                 if self.index.is_weight(part):
                     value = self.index.array(part).copy().reshape(-1)
                     value[axis - offset] = self._entry(int(value[axis - offset]), out.dims[axis], allowzero)
-                    return self._new_constant(concat, slot, value.reshape(self.index.array(part).shape))
+                    return self._new_constant(concat, slot, value.reshape(self.index.shape(part)))
                 if length == 1 and self._pure_heads(out.dims[axis]):
                     # a size read from another tensor's shape (timm's C): the new one is a constant
                     return self._new_constant(concat, slot, np.array([self.scaled(out.dims[axis])], np.int64))
@@ -131,7 +131,7 @@ class Rewrite:
 
     def _length(self, part: str) -> int:
         if self.index.is_weight(part):
-            return int(self.index.array(part).size)
+            return self.index.size(part)
         dims = self.att.shape_dims.get(part)
         if dims is None or len(dims) != 1:
             raise Rejected(f"the length of shape part {part!r} is not known")
@@ -189,7 +189,7 @@ class Rewrite:
             n = int(index.initializers[p.weight].dims[p.out_axis])
             keep = [c for c in range(n) if c not in gone]
             index.set_array(p.weight, np.take(index.array(p.weight), keep, axis=p.out_axis))
-            if p.bias is not None and index.array(p.bias).size == n:
+            if p.bias is not None and index.size(p.bias) == n:
                 bias = index.array(p.bias)
                 index.set_array(p.bias, np.take(bias.reshape(-1), keep).reshape(bias.shape[:-1] + (-1,)))
         out = att.out

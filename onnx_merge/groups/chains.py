@@ -247,7 +247,7 @@ def activation_kind(index: GraphIndex, node: onnx.NodeProto) -> str | None:
     if node.op_type == "PRelu":
         if not index.is_weight(node.input[1]):
             raise Decline(f"{_label(node)} takes a computed slope")
-        if index.array(node.input[1]).size != 1:
+        if index.size(node.input[1]) != 1:
             return "per-channel"
     return "homogeneous" if act.homogeneous else "other"
 

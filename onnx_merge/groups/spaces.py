@@ -231,7 +231,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
                 continue
             spaces.union(data[0], node.output[0])
             for i, name in enumerate(node.input[1:], 1):
-                if name and index.is_weight(name) and index.array(name).size > 1:
+                if name and index.is_weight(name) and index.size(name) > 1:
                     _add_param(index, dims, node, name, roles, block)
                 elif name and not index.is_weight(name) and op != "Clip":
                     block(node.output[0], f"{label} takes a computed parameter")
@@ -243,7 +243,7 @@ def find_groups(index: GraphIndex) -> list[Group]:
             if r.sums and len(data) > 1:
                 sums.append(node)
             for name in node.input:
-                if name and index.is_weight(name) and index.array(name).size > 1:
+                if name and index.is_weight(name) and index.size(name) > 1:
                     _add_param(index, dims, node, name, roles, block)
         elif r.kind == REDUCE and data and _spatial_reduction(index, dims, node):
             spaces.union(data[0], node.output[0])
