@@ -178,7 +178,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
         tolerance.validate()
     loaded = load_model(src)
     check_inferable(loaded.model, src)  # what the output must pass, the input must already
-    check_layer_weights(loaded.model, src)
+    check_layer_weights(loaded)
     if not options.skip_fold:  # a constant bomb is refused before onnxruntime computes it
         from .passes.fold_constants import check_constant_sizes
 

@@ -459,7 +459,8 @@ def _bounded(text: str) -> str:
 
 
 def cmd_compress(args) -> int:
-    check_targets([args.output, args.report], model_files(args.model))  # before any data is read
+    started = time.perf_counter()
+    check_targets([args.output, args.report], model_files(args.model))  # before any data is read (parses the model)
     tolerance = _tolerance(args)
     gated = any(v is not None for v in (args.atol, args.rtol, args.min_cosine, args.max_top1_disagreement))
     if gated and args.no_verify:
@@ -491,6 +492,7 @@ def cmd_compress(args) -> int:
         if exc.report is None:
             raise
         result = exc.report
+    result["elapsed_s"] = time.perf_counter() - started  # the parse above included
     if args.bench and result["written"]:
         result["latency"] = _bench_result(args, *bench)
     data = report.compress_report(result, options_of(args.command_parser, args))

@@ -19,7 +19,7 @@ import os
 import secrets
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from . import files
+from . import files, wire
 from .errors import ModelError, OutputError, UsageError
 from .files import write_bytes_atomic, write_text_atomic  # noqa: F401  (the write path others call)
 from .shapes import skeleton, tensor_nbytes
@@ -35,6 +35,7 @@ from .shapes import skeleton, tensor_nbytes
 MIN_OPSET = 9
 _TWO_GB = 2**31
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_KNOWN_TYPES = set(onnx.helper.get_all_tensor_dtypes())
 _UNSIZED = {onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED} | {
     getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
@@ -44,6 +45,9 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path
     external: bool  # the user stored weights in external data files
+    # where each top-level initializer's bytes lie on disk: name -> (file, offset, length); the
+    # checks read them there (reading a tensor's raw_data from the model copies it)
+    stored: dict[str, tuple[Path, int, int]] = field(default_factory=dict)
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -93,26 +97,45 @@ def _check_external_location(path: Path, tensor: onnx.TensorProto) -> Path:
     return target
 
 
-def _check_tensor_sizes(path: Path, model: onnx.ModelProto) -> None:
-    """Every tensor holds as many values as its dims say (onnxruntime would read past them)."""
-    known = set(onnx.helper.get_all_tensor_dtypes())
-    for tensor in _all_tensors(model):
-        if tensor.data_type not in known or tensor.data_type == onnx.TensorProto.UNDEFINED:
-            raise ModelError(f"{path}: tensor {tensor.name!r} has no known data type ({tensor.data_type})")
-        if any(d < 0 for d in tensor.dims):
-            raise ModelError(f"{path}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+def _inner_tensors(model: onnx.ModelProto):
+    """_all_tensors but the top-level initializers."""
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            yield from external_data_helper._recursive_attribute_processor(
+                attribute, external_data_helper._get_initializer_tensors_from_graph)
+    yield from external_data_helper._get_attribute_tensors(model)
+    for sparse in model.graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+
+
+def _check_tensor_sizes(path: Path, model: onnx.ModelProto, stored: dict[str, tuple[Path, int, int]]) -> None:
+    """Every tensor holds as many values as its dims say (onnxruntime would read past them).
+    ``stored``: the byte counts of top-level initializers, as on disk."""
+    for tensor in model.graph.initializer:
+        _check_tensor_size(path, tensor, stored[tensor.name][2] if tensor.name in stored else None)
+    for tensor in _inner_tensors(model):
+        _check_tensor_size(path, tensor, None)
+
+
+def _check_tensor_size(path: Path, tensor: onnx.TensorProto, stored_bytes: int | None) -> None:
+    if tensor.data_type not in _KNOWN_TYPES or tensor.data_type == onnx.TensorProto.UNDEFINED:
+        raise ModelError(f"{path}: tensor {tensor.name!r} has no known data type ({tensor.data_type})")
+    if any(d < 0 for d in tensor.dims):
+        raise ModelError(f"{path}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+    if tensor.HasField("raw_data"):
+        held = stored_bytes if stored_bytes is not None else len(tensor.raw_data)
+        expected, unit = _fixed_nbytes(tensor), "bytes"
+    elif tensor.data_type in _UNSIZED and tensor.data_type != onnx.TensorProto.STRING:
+        return
+    else:
+        field_name = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        if tensor.HasField("raw_data"):
-            expected, held, unit = _fixed_nbytes(tensor), len(tensor.raw_data), "bytes"
-        elif tensor.data_type in _UNSIZED and tensor.data_type != onnx.TensorProto.STRING:
-            continue
-        else:
-            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
-            complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
-            expected, held, unit = count * (2 if complex_ else 1), len(getattr(tensor, field)), "values"
-        if expected is not None and held != expected:
-            raise ModelError(f"{path}: tensor {tensor.name!r} has dims {list(tensor.dims)} ({expected} {unit}) "
-                             f"but holds {held} {unit}")
+        expected, held, unit = count * (2 if complex_ else 1), len(getattr(tensor, field_name)), "values"
+    if expected is not None and held != expected:
+        raise ModelError(f"{path}: tensor {tensor.name!r} has dims {list(tensor.dims)} ({expected} {unit}) "
+                         f"but holds {held} {unit}")
 
 
 # A model file is parsed once per run: the paths it references are asked for several times (to
@@ -188,6 +211,12 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     external = _external_tensors(model)
     for tensor in external:
         _check_external_location(path, tensor)
+    stored = {name: (path, offset, length) for name, (offset, length) in wire.raw_spans(path).items()}
+    for tensor in model.graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        if external_data_helper.uses_external_data(tensor) and info.get("length"):
+            stored[tensor.name] = ((path.parent / info["location"]).resolve(), int(info.get("offset") or 0),
+                                   int(info["length"]))
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -199,13 +228,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                     external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]
-    _check_tensor_sizes(path, model)
+    _check_tensor_sizes(path, model, stored)
     try:  # the structure (dangling inputs, cycles, unknown ops); weights are checked on save
         onnx.checker.check_model(skeleton(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: invalid ONNX model ({first[:300]})") from None
-    return LoadedModel(model=model, path=path, external=bool(external))
+    return LoadedModel(model=model, path=path, external=bool(external), stored=stored)
 
 
 def check_inferable(model: onnx.ModelProto, path: Path) -> None:
@@ -228,11 +257,31 @@ def _values(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
+def _stored_values(stored: tuple[Path, int, int], data_type: int) -> np.ndarray | None:
+    """A float tensor's values read where they lie on disk (a mapping of the file's pages, no copy)."""
+    dtype = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2"}.get(data_type)
+    file, offset, length = stored
+    if dtype is None or length == 0 or length % np.dtype(dtype).itemsize:
+        return None
+    try:
+        return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=(length // np.dtype(dtype).itemsize,))
+    except (OSError, ValueError):
+        return None
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # a float64 sum is finite exactly when every value is, unless float64 values overflow it:
+    # no temporary of the tensor's size, as isfinite(values) would make
+    total = np.sum(values, dtype=np.float64)
+    return bool(np.isfinite(total)) or (values.dtype == np.float64 and bool(np.isfinite(values).all()))
+
+
+def check_layer_weights(loaded: LoadedModel) -> None:
     """The parameters of the layers compression plans on are finite: NaN or Inf there (a
     shifted external-data offset reads garbage) would reach the least-squares fits."""
     from .ops import LAYER, rule
 
+    model, path = loaded.model, loaded.path
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if rule(node.op_type).kind != LAYER and node.op_type != "BatchNormalization":
@@ -241,7 +290,8 @@ def check_layer_weights(model: onnx.ModelProto, path: Path) -> None:
             tensor = inits.get(name)
             if tensor is None or tensor.data_type not in _FLOATS:
                 continue
-            if not np.isfinite(_values(tensor)).all():
+            values = _stored_values(loaded.stored[name], tensor.data_type) if name in loaded.stored else None
+            if not _all_finite(_values(tensor) if values is None else values):
                 raise ModelError(f"{path}: tensor {name!r} ({node.op_type} {node.name or node.output[0]!r}) holds "
                                  "NaN or Inf values")
 

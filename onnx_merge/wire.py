@@ -108,6 +108,35 @@ def _graph(buf, start: int, end: int, location: str, min_bytes: int) -> tuple[by
     return bytes(out), moved
 
 
+def raw_spans(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Each top-level initializer's raw_data as (offset, length) in the file, found without
+    reading the weights; a name given twice is left out, and so is everything when the file is
+    not a well-formed model encoding."""
+    spans: dict[str, tuple[int, int]] = {}
+    twice: set[str] = set()
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, wire, _, value, stop in fields(buf, 0, len(buf)):
+                if number != _MODEL["graph"].number or wire != _LENGTH_DELIMITED:
+                    continue
+                for g_number, g_wire, _, g_value, g_stop in fields(buf, value, stop):
+                    if g_number != _GRAPH["initializer"].number or g_wire != _LENGTH_DELIMITED:
+                        continue
+                    name, raw = None, None
+                    for t_number, t_wire, _, t_value, t_stop in fields(buf, g_value, g_stop):
+                        if t_number == _TENSOR["name"].number and t_wire == _LENGTH_DELIMITED:
+                            name = bytes(buf[t_value:t_stop]).decode("utf-8", "replace")
+                        elif t_number == _TENSOR["raw_data"].number and t_wire == _LENGTH_DELIMITED:
+                            raw = (t_value, t_stop - t_value)
+                    if name in spans:
+                        twice.add(name)
+                    elif name is not None and raw is not None:
+                        spans[name] = raw
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in spans.items() if k not in twice}
+
+
 def mapped_model(path: str | os.PathLike, *, min_bytes: int = 4096, ir_version: int | None = None) -> bytes | None:
     """The model at ``path`` with each top-level initializer of ``min_bytes`` or more read from
     its place in the file (external data, location the file's own name: load with the file's

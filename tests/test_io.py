@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import onnx
 import pytest
 
@@ -87,3 +88,29 @@ def test_a_model_file_is_parsed_once_and_a_rewritten_one_again(tmp_path, monkeyp
     onnx.save(lenet_300_100(random_lenet_weights()), path, save_as_external_data=True, location="m.data")
     os.utime(path, ns=(1, 1))  # a new modification time, whatever the clock's resolution
     assert [p.name for p in external_files(path)] == ["m.data"] and len(parses) == 2
+
+
+def test_finite_is_told_from_a_float64_sum_without_mistaking_overflow():
+    from onnx_merge.io import _all_finite
+
+    big = np.full(10, 3e38, np.float32)  # finite, though their float32 sum is not
+    assert _all_finite(big) and _all_finite(np.full(10, 1e308))
+    assert not _all_finite(np.append(big, np.nan)) and not _all_finite(np.array([np.inf, -np.inf], np.float16))
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_nan_in_a_layer_weight_is_refused_before_any_work(tmp_path, external, capsys):
+    """Read where the bytes lie (the model file or its data file), not from a copy."""
+    from onnx import numpy_helper
+
+    model = lenet_300_100(random_lenet_weights())
+    first = model.graph.initializer[0]
+    w = numpy_helper.to_array(first).copy()
+    w[1, 7] = np.nan
+    first.CopyFrom(numpy_helper.from_array(w, first.name))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path, save_as_external_data=external, location="m.data")
+    assert main(["compress", str(path), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.3"]) == 3  # a bad model
+    err = capsys.readouterr().err
+    assert f"tensor {first.name!r}" in err and "holds NaN or Inf values" in err
+    assert not (tmp_path / "out.onnx").exists()
