@@ -3,7 +3,7 @@
     python benchmarks/speed.py          (make bench)
 
 Prints: load+save time of the VGG-16 file, `onnx-merge compress --ratio 0.5 --no-verify`
-time and peak memory (a separate process, so its peak RSS is its own), and the onnxruntime
+time and peak memory (separate processes, so each peak RSS is its own; three of each, alternating), and the onnxruntime
 CPU latency of the paper's ResNet-56 before and after merging at ratio 0.5 (batch 32,
 2 threads, median of interleaved runs).
 """
@@ -35,16 +35,29 @@ def _child(code: str) -> tuple[float, int]:
     return float(seconds), int(kib) * 1024
 
 
-def vgg_figures(folder: Path) -> None:
+def vgg_figures(folder: Path, repeats: int = 3) -> None:
+    """Load+save and compress alternately, ``repeats`` times each (this machine's page-zeroing
+    speed drifts by half between minutes): medians, and the ratio of each adjacent pair."""
+    import statistics
+
     path = folder / "vgg16.onnx"
     _child(f"import onnx; from onnx_merge.models.vgg import vgg16_imagenet; onnx.save(vgg16_imagenet(), {str(path)!r})")
     size = path.stat().st_size
-    load_save, _ = _child(f"import onnx; onnx.save(onnx.load({str(path)!r}), {str(folder / 'copy.onnx')!r})")
-    elapsed, peak = _child("from onnx_merge.cli import main; main(['compress', %r, '-o', %r, '--ratio', '0.5', "
-                           "'--no-verify'])" % (str(path), str(folder / "small.onnx")))
-    print(f"VGG-16 ImageNet: file {size / 2**20:.0f} MiB; onnx.load + onnx.save {load_save:.2f} s")
-    print(f"compress --ratio 0.5: {elapsed:.2f} s ({elapsed / load_save:.2f}x load+save); "
-          f"peak RSS {peak / 2**20:.0f} MiB ({peak / size:.2f}x file size)")
+    load_saves, compresses, peaks = [], [], []
+    for _ in range(repeats):
+        load_save, _ = _child(f"import onnx; onnx.save(onnx.load({str(path)!r}), {str(folder / 'copy.onnx')!r})")
+        (folder / "small.onnx").unlink(missing_ok=True)
+        elapsed, peak = _child("from onnx_merge.cli import main; main(['compress', %r, '-o', %r, '--ratio', '0.5', "
+                               "'--no-verify'])" % (str(path), str(folder / "small.onnx")))
+        load_saves.append(load_save)
+        compresses.append(elapsed)
+        peaks.append(peak)
+    pairs = ", ".join(f"{c / ls:.2f}" for c, ls in zip(compresses, load_saves))
+    load_save, elapsed, peak = statistics.median(load_saves), statistics.median(compresses), max(peaks)
+    print(f"VGG-16 ImageNet: file {size / 2**20:.0f} MiB; onnx.load + onnx.save median {load_save:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in load_saves)})")
+    print(f"compress --ratio 0.5 --no-verify: median {elapsed:.2f} s ({elapsed / load_save:.2f}x load+save; "
+          f"pairs {pairs}); peak RSS {peak / 2**20:.0f} MiB ({peak / size:.2f}x file size)")
 
 
 def latency_figures(folder: Path) -> None:
