@@ -297,3 +297,20 @@ def test_the_deployment_cpus_block_can_be_named(monkeypatch):
     monkeypatch.setenv(CPU_BLOCK_VARIABLE, "wide")
     with pytest.raises(UsageError, match=CPU_BLOCK_VARIABLE):
         channel_block("cpu", "Conv")
+
+
+def test_scatter_add_sums_repeated_indices_as_add_at_does():
+    from onnx_merge.math.compensation import scatter_add
+
+    rng = np.random.default_rng(3)
+    index = np.array([4, 1, 4, 0, 4, 1, 7])
+    values = rng.standard_normal((len(index), 3, 2))
+    want = rng.standard_normal((8, 3, 2))
+    got = want.copy()
+    np.add.at(want, index, values)
+    scatter_add(got, index, values)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    view = np.zeros((3, 8)).T  # a strided view (a moved axis), written through
+    scatter_add(view, index, np.ones((len(index), 3)))
+    assert view[4].tolist() == [3, 3, 3] and view.base.sum() == 3 * len(index)
+    scatter_add(got, index[:0], values[:0])  # nothing to add

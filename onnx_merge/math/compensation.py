@@ -104,6 +104,18 @@ def compensate_along(weight: np.ndarray, axis: int, out_axis: int, comp: Compens
     return out.reshape(shape[:axis] + (len(comp.kept) * block,) + shape[axis + 1:]), bias
 
 
+def scatter_add(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """target[index[i]] += values[i] along axis 0, repeated indices summed: np.add.at's result,
+    in as many buffered fancy-index adds as an index repeats (np.add.at is unbuffered: 0.31 s of
+    the 0.42 s that compensating VGG-16's first classifier layer takes)."""
+    order = np.argsort(index, kind="stable")
+    ordered = index[order]
+    rank = np.arange(len(ordered)) - np.searchsorted(ordered, ordered)  # place among equal indices
+    for r in range(int(rank.max(initial=-1)) + 1):
+        chosen = order[rank == r]  # each index at most once
+        target[index[chosen]] += values[chosen]
+
+
 def _compensate(w: np.ndarray, channel: int, out_axis: int, comp: Compensation) -> tuple[np.ndarray, np.ndarray | None]:
     """Z (and c) applied along ``channel`` of ``w``; the layout of every other axis is kept."""
     if w.shape[channel] != comp.n:
@@ -114,7 +126,7 @@ def _compensate(w: np.ndarray, channel: int, out_axis: int, comp: Compensation) 
         # Sparse scatter-add of the merged columns into their partners.
         moved = np.moveaxis(np.take(w, merged, axis=channel), channel, 0)
         scale = comp.scale[merged].astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
-        np.add.at(np.moveaxis(out, channel, 0), comp.partner[merged], moved * scale)
+        scatter_add(np.moveaxis(out, channel, 0), comp.partner[merged], moved * scale)
     removed = comp.removed
     if comp.dense is not None and len(removed):
         added = np.tensordot(comp.dense.astype(w.dtype), np.take(w, removed, axis=channel), axes=([1], [channel]))
