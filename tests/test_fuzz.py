@@ -141,3 +141,16 @@ def test_unmutated_bases_compress(tmp_path, capsys):
         _check(_write(folder, data), capsys)
         assert (folder / "out.onnx").exists()
     assert np.prod(onnx.load(tmp_path / "conv-bn" / "out.onnx").graph.initializer[0].dims) > 0
+
+
+def test_bn_statistics_read_from_a_shifted_offset_fall_back_from_regress(tmp_path, capsys):
+    """Found by the fuzzer: BN's beta read 7 bytes into the data file (other weights' bytes, finite
+    garbage) leaves regress's activation model ill-conditioned; the layer is merged instead,
+    and the report says why, rather than an internal error."""
+    import json
+
+    src = mutate("conv-bn", random.Random(1201), tmp_path, "external")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["compress", src, "-o", str(out), "--ratio", "0.5", "--no-verify", "--report", str(report)]) == 0
+    layers = json.loads(report.read_text())["details"]["layers"]
+    assert [entry.get("note") for entry in layers] == ["merged: the activation model is ill-conditioned"]

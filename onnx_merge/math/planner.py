@@ -148,15 +148,20 @@ def plan_layer(arrays: ProducerArrays, n_keep: int, opts: PlanOptions, kept: np.
     arrays (the layer as trained); partners and scales always come from ``arrays``."""
     if opts.method == "regress":
         if regress_applies(arrays):
-            return plan_regress(arrays, n_keep, opts)
+            try:
+                return plan_regress(arrays, n_keep, opts)
+            except np.linalg.LinAlgError:  # e.g. weights whose statistics are garbage
+                reason = "the activation model is ill-conditioned"
+        elif arrays.bn is None and not arrays.pointwise:
+            reason = "a convolution without statistics (BatchNormalization, or its input's) to model its activations"
+        else:
+            reason = f"{arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})"
         # merging needs a homogeneous activation; otherwise prune, with BN's means where they exist
         method = "merge" if arrays.homogeneous else "prune"
         comp = plan_layer(arrays, n_keep, PlanOptions(**{**vars(opts), "method": method,
                                                          "bias_from_bn": opts.bias_from_bn or method == "prune"}), kept)
         comp.notes["method"] = method
-        comp.notes["fallback"] = (f"{method}d: a convolution without statistics (BatchNormalization, or its "
-                                  "input's) to model its activations" if arrays.bn is None and not arrays.pointwise else
-                                  f"{method}d: {arrays.n} channels (regress handles up to {MAX_REGRESS_CHANNELS})")
+        comp.notes["fallback"] = f"{method}d: {reason}"
         return comp
     kept = rank_kept(arrays, n_keep, opts) if kept is None else kept
     if opts.method == "prune":
