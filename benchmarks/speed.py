@@ -3,7 +3,7 @@
     python benchmarks/speed.py          (make bench)
 
 Prints: load+save time of the VGG-16 file, `onnx-merge compress --ratio 0.5 --no-verify`
-time and peak memory (separate processes, so each peak RSS is its own; three of each, alternating), and the onnxruntime
+time and peak memory (separate processes, so each peak RSS is its own; five of each, alternating), and the onnxruntime
 CPU latency of the paper's ResNet-56 before and after merging at ratio 0.5 (batch 32,
 2 threads, median of interleaved runs).
 """
@@ -35,7 +35,7 @@ def _child(code: str) -> tuple[float, int]:
     return float(seconds), int(kib) * 1024
 
 
-def vgg_figures(folder: Path, repeats: int = 3) -> None:
+def vgg_figures(folder: Path, repeats: int = 5) -> None:
     """Load+save and compress alternately, ``repeats`` times each (this machine's page-zeroing
     speed drifts by half between minutes): medians, and the ratio of each adjacent pair."""
     import statistics
