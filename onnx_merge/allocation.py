@@ -100,10 +100,34 @@ def chain_output(chain: Chain) -> str:
 def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
     """Every chain's cost curve.
 
-    ``options.sensitivity`` "output" (default): measured at the model's outputs (OutputProbe),
-    on the calibration samples or data-free on noise; where that cannot run, and with
-    "consumer": the plan's predicted error relative to the consumer's output, a consumer that
-    feeds a residual Add scaled with calibration by its share of the stream."""
+    ``options.sensitivity`` "output": measured at the model's outputs (OutputProbe), on the
+    calibration samples or data-free on noise; where that cannot run, and with "consumer": the
+    plan's predicted error relative to the consumer's output, a consumer that feeds a residual
+    Add scaled with calibration by its share of the stream; "combined": the geometric mean of
+    the two. "auto" (default): output, but combined where the budget is data-free and every
+    layer has BatchNormalization statistics: noise reaches the network-level effects but not
+    real data's statistics, which the plan's model of the activations does (BN-kept CIFAR
+    ResNets at --target-macs 0.5: 53.3 / 74.9 / 76.5 % against 20.2 / 66.2 / 77.4 with output
+    alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded, combined does not help)."""
+    rating = resolved_sensitivity(options, chains)
+    if rating == "combined":
+        measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress)
+        predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress)
+        return [dataclasses.replace(m, cost=np.sqrt(np.maximum(m.cost, 0.0) * np.maximum(p.cost, 0.0)),
+                                    measured_on=m.measured_on and m.measured_on + " x predicted")
+                for m, p in zip(measured, predicted)]
+    return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress)
+
+
+def resolved_sensitivity(options: CompressOptions, chains: list[Chain]) -> str:
+    """What "auto" means for these chains (chain_curves); other choices as given."""
+    if options.sensitivity != "auto":
+        return options.sensitivity
+    data_free = options.calibration is None
+    return "combined" if data_free and chains and all(c.bn is not None for c in chains) else "output"
+
+
+def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
     from .passes.merge_channels import producer_arrays
 
     model = index.model
@@ -162,6 +186,12 @@ def stream_shares(index: GraphIndex, chains: list[Chain], feeds: dict[str, np.nd
     return {k: energy[b] / max(energy[s], 1e-30) for k, (b, s) in pairs.items()}
 
 
+def sensitivity_used(curves: list[ChainCurve]) -> str:
+    """output, consumer or combined: what rated the layers (output may fall back to consumer)."""
+    on = curves[0].measured_on if curves else None
+    return "consumer" if not on else "combined" if on.endswith("predicted") else "output"
+
+
 def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: dict, progress=None) -> CompressOptions:
     """Options whose per-layer ratios meet ``options.target``; the allocation goes to ``report``."""
     what, fraction = options.target
@@ -206,7 +236,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
                      "stream_share": None if c.share is None else round(c.share, 4), "measured_on": c.measured_on})
     kept_fraction = 1 - (spend(terms, groups, full) - spend(terms, groups, keeps)) / total
     report["allocation"] = {"target": what, "fraction": fraction, "predicted_fraction": round(kept_fraction, 6),
-                            "sensitivity": options.sensitivity if curves and curves[0].measured_on else "consumer",
+                            "sensitivity": sensitivity_used(curves),
                             "groups": rows, "block_floor": options.block_floor}
     log.info("allocation: %.4f of the %s kept (target %g)", kept_fraction, what, fraction)
     return dataclasses.replace(options, ratio=0.0, allocated=allocated)

@@ -22,7 +22,7 @@ from .errors import Interrupted, OnnxMergeError, UsageError, VerificationError
 from .files import check_targets, remove_live_staging, write_bytes_atomic
 from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
-from .options import AUTO, METHODS, CompressOptions
+from .options import AUTO, METHODS, SENSITIVITIES, CompressOptions
 from .runtime import graph_inputs, parse_providers, set_runtime_logging
 from .verify import WARN_BELOW, Tolerance, verify_models
 
@@ -52,10 +52,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 
-SENSITIVITY_HELP = ("how a budget rates a layer: output (default), the change in the model's outputs when that layer "
-                    "alone is planned, measured on the first 64 --calibration samples or, data-free, on noise; "
-                    "consumer, the plan's predicted error relative to the consumer's output (no model run; "
-                    "misjudges layers that add into a residual stream)")
+SENSITIVITY_HELP = ("how a budget rates a layer: output, the change in the model's outputs when that layer alone is "
+                    "planned, measured on the first 64 --calibration samples or, data-free, on noise; consumer, the "
+                    "plan's predicted error relative to the consumer's output (no model run; misjudges layers that "
+                    "add into a residual stream); combined, the geometric mean of the two; auto (default): output, "
+                    "but combined data-free where every layer has BatchNormalization statistics (the plan's model "
+                    "of real activations: noise alone misjudges those layers)")
 
 def _glob_ratio(text: str) -> tuple[str, float]:
     glob, sep, value = text.rpartition("=")
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--layer-ratio and --exclude still pin the layers they match")
     amount.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction of the parameters, allocated like --target-macs")
-    c.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
+    c.add_argument("--sensitivity", choices=SENSITIVITIES, default="auto", help=SENSITIVITY_HELP)
     c.add_argument("--heads", type=float, default=0.0, metavar="R",
                    help="fraction of attention heads to remove per attention layer (default 0: none); a head is "
                    "its Q, K, V columns and its output-projection rows, the least important by ||W_V W_O|| go. "
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
     sens.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
     sens.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
-    sens.add_argument("--sensitivity", choices=("output", "consumer"), default="output", help=SENSITIVITY_HELP)
+    sens.add_argument("--sensitivity", choices=SENSITIVITIES, default="auto", help=SENSITIVITY_HELP)
     sens.add_argument("--report", metavar="R.json", help="write every curve as JSON")
     sens.add_argument("--plot", metavar="S.png", help="draw the curves (matplotlib)")
     sens.set_defaults(command_parser=sens)
@@ -543,7 +545,11 @@ def cmd_sensitivity(args) -> int:
     _echo(tabulate(rows, headers=["layer", "channels", "MACs/channel", "params/channel", "stream share"]
                    + [f"error at {int(100 * f)} %" for f in fractions]))
     measured = next((g["measured_on"] for g in result["groups"] if g["measured_on"]), None)
-    if measured:
+    if measured and measured.endswith("predicted"):
+        _echo("error: the geometric mean of the change in the model's outputs with that layer alone planned, "
+              "measured on noise (no data given), and the consumer's output error the plan predicts from the "
+              "BatchNormalization statistics (--sensitivity combined)")
+    elif measured:
         _echo("error: the change in the model's outputs with that layer alone planned, relative to how much they "
               "vary between samples, measured on " + ("the calibration samples" if measured == "calibration"
                                                       else "noise (no data given)"))

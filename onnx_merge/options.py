@@ -12,6 +12,7 @@ from .math.criteria import ALIGN_SLACK, channel_floor, channel_step
 
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
+SENSITIVITIES = (AUTO, "output", "consumer", "combined")
 MAX_MERGE_COST_CHANNELS = 2048  # like regress: wider layers keep the O(N) ranking, time and memory
 
 
@@ -49,8 +50,9 @@ class CompressOptions:
     allocated: dict[str, float] = field(default_factory=dict)
     # how the budget rates a layer (allocation.chain_curves): "output", the change in the model's
     # outputs measured on calibration samples or noise; "consumer", the plan's predicted error in
-    # the consumer's output (no run of the model; comparable across layers only without residuals)
-    sensitivity: str = "output"
+    # the consumer's output (no run of the model; comparable across layers only without residuals);
+    # "combined", their geometric mean; "auto", output, or combined data-free on BN-kept models
+    sensitivity: str = "auto"
     # A coupled group (depthwise, gated) pruned without a model of what its removed channels carried
     # is pruned only as far as its predicted relative output error stays under this (METHOD.md,
     # passes/prune_coupled.py); 1 applies every asked ratio as it is.
@@ -70,8 +72,8 @@ class CompressOptions:
                 raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 <= self.lam <= 1.0:
             raise UsageError(f"lambda must lie in [0, 1], got {self.lam}")
-        if self.sensitivity not in ("output", "consumer"):
-            raise UsageError(f"--sensitivity is output or consumer: got {self.sensitivity!r}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise UsageError(f"--sensitivity is one of {', '.join(SENSITIVITIES)}: got {self.sensitivity!r}")
         if self.target_macs is not None and self.target_params is not None:
             raise UsageError("--target-macs and --target-params exclude each other: give one")
         if self.target is not None and not 0.0 < self.target[1] <= 1.0:

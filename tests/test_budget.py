@@ -347,3 +347,28 @@ def test_calibrated_curves_rebuild_channels_as_the_refit_sees_them():
     flat = np.moveaxis(acts, 1, -1).reshape(-1, 3)
     np.testing.assert_allclose(gram[:3, :3], flat.T @ flat / len(flat))
     np.testing.assert_allclose(gram[3], np.r_[flat.mean(axis=0), 1.0])
+
+
+def test_data_free_budgets_on_bn_layers_combine_noise_with_the_plans_prediction():
+    """--sensitivity auto: the geometric mean of the noise-measured and the predicted curves where
+    every layer has BN statistics and no data is given; the noise curve alone without BN, and the
+    calibration curve alone with data."""
+    from onnx_merge.allocation import sensitivity
+
+    from .test_passes import conv_bn_relu_pool_conv
+
+    def rated(model, how, **kw):
+        group = sensitivity(model, CompressOptions(sensitivity=how, **kw))["groups"][0]
+        return np.array(group["curve"]), group["measured_on"]
+
+    bn = conv_bn_relu_pool_conv(with_bn=True)
+    (auto, on), (output, _), (consumer, _) = (rated(bn, how) for how in ("auto", "output", "consumer"))
+    assert on == "noise x predicted" and output[-1] > 0 and consumer[-1] > 0
+    np.testing.assert_allclose(auto, np.sqrt(output * consumer), atol=2e-6)  # curves as reported: 6 places
+    np.testing.assert_array_equal(rated(bn, "combined")[0], auto)
+    plain = conv_bn_relu_pool_conv(with_bn=False)
+    np.testing.assert_array_equal(rated(plain, "auto")[0], rated(plain, "output")[0])
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    calibrated, on = rated(bn, "auto", calibration={"x": x})
+    assert on == "calibration"
+    np.testing.assert_array_equal(calibrated, rated(bn, "output", calibration={"x": x})[0])
