@@ -188,6 +188,16 @@ def defaults_section(lines: list[str]) -> None:
 
 def calibrated_section(lines: list[str], plot: dict) -> None:
     """Least-squares refit on calibration data (never the test set)."""
+    kept_rows = []  # the export torch writes by default: BN as nodes, whose statistics the plans model
+    for label, build, file, pre in (("ResNet-56 (paper)", resnet_paper, "resnet56_cifar10.npz", CIFAR),
+                                    ("ResNet-20 (akamaster, option A)", resnet_akamaster,
+                                     "resnet20_cifar10_akamaster.npz", AKAMASTER),
+                                    ("ResNet-56 (akamaster, option A)", resnet_akamaster,
+                                     "resnet56_cifar10_akamaster.npz", AKAMASTER)):
+        model = build(dict(np.load(SHARED / "weights" / file)), fold=False)
+        for target in (0.7, 0.5, 0.4):
+            kept_rows += measure(label + ", BN kept", model, xe, ye, pre, "macs", target,
+                                 also=("output", "consumer") if target == 0.5 else ())
     fashion = load_idx_dir("/usr/share/datasets/fashion-mnist")
     train = load_idx_dir("/usr/share/datasets/fashion-mnist", "train")
     lenet = lenet_300_100(dict(np.load(SHARED / "weights" / "lenet_300_100_fashionmnist.npz")))
@@ -230,20 +240,19 @@ def budget_section(lines: list[str]) -> None:
     xe, ye = cifar["x_exact"], cifar["y"][:1017]
     rows, curves = [], {}
 
-    def measure(label, model, x, y, pre, kind, target, calibration=None, uniform=True, consumer=False):
-        """(budget, uniform) rows: accuracy and the fraction of ``kind`` kept; with ``consumer``
-        also the budget on the consumer-relative curves (--sensitivity consumer)."""
+    def measure(label, model, x, y, pre, kind, target, calibration=None, uniform=True, also=()):
+        """(budget, uniform) rows: accuracy and the fraction of ``kind`` kept; ``also``: the budget
+        on other curves too (--sensitivity consumer, output)."""
         out = []
         settings = [("budget", {f"target_{kind}": target})]
-        if consumer:
-            settings.append(("consumer", {f"target_{kind}": target, "sensitivity": "consumer"}))
+        settings += [(how, {f"target_{kind}": target, "sensitivity": how}) for how in also]
         if uniform:
             settings.append(("uniform", {"ratio": round(1 - target, 4)}))
         for name, kw in settings:
             small, rep = compress(model, CompressOptions(calibration=calibration, round_to=1, **kw))
             kept = rep[f"{kind}_after"] / rep[f"{kind}_before"]
-            setting = {"budget": f"--target-{kind} {target}", "uniform": f"--ratio {1 - target:.2f}",
-                       "consumer": f"--target-{kind} {target} --sensitivity consumer"}[name]
+            setting = {"budget": f"--target-{kind} {target}", "uniform": f"--ratio {1 - target:.2f}"}.get(
+                name, f"--target-{kind} {target} --sensitivity {name}")
             out.append([label, setting, "calibrated" if calibration is not None else "data-free",
                         f"{100 * kept:.1f}", acc(small, x, y, pre)])
             curves.setdefault((label, name, out[-1][2]), []).append((100 * kept, out[-1][-1]))
@@ -257,7 +266,7 @@ def budget_section(lines: list[str]) -> None:
         model = build(dict(np.load(SHARED / "weights" / file)), fold=True)
         cal = {"input": pre(np.load(SHARED / "data" / "cifar10_calib.npz")["x"])}
         for target in (0.7, 0.5, 0.4):
-            rows += measure(label, model, xe, ye, pre, "macs", target, consumer=target == 0.5)
+            rows += measure(label, model, xe, ye, pre, "macs", target, also=("consumer",) if target == 0.5 else ())
         # calibrated ResNet runs take minutes each; the paper's uniform r=0.5 is in the calibrated section
         rows += measure(label, model, xe, ye, pre, "macs", 0.5, cal, uniform="paper" not in label)
     fashion = load_idx_dir("/usr/share/datasets/fashion-mnist")
@@ -270,7 +279,7 @@ def budget_section(lines: list[str]) -> None:
     lines += ["## Global budgets: `--target-macs` / `--target-params`", "",
               "Each layer's ratio allocated greedily by its cost per MAC (or parameter) saved (`onnx-merge "
               "sensitivity` shows the curves), beside the uniform ratio that keeps about as much. The default cost "
-              "(`--sensitivity output`) is the change in the model's outputs with that layer alone planned, "
+              "(`--sensitivity auto`, which for these BN-folded models is `output`) is the change in the model's outputs with that layer alone planned, "
               "measured on the first 64 calibration samples, or data-free on 64 noise images with a 1/f "
               "spectrum; `--sensitivity consumer` rows use the plan's predicted error relative to the consumer's "
               "output (the previous default). BN folded; CIFAR accuracy on `x_exact` (1,017 images), calibrated "
@@ -278,7 +287,11 @@ def budget_section(lines: list[str]) -> None:
               "(../shared/weights/README.md); LeNet on the FashionMNIST test set, calibrated on the first 512 "
               "training images (the uniform calibrated paper ResNet-56 at r=0.5 is in the section above). "
               "`--round-to 1` throughout, so that the rows compare allocations, not channel alignment.", "",
-              tabulate(rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), ""]
+              tabulate(rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), "",
+              "The same checkpoints exported with BatchNormalization kept as nodes, data-free: there every layer "
+              "has BN statistics, and the default (`--sensitivity auto`) rates layers by the geometric mean of the "
+              "noise-measured and the plan-predicted curves (`combined`).", "",
+              tabulate(kept_rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), ""]
     write_budget_plot(curves, ROOT / "benchmarks" / "budget.png")
     lines += ["![accuracy vs MACs kept](benchmarks/budget.png)", ""]
 
