@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -22,7 +23,7 @@ from .errors import Interrupted, OnnxMergeError, UsageError, VerificationError
 from .files import check_targets, remove_live_staging, write_bytes_atomic
 from .io import load_arrays, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
-from .options import AUTO, METHODS, SENSITIVITIES, CompressOptions
+from .options import AUTO, METHODS, NOISE, SENSITIVITIES, CompressOptions
 from .runtime import graph_inputs, parse_providers, set_runtime_logging
 from .verify import WARN_BELOW, Tolerance, verify_models
 
@@ -259,10 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune a coupled group (depthwise block, SE gate) only as far as its predicted relative "
                    "output error stays under E (default 0.1; the report and the layer table show what was asked "
                    "where less was removed); 1 applies the asked ratio as it is")
-    c.add_argument("--calibration", metavar="FILE.npz",
+    c.add_argument("--calibration", metavar="FILE.npz|noise",
                    help="unlabelled inputs keyed by graph input name (or --input-key), preprocessed by "
                    "--scale/--mean/--std/--layout: each consumer is refitted by least squares to reproduce "
-                   "the original layer's output")
+                   "the original layer's output. noise: 256 synthetic inputs (1/f spectrum over image axes, "
+                   "unit variance per channel) as the model takes them, no data needed; it helps where no "
+                   "BatchNormalization statistics model the activations (a BN-folded export: akamaster's "
+                   "ResNet-56 at --target-macs 0.5 keeps 61.2 %% instead of 39.5), less where they do")
     c.add_argument("--calibration-mixup", type=int, default=3, metavar="K",
                    help="with --calibration: add K mixed samples per calibration sample, each a random convex "
                    "combination of two of them, with the original model's outputs as targets. They go to "
@@ -460,6 +464,13 @@ def _bounded(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f"... ({len(text):,} characters)"
 
 
+def _calibration(path: str | None):
+    """--calibration: the arrays of FILE.npz, or "noise" (synthetic inputs; a file of that name wins)."""
+    if path == NOISE and not Path(path).exists():
+        return NOISE
+    return load_arrays(path) if path else None
+
+
 def cmd_compress(args) -> int:
     started = time.perf_counter()
     check_targets([args.output, args.report], model_files(args.model))  # before any data is read (parses the model)
@@ -477,7 +488,7 @@ def cmd_compress(args) -> int:
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
                               fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
-                              calibration=load_arrays(args.calibration) if args.calibration else None).validate()
+                              calibration=_calibration(args.calibration)).validate()
     bench = (_int_list(args.bench_batch, "--bench-batch"),
              _int_list(args.bench_threads, "--bench-threads", allow_empty=True) or (None,))
     if args.bench_runs < 1:

@@ -13,6 +13,8 @@ from .math.criteria import ALIGN_SLACK, channel_floor, channel_step
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
 SENSITIVITIES = (AUTO, "output", "consumer", "combined")
+NOISE = "noise"  # --calibration noise
+NOISE_SAMPLES = 256
 MAX_MERGE_COST_CHANNELS = 2048  # like regress: wider layers keep the O(N) ranking, time and memory
 
 
@@ -36,7 +38,9 @@ class CompressOptions:
     coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
     independent_layers: bool = False  # plan every layer from the original weights (the paper's procedure)
-    calibration: dict | None = None  # graph input name -> array, preprocessed as the model expects
+    # graph input name -> array, preprocessed as the model expects; or NOISE: synthetic inputs
+    # (api.noise_calibration), made once the model's input shapes are known
+    calibration: dict | str | None = None
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
     calibration_mixup: int = 3  # mixed samples per calibration sample (onnx_merge/calibration.py); 0: none
@@ -84,6 +88,8 @@ class CompressOptions:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.coupled not in ("skip", "prune"):
             raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
+        if isinstance(self.calibration, str) and self.calibration != NOISE:
+            raise UsageError(f"calibration must be arrays or {NOISE!r}, got {self.calibration!r}")
         if self.calibration_batch < 1:
             raise UsageError("the calibration batch must be at least 1")
         if self.calibration_mixup < 0:

@@ -495,3 +495,38 @@ def test_gate_readers_are_the_reduce_convs_of_mul_gates_not_a_residual_blocks_fi
     index = GraphIndex(two_residual_blocks(with_bn=False))
     stream = next(g for g in find_groups(index) if g.residual)
     assert gate_readers(index, stream) == set()
+
+
+def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_path):
+    """--calibration noise: synthetic inputs shaped as the model's, no data; integer inputs refused."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnx_merge.api import noise_calibration
+    from onnx_merge.cli import main
+    from onnx_merge.errors import UsageError
+
+    model = conv_bn_relu_pool_conv(with_bn=False)
+    noise = noise_calibration(model)["x"]
+    assert noise.shape == (256, 3, 8, 8) and noise.dtype == np.float32
+    np.testing.assert_allclose(noise.std(axis=(0, 2, 3)), 1.0, rtol=1e-5)  # unit variance per channel
+    small, report = compress(model, CompressOptions(ratio=0.5, calibration="noise"))
+    layer = report["layers"][0]
+    assert layer["method"] == "calibrated"
+    again, _ = compress(model, CompressOptions(ratio=0.5, calibration="noise"))
+    assert [t.raw_data for t in again.graph.initializer] == [t.raw_data for t in small.graph.initializer]
+    path, out, rep = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(model, path)
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--calibration", "noise",
+                 "--report", str(rep)]) == 0
+    data = json.loads(rep.read_text())
+    assert data["options"]["calibration"] == "noise" and data["verification"]["data"]["source"] == "random"
+    ids = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["y"])], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UsageError, match="'ids' is tensor\\(int64\\)"):
+        noise_calibration(ids)
+    with pytest.raises(UsageError, match="calibration must be arrays or 'noise'"):
+        CompressOptions(calibration="nois").validate()
