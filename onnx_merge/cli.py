@@ -522,6 +522,12 @@ def cmd_compress(args) -> int:
     if ver is not None and ver["warnings"]:
         print(f"onnx-merge: WARNING: {'; '.join(ver['warnings'])} on {terminal.data_phrase(ver['data'])}; "
               "set --min-cosine or --max-top1-disagreement to fail such a result", file=sys.stderr)
+    if args.calibration is None and any("without statistics" in (layer.get("note") or "")
+                                        for layer in result.get("layers", [])):
+        print("onnx-merge: note: some layers have no BatchNormalization statistics to model their activations, so "
+              "they were merged data-free; --calibration noise refits them on synthetic inputs instead (a BN-folded "
+              "ResNet-56 at --target-macs 0.5: 61 % instead of 40 % top-1), and calibration data does best",
+              file=sys.stderr)
     for warning in result.get("latency", {}).get("warnings", []):
         print(f"onnx-merge: WARNING: {warning} (counts off the kernels' channel blocks are slow: see --round-to; "
               "small layers at batch 1 cost their fixed overhead whatever their MACs)", file=sys.stderr)

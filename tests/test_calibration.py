@@ -497,7 +497,7 @@ def test_gate_readers_are_the_reduce_convs_of_mul_gates_not_a_residual_blocks_fi
     assert gate_readers(index, stream) == set()
 
 
-def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_path):
+def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_path, capsys):
     """--calibration noise: synthetic inputs shaped as the model's, no data; integer inputs refused."""
     import json
 
@@ -523,6 +523,9 @@ def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_pat
                  "--report", str(rep)]) == 0
     data = json.loads(rep.read_text())
     assert data["options"]["calibration"] == "noise" and data["verification"]["data"]["source"] == "random"
+    assert "--calibration noise refits" not in capsys.readouterr().err
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5"]) == 0  # data-free: the hint
+    assert "--calibration noise refits them" in capsys.readouterr().err
     ids = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["ids"], ["y"])], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])]), opset_imports=[helper.make_opsetid("", 17)])
