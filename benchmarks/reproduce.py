@@ -243,7 +243,9 @@ def budget_section(lines: list[str]) -> None:
             kept = rep[f"{kind}_after"] / rep[f"{kind}_before"]
             setting = {"budget": f"--target-{kind} {target}", "uniform": f"--ratio {1 - target:.2f}"}.get(
                 name, f"--target-{kind} {target} --sensitivity {name}")
-            out.append([label, setting, "calibrated" if calibration is not None else "data-free",
+            data = "--calibration noise" if isinstance(calibration, str) else \
+                "calibrated" if calibration is not None else "data-free"
+            out.append([label, setting, data,
                         f"{100 * kept:.1f}", acc(small, x, y, pre)])
             curves.setdefault((label, name, out[-1][2]), []).append((100 * kept, out[-1][-1]))
         return out
@@ -258,6 +260,7 @@ def budget_section(lines: list[str]) -> None:
             rows += measure(label, model, xe, ye, pre, "macs", target, also=("consumer",) if target == 0.5 else ())
         # calibrated ResNet runs take minutes each; the paper's uniform r=0.5 is in the calibrated section
         rows += measure(label, model, xe, ye, pre, "macs", 0.5, cal, uniform="paper" not in label)
+        rows += measure(label, model, xe, ye, pre, "macs", 0.5, "noise")  # synthetic inputs, no data
     kept_rows = []  # the export torch writes by default: BN as nodes, whose statistics the plans model
     for label, build, file, pre in checkpoints:
         model = build(dict(np.load(SHARED / "weights" / file)), fold=False)
