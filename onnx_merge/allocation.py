@@ -249,6 +249,10 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     from .manager import Context
 
     model = copy.deepcopy(model)
+    if isinstance(options.calibration, str):  # --calibration noise
+        from .api import noise_calibration
+
+        options = dataclasses.replace(options, calibration=noise_calibration(model))
     canonicalize().run(model, Context(options=None))
     index = GraphIndex(model)
     chains = budget_chains(index, options)

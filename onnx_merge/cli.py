@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--calibration scaled by the consumer's share of the residual stream it is added to). "
                        "A budget removes channels where this cost per MAC (or parameter) saved is least.")
     sens.add_argument("model", metavar="MODEL.onnx")
-    sens.add_argument("--calibration", metavar="FILE.npz", help="inputs as for compress --calibration")
+    sens.add_argument("--calibration", metavar="FILE.npz|noise", help="inputs as for compress --calibration")
     sens.add_argument("--method", choices=METHODS, default="regress", help="the plan whose error is predicted")
     sens.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers out")
     sens.add_argument("--sensitivity", choices=SENSITIVITIES, default="auto", help=SENSITIVITY_HELP)
@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fractions of the parameters to keep, comma-separated (see compress --target-params)")
     s.add_argument("--methods", default="regress", type=_name_list(METHODS), metavar="M,M,...",
                    help=f"compression methods, comma-separated, of {', '.join(METHODS)} (default regress)")
-    s.add_argument("--calibration", metavar="CAL.npz", help="calibration inputs for every compress job (see compress)")
+    s.add_argument("--calibration", metavar="CAL.npz|noise",
+                   help="calibration inputs for every compress job (see compress; noise: synthetic inputs)")
     s.add_argument("--data", required=True, metavar="FILE.npz|idx:DIR", help="labelled data to score on (see eval)")
     s.add_argument("--label-key", default="y", help="array holding the labels (default y)")
     s.add_argument("--limit", type=int, help="score only the first N samples")
@@ -552,7 +553,7 @@ def cmd_sensitivity(args) -> int:
     protect = model_files(args.model)
     check_targets([args.report, args.plot], protect)
     options = CompressOptions(method=args.method, exclude=args.exclude, sensitivity=args.sensitivity,
-                              calibration=load_arrays(args.calibration) if args.calibration else None).validate()
+                              calibration=_calibration(args.calibration)).validate()
     loaded = load_model(args.model)
     result = sensitivity(loaded.model, options, progress=api._progress)
     fractions = (0.25, 0.5, 0.75)

@@ -531,5 +531,10 @@ def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_pat
         [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UsageError, match="'ids' is tensor\\(int64\\)"):
         noise_calibration(ids)
+    from onnx_merge.allocation import sensitivity
+    from onnx_merge.sweep import fingerprint
+
+    assert sensitivity(model, CompressOptions(calibration="noise"))["groups"][0]["measured_on"] == "calibration"
+    assert fingerprint("noise") == fingerprint("noise")  # a sweep's cache key, with no file to read
     with pytest.raises(UsageError, match="calibration must be arrays or 'noise'"):
         CompressOptions(calibration="nois").validate()
