@@ -218,9 +218,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, options: Compr
         if arrays is None and verify:
             arrays, source = _split_check(options, check_holdout)
     check = check or CheckData()
-    input_shapes, _ = resolve_input_shapes(specs, check.input_shapes)
-    if isinstance(options.calibration, str):  # noise: shaped as the model's inputs; checked on random data, as data-free
-        options.calibration = noise_calibration(loaded.model, input_shapes)
+    input_shapes, _ = resolve_input_shapes(specs, check.input_shapes)  # noise calibration takes these (compress)
     before = describe_model(loaded.model, src, "input", file_bytes=file_bytes(src))
     model, report = compress(loaded.model, options, inplace=True, input_shapes=input_shapes)
     report["input"], report["output"] = str(src), str(dst)

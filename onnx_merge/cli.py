@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 from tabulate import tabulate
 
@@ -21,9 +20,9 @@ from .config import load_config, options_of
 from .data import Preprocess, parse_floats, prepare_inputs
 from .errors import Interrupted, OnnxMergeError, UsageError, VerificationError
 from .files import check_targets, remove_live_staging, write_bytes_atomic
-from .io import load_arrays, load_model, model_files, write_text_atomic
+from .io import load_arrays, load_calibration, load_model, model_files, write_text_atomic
 from .math import BN_RULES, CRITERIA, SCALE_RULES
-from .options import AUTO, METHODS, NOISE, SENSITIVITIES, CompressOptions
+from .options import AUTO, METHODS, SENSITIVITIES, CompressOptions
 from .runtime import graph_inputs, parse_providers, set_runtime_logging
 from .verify import WARN_BELOW, Tolerance, verify_models
 
@@ -465,13 +464,6 @@ def _bounded(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f"... ({len(text):,} characters)"
 
 
-def _calibration(path: str | None):
-    """--calibration: the arrays of FILE.npz, or "noise" (synthetic inputs; a file of that name wins)."""
-    if path == NOISE and not Path(path).exists():
-        return NOISE
-    return load_arrays(path) if path else None
-
-
 def cmd_compress(args) -> int:
     started = time.perf_counter()
     check_targets([args.output, args.report], model_files(args.model))  # before any data is read (parses the model)
@@ -489,7 +481,7 @@ def cmd_compress(args) -> int:
                               coupled=args.coupled, refine_iterations=args.refine_iterations,
                               calibration_mixup=args.calibration_mixup, skip_fold=args.skip_fold,
                               fold_max_elements=args.fold_max_elements, fold_max_mb=args.fold_max_mb,
-                              calibration=_calibration(args.calibration)).validate()
+                              calibration=load_calibration(args.calibration)).validate()
     bench = (_int_list(args.bench_batch, "--bench-batch"),
              _int_list(args.bench_threads, "--bench-threads", allow_empty=True) or (None,))
     if args.bench_runs < 1:
@@ -553,7 +545,7 @@ def cmd_sensitivity(args) -> int:
     protect = model_files(args.model)
     check_targets([args.report, args.plot], protect)
     options = CompressOptions(method=args.method, exclude=args.exclude, sensitivity=args.sensitivity,
-                              calibration=_calibration(args.calibration)).validate()
+                              calibration=load_calibration(args.calibration)).validate()
     loaded = load_model(args.model)
     result = sensitivity(loaded.model, options, progress=api._progress)
     fractions = (0.25, 0.5, 0.75)

@@ -296,6 +296,14 @@ def check_layer_weights(loaded: LoadedModel) -> None:
                                  "NaN or Inf values")
 
 
+def load_calibration(spec: str | None):
+    """--calibration: the arrays of a file, or the word "noise" as it is (api.noise_calibration makes
+    those inputs once the model's shapes are known; a file of that name is given as ./noise)."""
+    from .options import NOISE
+
+    return spec if spec == NOISE else load_arrays(spec) if spec else None
+
+
 def default_opset(model: onnx.ModelProto) -> int | None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import UsageError
-from .io import load_arrays, load_model, model_files, save_model, write_text_atomic
+from .io import load_calibration, load_model, model_files, save_model, write_text_atomic
 from .options import NOISE
 
 log = logging.getLogger("onnx_merge")
@@ -133,11 +133,6 @@ def _files_read(spec: str) -> list[Path]:
     return model_files(spec) if spec.endswith(".onnx") else [Path(spec)]
 
 
-def _calibration(spec: str | None):
-    """A job's calibration: the arrays of its file, or NOISE (compress makes the inputs)."""
-    return spec if spec == NOISE else load_arrays(spec) if spec else None
-
-
 def fingerprint(spec: str) -> str:
     """SHA-256 of the spec's file contents (and of an ``idx:`` spec itself, whose split matters;
     of "noise" alone: synthetic calibration reads no file)."""
@@ -183,7 +178,7 @@ def _compress(job: Job, x, pre) -> dict:
     from .runtime import graph_inputs
     from .verify import verify_models
 
-    calibration = _calibration(job.calibration)
+    calibration = load_calibration(job.calibration)
     options = CompressOptions(method=job.method, calibration=calibration, **job.setting)
     dst = Path(job.out) / "models" / f"{job.label.replace(' ', '-').replace('=', '')}-{job.key[:8]}.onnx"
     report = compress_file(job.model, dst, options, verify=False)
@@ -320,7 +315,7 @@ def plan_jobs(models: list[str], methods: list[str], settings: list[dict], evalu
     x, _, pre = evaluation.load()
     pre(x[:1], None, f"{evaluation.data} [{evaluation.input_key}]")  # its warnings and refusals once, here
     if calibration:
-        _calibration(calibration)  # a bad file is found before any job runs
+        load_calibration(calibration)  # a bad file is found before any job runs
     files = [*models, evaluation.data] + ([calibration] if calibration else [])  # strings: they key the hashes
     fingerprints = {f: fingerprint(f) for f in files}
     common = dict(evaluation=evaluation, out=out, calibration=calibration, bench=bench, threads=threads,
