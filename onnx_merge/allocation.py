@@ -203,9 +203,13 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
     chains = budget_chains(index, options)
     curves = chain_curves(index, chains, options, progress)
     ops = {c.name: c.producer.node.op_type for c in chains}
-    groups = [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
-                          if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
-              for c in curves]
+
+    def budget_groups(options):
+        return [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
+                            if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
+                for c in curves]
+
+    groups = budget_groups(options)
     terms = budget_terms(index, chains, what, options.fold_bn)
     need = total * (1.0 - fraction)
     try:
@@ -214,11 +218,11 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
         except BudgetUnreachable:
             if not any(g.floor > 1 for g in groups):
                 raise
-            # the target outweighs latency: layers a block wide may go below a block after all
+            # the target outweighs latency: layers a block wide may go below a block, and off whole blocks
             log.info("--target-%s %g needs convs narrower than a channel block: --round-to auto's floor is off",
                      what, fraction)
             options = dataclasses.replace(options, block_floor=False)
-            groups = [dataclasses.replace(g, floor=1) for g in groups]
+            groups = budget_groups(options)
             keeps = allocate(groups, terms, need, options.round_to or 1)
     except BudgetUnreachable as exc:
         raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the chains allow "

@@ -133,9 +133,9 @@ class CompressOptions:
         if self.round_to is not None:
             return math.lcm(self.round_to, multiple), 1
         block = self.channel_block(op_type)
-        step = math.lcm(channel_step(n, block), multiple)
-        if step - 1 > ALIGN_SLACK * n:
-            step = multiple
+        step = channel_step(n, block, whole_blocks=self.block_floor)
+        aligned = math.lcm(step, multiple)  # a grouped conv: whole groups too, if that is not too coarse
+        step = aligned if aligned <= n and (aligned == step or aligned - 1 <= ALIGN_SLACK * n) else multiple
         floor = channel_floor(n, block) if self.block_floor else 1
         return step, floor if floor % step == 0 else 1
 

@@ -21,13 +21,15 @@ def test_keep_count_rounds_up_to_multiple():
     assert keep_count(10, 0.5, round_to=16) == 10
 
 
-@pytest.mark.parametrize("n,block,step", [(256, 16, 16), (64, 16, 8), (32, 16, 4), (24, 16, 4), (20, 16, 1), (16, 16, 1),
-                                           (96, 8, 8), (64, 1, 1), (1000, 16, 16)])
-def test_channel_step_costs_at_most_an_eighth_of_the_layer(n, block, step):
+@pytest.mark.parametrize("n,block,step", [(256, 16, 16), (64, 16, 16), (32, 16, 16), (24, 16, 16), (16, 16, 16),
+                                           (12, 16, 1), (40, 64, 4), (96, 8, 8), (64, 1, 1), (1000, 16, 16)])
+def test_channel_step_is_the_block_where_the_layer_is_a_block_wide(n, block, step):
+    """A count between two multiples of the block runs as slowly as the next one up; narrower
+    layers round to a smaller step only where that costs at most an eighth of the layer."""
     from onnx_merge.math.criteria import channel_step
 
     assert channel_step(n, block) == step
-    assert step == 1 or step - 1 <= n / 8
+    assert step == block or step == 1 or step - 1 <= n / 8
 
 
 def test_auto_rounding_aligns_convs_only_and_a_rounded_count_stays():
@@ -45,6 +47,9 @@ def test_auto_rounding_aligns_convs_only_and_a_rounded_count_stays():
     assert CompressOptions(providers=("cuda",)).kept_channels(144, 0.3, "Gemm") == 104
     assert CompressOptions(round_to=8).kept_channels(144, 0.3, "Gemm") == 104
     assert auto.kept_channels(96, 0.5, "Conv", multiple=3) % 3 == 0  # conv groups always divide the count
+    if block > 1:  # never a count that runs as slowly as the next block up
+        assert all(auto.kept_channels(n, r, "Conv") % block == 0 or auto.kept_channels(n, r, "Conv") == n
+                   for n in (block, 2 * block, 3 * block - 4, 96, 144) for r in (0.1, 0.3, 0.5, 0.7))
     if block > 1:  # a conv at least a block wide keeps a block: below it, it runs no faster
         assert auto.kept_channels(block, 0.5, "Conv") == block and exact.kept_channels(block, 0.5, "Conv") < block
         assert auto.kept_channels(block // 2, 0.5, "Conv") == exact.kept_channels(block // 2, 0.5, "Conv")

@@ -37,18 +37,25 @@ def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
     return kept
 
 
-# Rounding toward a faster count may add at most this fraction of the layer's channels: on
-# onnxruntime CPU a 3x3 conv at a multiple of 16 channels ran at 1.02x the latency its MACs
-# predict, at a multiple of 8 1.16x, elsewhere 1.34x (benchmarks/channel_steps.py, AVX-512).
+# Where a conv is narrower than its kernels' block, rounding toward a faster count may add at
+# most this fraction of its channels; a grouped conv's block and group count together, too.
 ALIGN_SLACK = 1 / 8
 MIN_STEP = 4  # a depthwise conv at a multiple of 4 channels: ~1.2x; elsewhere 2.4x
 
 
-def channel_step(n: int, block: int, slack: float = ALIGN_SLACK) -> int:
-    """The step kept counts of a layer of ``n`` channels are rounded up to: the largest of
-    ``block``, block / 2, ... down to MIN_STEP whose rounding adds at most ``slack * n``
-    channels (at most step - 1 of them); 1 where none is that cheap or ``block`` <= 1. A count
-    of n alone, so a rounded count rounds to itself."""
+def channel_step(n: int, block: int, slack: float = ALIGN_SLACK, whole_blocks: bool = True) -> int:
+    """The step kept counts of a conv of ``n`` channels are rounded up to.
+
+    ``block`` where the layer is at least a block wide: onnxruntime's blocked (NCHWc) convs pad
+    the output channels to a whole block, so every count between two multiples runs as slowly
+    as the next multiple up, with fewer channels (a 3x3 conv 32 -> C -> 32 at 56x56, AVX-512,
+    block 16: C = 17 ... 31 all took the time of 32, C = 16 0.63x of it; benchmarks/channel_steps.py).
+    Narrower than a block, or without ``whole_blocks`` (a budget that needs more than whole
+    blocks can give): the largest of block, block / 2, ... down to MIN_STEP whose rounding adds
+    at most ``slack * n`` channels (at most step - 1 of them), else 1. A count of n alone, so a
+    rounded count rounds to itself."""
+    if whole_blocks and 1 < block <= n:
+        return block
     step = block
     while step >= MIN_STEP:
         if step - 1 <= slack * n:
