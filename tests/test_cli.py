@@ -220,3 +220,26 @@ def test_debug_is_accepted_before_or_after_the_command(before, monkeypatch):
     assert parsed.debug and not parsed.verbose
     assert not build_parser().parse_args(["inspect", "m.onnx"]).debug
     assert build_parser().parse_args(["-v", "inspect", "m.onnx"]).verbose
+
+
+def test_bench_times_in_a_child_whose_models_share_one_pool(lenet_file, monkeypatch):
+    """Per-session pools keep spinning after a run and take a core from the next model, so one
+    configuration's models are timed in a spawned process on one shared pool."""
+    import onnx_merge.bench as bench
+
+    seen = []
+    real = bench._time_config
+
+    def spy(paths, *args, shared_pool):
+        seen.append((os.getpid(), shared_pool))
+        return real(paths, *args, shared_pool=shared_pool)
+
+    rows = bench.bench_models([lenet_file, lenet_file], threads=(1,), runs=3, warmup=1, memory=False)
+    assert len(rows) == 2 and all(r["p50_ms"] > 0 for r in rows)
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", lambda *a, **k: (_ for _ in ()).throw(OSError("no processes")))
+    monkeypatch.setattr(bench, "_time_config", spy)
+    assert len(bench.bench_models([lenet_file], threads=(1,), runs=2, warmup=0, memory=False)) == 1
+    assert seen == [(os.getpid(), False)]  # where no process can start: in this one, a pool per session
+    from onnx_merge.runtime import _options
+
+    assert _options(True, 2, False, shared_pool=True).use_per_session_threads is False
