@@ -240,6 +240,3 @@ def test_bench_times_in_a_child_whose_models_share_one_pool(lenet_file, monkeypa
     monkeypatch.setattr(bench, "_time_config", spy)
     assert len(bench.bench_models([lenet_file], threads=(1,), runs=2, warmup=0, memory=False)) == 1
     assert seen == [(os.getpid(), False)]  # where no process can start: in this one, a pool per session
-    from onnx_merge.runtime import _options
-
-    assert _options(True, 2, False, shared_pool=True).use_per_session_threads is False

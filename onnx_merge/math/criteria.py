@@ -49,7 +49,7 @@ def channel_step(n: int, block: int, slack: float = ALIGN_SLACK, whole_blocks: b
     ``block`` where the layer is at least a block wide: onnxruntime's blocked (NCHWc) convs pad
     the output channels to a whole block, so every count between two multiples runs as slowly
     as the next multiple up, with fewer channels (a 3x3 conv 32 -> C -> 32 at 56x56, AVX-512,
-    block 16: C = 17 ... 31 all took the time of 32, C = 16 0.63x of it; benchmarks/channel_steps.py).
+    block 16: C = 17 ... 31 took 0.97-1.33x the time of 32, C = 16 0.63x; benchmarks/channel_steps.py).
     Narrower than a block, or without ``whole_blocks`` (a budget that needs more than whole
     blocks can give): the largest of block, block / 2, ... down to MIN_STEP whose rounding adds
     at most ``slack * n`` channels (at most step - 1 of them), else 1. A count of n alone, so a
