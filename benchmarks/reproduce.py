@@ -230,11 +230,12 @@ def budget_section(lines: list[str]) -> None:
     xe, ye = cifar["x_exact"], cifar["y"][:1017]
     rows, curves = [], {}
 
-    def measure(label, model, x, y, pre, kind, target, calibration=None, uniform=True, also=()):
+    def measure(label, model, x, y, pre, kind, target, calibration=None, uniform=True, also=(), budget=True):
         """(budget, uniform) rows: accuracy and the fraction of ``kind`` kept; ``also``: the budget
-        on other curves too (--sensitivity consumer, output)."""
+        on other curves too (--sensitivity consumer, output). The data column says what the plan
+        refitted on, as the report does: by default a budget on images refits on synthetic ones."""
         out = []
-        settings = [("budget", {f"target_{kind}": target})]
+        settings = [("budget", {f"target_{kind}": target})] if budget else []
         settings += [(how, {f"target_{kind}": target, "sensitivity": how}) for how in also]
         if uniform:
             settings.append(("uniform", {"ratio": round(1 - target, 4)}))
@@ -243,8 +244,8 @@ def budget_section(lines: list[str]) -> None:
             kept = rep[f"{kind}_after"] / rep[f"{kind}_before"]
             setting = {"budget": f"--target-{kind} {target}", "uniform": f"--ratio {1 - target:.2f}"}.get(
                 name, f"--target-{kind} {target} --sensitivity {name}")
-            data = "--calibration noise" if isinstance(calibration, str) else \
-                "calibrated" if calibration is not None else "data-free"
+            data = {"data": "calibrated", "none": "data-free"}.get(rep["options"]["calibration_source"], "synthetic")
+            data += " (default)" if calibration is None and data != "calibrated" else ""
             out.append([label, setting, data,
                         f"{100 * kept:.1f}", acc(small, x, y, pre)])
             curves.setdefault((label, name, out[-1][2]), []).append((100 * kept, out[-1][-1]))
@@ -260,13 +261,14 @@ def budget_section(lines: list[str]) -> None:
             rows += measure(label, model, xe, ye, pre, "macs", target, also=("consumer",) if target == 0.5 else ())
         # calibrated ResNet runs take minutes each; the paper's uniform r=0.5 is in the calibrated section
         rows += measure(label, model, xe, ye, pre, "macs", 0.5, cal, uniform="paper" not in label)
-        rows += measure(label, model, xe, ye, pre, "macs", 0.5, "noise")  # synthetic inputs, no data
+        rows += measure(label, model, xe, ye, pre, "macs", 0.5, "none", uniform=False)  # the data-free plan
+        rows += measure(label, model, xe, ye, pre, "macs", 0.5, "synthetic", budget=False)
     kept_rows = []  # the export torch writes by default: BN as nodes, whose statistics the plans model
     for label, build, file, pre in checkpoints:
         model = build(dict(np.load(SHARED / "weights" / file)), fold=False)
         for target in (0.7, 0.5, 0.4):
-            kept_rows += measure(label + ", BN kept", model, xe, ye, pre, "macs", target,
-                                 also=("output", "consumer") if target == 0.5 else ())
+            kept_rows += measure(label + ", BN kept", model, xe, ye, pre, "macs", target)
+        kept_rows += measure(label + ", BN kept", model, xe, ye, pre, "macs", 0.5, "none", uniform=False)
     fashion = load_idx_dir("/usr/share/datasets/fashion-mnist")
     train = load_idx_dir("/usr/share/datasets/fashion-mnist", "train")
     lenet = lenet_300_100(dict(np.load(SHARED / "weights" / "lenet_300_100_fashionmnist.npz")))
@@ -277,18 +279,22 @@ def budget_section(lines: list[str]) -> None:
     lines += ["## Global budgets: `--target-macs` / `--target-params`", "",
               "Each layer's ratio allocated greedily by its cost per MAC (or parameter) saved (`onnx-merge "
               "sensitivity` shows the curves), beside the uniform ratio that keeps about as much. The default cost "
-              "(`--sensitivity auto`, which for these BN-folded models is `output`) is the change in the model's outputs with that layer alone planned, "
-              "measured on the first 64 calibration samples, or data-free on 64 noise images with a 1/f "
-              "spectrum; `--sensitivity consumer` rows use the plan's predicted error relative to the consumer's "
-              "output (the previous default). BN folded; CIFAR accuracy on `x_exact` (1,017 images), calibrated "
-              "on `cifar10_calib.npz`; akamaster checkpoints with their own normalisation "
-              "(../shared/weights/README.md); LeNet on the FashionMNIST test set, calibrated on the first 512 "
+              "(`--sensitivity auto`, which for these BN-folded models is `output`) is the change in the model's "
+              "outputs with that layer alone planned, measured on the first 64 calibration samples. Without "
+              "`--calibration`, a budget on a model that takes images measures and refits on 256 synthetic "
+              "dead-leaves images (data `synthetic (default)`), while `--ratio` keeps the data-free plan (data "
+              "`data-free (default)`); `--calibration none` and `--calibration synthetic` choose either. "
+              "`--sensitivity consumer` rows use the plan's predicted error relative to the consumer's output. BN "
+              "folded; CIFAR accuracy on `x_exact` (1,017 images), calibrated on `cifar10_calib.npz`; akamaster "
+              "checkpoints with their own normalisation (../shared/weights/README.md); LeNet (whose input is no "
+              "image, so its budgets stay data-free) on the FashionMNIST test set, calibrated on the first 512 "
               "training images (the uniform calibrated paper ResNet-56 at r=0.5 is in the section above). "
               "`--round-to 1` throughout, so that the rows compare allocations, not channel alignment.", "",
               tabulate(rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), "",
-              "The same checkpoints exported with BatchNormalization kept as nodes, data-free: there every layer "
-              "has BN statistics, and the default (`--sensitivity auto`) rates layers by the geometric mean of the "
-              "noise-measured and the plan-predicted curves (`combined`).", "",
+              "The same checkpoints exported with BatchNormalization kept as nodes, with the defaults: the budgets "
+              "refit on synthetic images, the uniform ratios plan data-free from the BN statistics. With "
+              "`--calibration none` a budget rates these layers by the geometric mean of the curve measured on "
+              "synthetic images and the plan-predicted one (`combined`).", "",
               tabulate(kept_rows, headers=["model", "setting", "data", "% kept", "top-1"], tablefmt="github"), ""]
     write_budget_plot(curves, ROOT / "benchmarks" / "budget.png")
     lines += ["![accuracy vs MACs kept](benchmarks/budget.png)", ""]
@@ -302,11 +308,11 @@ def write_budget_plot(curves: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for (label, name, data), points in curves.items():
-        if data == "data-free" and label != "LeNet-300-100" and "BN kept" not in label:
+        if data.endswith("(default)") and label != "LeNet-300-100" and "BN kept" not in label:
             points.sort()
             ax.plot(*zip(*points), marker="o" if name == "budget" else "s",
                     linestyle="-" if name == "budget" else "--", label=f"{label}: {name}")
-    ax.set(title="CIFAR ResNets, BN folded, data-free", xlabel="MACs kept (%)", ylabel="top-1 on x_exact (%)")
+    ax.set(title="CIFAR ResNets, BN folded, no data (the defaults)", xlabel="MACs kept (%)", ylabel="top-1 on x_exact (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -24,8 +24,9 @@ from .groups import Chain, find_chains
 from .math import PlanOptions, keep_count, plan_layer
 from .math.budget import BudgetGroup, BudgetTerm, BudgetUnreachable, allocate, per_channel, spend
 from .math.regress import consumer_metric_root, regress_plan
-from .math.sensitivity import (measured_curve, measured_moments, natural_noise, output_change, planned_curve,
+from .math.sensitivity import (measured_curve, measured_moments, output_change, planned_curve,
                                probe_counts, reconstruction)
+from .math.synthetic import synthetic_inputs
 from .options import CompressOptions
 from .runtime import graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
@@ -133,7 +134,7 @@ def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOpti
     model = index.model
     probe = OutputProbe.build(index, chains, options) if options.sensitivity == "output" else None
     if probe is not None:
-        source = "calibration" if options.calibration is not None else "noise"
+        source = "calibration" if options.calibration is not None else "synthetic"
         return [ChainCurve(c.name, c.match_names(), c.channels, probe.curve(i), measured_on=source)
                 for i, c in enumerate(chains if progress is None else progress(chains, desc="output curves",
                                                                                  unit="layer"))]
@@ -253,10 +254,10 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     from .manager import Context
 
     model = copy.deepcopy(model)
-    if isinstance(options.calibration, str):  # --calibration noise
-        from .api import noise_calibration
+    from .api import resolve_calibration
 
-        options = dataclasses.replace(options, calibration=noise_calibration(model))
+    calibration, source = resolve_calibration(model, options, budget=True)
+    options = dataclasses.replace(options, calibration=calibration)
     canonicalize().run(model, Context(options=None))
     index = GraphIndex(model)
     chains = budget_chains(index, options)
@@ -265,6 +266,7 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     full = [c.channels for c in curves]
     per = {what: budget_terms(index, chains, what, options.fold_bn) for what in ("macs", "params")}
     return {"macs": count_macs(model), "params": count_parameters(model), "calibrated": options.calibration is not None,
+            "calibration_source": source,
             "groups": [{"layer": c.layer, "channels": c.channels,
                         "macs_per_channel": per_channel(per["macs"], groups, full, i),
                         "params_per_channel": per_channel(per["params"], groups, full, i),
@@ -304,9 +306,10 @@ def plot_curves(result: dict) -> bytes:
 def probe_inputs(model: onnx.ModelProto, calibration: dict | None, samples: int = PROBE_SAMPLES,
                  seed: int = 0) -> dict[str, np.ndarray] | None:
     """What the output curves are measured on: the first calibration samples, or, data-free,
-    unit-variance noise (``natural_noise``: 1/f over image-like axes; a model trained on
-    normalised inputs sees about that scale). None where the model takes an input that noise
-    cannot stand for (integer ids, a shape not fixed beyond the batch)."""
+    made-up inputs of unit variance per channel (``synthetic_inputs``: dead-leaves images, 1/f
+    noise for other inputs; a model trained on normalised inputs sees about that scale). None
+    where the model takes an input nothing made up can stand for (integer ids, a shape not fixed
+    beyond the batch)."""
     specs = graph_inputs(model)
     if calibration is not None:
         feeds = match_inputs(specs, calibration, "--calibration")
@@ -320,7 +323,7 @@ def probe_inputs(model: onnx.ModelProto, calibration: dict | None, samples: int 
             return None
         first = spec.shape[0]
         count = samples if not isinstance(first, int) or first <= 0 else max(first, samples // first * first)
-        feeds[spec.name] = natural_noise((count, *dims), rng)
+        feeds[spec.name] = synthetic_inputs((count, *dims), rng)
     return feeds or None
 
 

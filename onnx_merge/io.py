@@ -297,11 +297,12 @@ def check_layer_weights(loaded: LoadedModel) -> None:
 
 
 def load_calibration(spec: str | None):
-    """--calibration: the arrays of a file, or the word "noise" as it is (api.noise_calibration makes
-    those inputs once the model's shapes are known; a file of that name is given as ./noise)."""
-    from .options import NOISE
+    """--calibration: the arrays of a file, or the word "synthetic" or "none" as it is
+    (api.resolve_calibration acts on it once the model is known; a file of that name is given as
+    ./synthetic)."""
+    from .options import DATA_FREE, SYNTHETIC
 
-    return spec if spec == NOISE else load_arrays(spec) if spec else None
+    return spec if spec in (SYNTHETIC, DATA_FREE) else load_arrays(spec) if spec else None
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -13,8 +13,9 @@ from .math.criteria import ALIGN_SLACK, channel_floor, channel_step
 METHODS = ("merge", "prune", "regress")
 AUTO = "auto"
 SENSITIVITIES = (AUTO, "output", "consumer", "combined")
-NOISE = "noise"  # --calibration noise
-NOISE_SAMPLES = 256
+SYNTHETIC = "synthetic"  # --calibration synthetic: made-up images (math.synthetic), no data
+DATA_FREE = "none"  # --calibration none: the data-free plan, also where a budget would refit on synthetic images
+SYNTHETIC_SAMPLES = 256
 MAX_MERGE_COST_CHANNELS = 2048  # like regress: wider layers keep the O(N) ranking, time and memory
 
 
@@ -38,8 +39,9 @@ class CompressOptions:
     coupled: str = "skip"  # "prune": also prune coupled channel groups (residual adds, depthwise convs)
     bias_from_bn: bool = False
     independent_layers: bool = False  # plan every layer from the original weights (the paper's procedure)
-    # graph input name -> array, preprocessed as the model expects; or NOISE: synthetic inputs
-    # (api.noise_calibration), made once the model's input shapes are known
+    # graph input name -> array, preprocessed as the model expects; SYNTHETIC: made-up inputs
+    # (api.synthetic_calibration), made once the model's input shapes are known; DATA_FREE; None:
+    # synthetic for a budget on a model that takes images, else data-free (api.resolve_calibration)
     calibration: dict | str | None = None
     calibration_batch: int = 64
     calibration_ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
@@ -88,8 +90,8 @@ class CompressOptions:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.coupled not in ("skip", "prune"):
             raise UsageError(f"--coupled must be skip or prune, got {self.coupled!r}")
-        if isinstance(self.calibration, str) and self.calibration != NOISE:
-            raise UsageError(f"calibration must be arrays or {NOISE!r}, got {self.calibration!r}")
+        if isinstance(self.calibration, str) and self.calibration not in (SYNTHETIC, DATA_FREE):
+            raise UsageError(f"calibration must be arrays, {SYNTHETIC!r} or {DATA_FREE!r}, got {self.calibration!r}")
         if self.calibration_batch < 1:
             raise UsageError("the calibration batch must be at least 1")
         if self.calibration_mixup < 0:

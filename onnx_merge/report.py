@@ -135,7 +135,8 @@ def compress_report(result: dict, options: dict) -> dict:
                "input_shapes": result.get("input_shapes", {}),
                "file_bytes_before": before.get("file_bytes"), "file_bytes_after": after.get("file_bytes"),
                "written": result["written"], "output": result["output"] if result["written"] else None,
-               "alignment": result.get("alignment")}
+               "alignment": result.get("alignment"),
+               "calibration_source": result["options"].get("calibration_source")}
     ver = result.get("verification")
     summary["verdict"] = ("not verified" if ver is None else "failed" if not ver["ok"]
                           else "warning" if ver["warnings"] else "passed")

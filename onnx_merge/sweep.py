@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import UsageError
 from .io import load_calibration, load_model, model_files, save_model, write_text_atomic
-from .options import NOISE
+from .options import DATA_FREE, SYNTHETIC
 
 log = logging.getLogger("onnx_merge")
 
@@ -135,8 +135,8 @@ def _files_read(spec: str) -> list[Path]:
 
 def fingerprint(spec: str) -> str:
     """SHA-256 of the spec's file contents (and of an ``idx:`` spec itself, whose split matters;
-    of "noise" alone: synthetic calibration reads no file)."""
-    if spec == NOISE:
+    of "synthetic" or "none" alone: they read no file)."""
+    if spec in (SYNTHETIC, DATA_FREE):
         return hashlib.sha256(spec.encode()).hexdigest()
     digest = hashlib.sha256(spec.encode() if spec.startswith("idx:") else b"")
     for f in _files_read(spec):

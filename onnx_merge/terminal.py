@@ -82,6 +82,9 @@ def summary(report: dict) -> str:
     text = tabulate(rows, headers=["", "before", "after", "change"], colalign=("left", "right", "right", "right"))
     ver = report["verification"]
     lines = [text, f"elapsed: {report['elapsed_s']:.1f} s", f"verification: {verdict(ver)}"]
+    if s.get("calibration_source") == "synthetic":
+        lines.append("refitted on synthetic inputs (dead-leaves images where the model takes images), no data (--calibration FILE.npz does better; "
+                     "--calibration none: the data-free plan)")
     block = (s.get("alignment") or {}).get("conv_block", 1)
     if block > 1:
         lines.append(f"conv channel counts: multiples of up to {block} for {', '.join(s['alignment']['providers'])} "

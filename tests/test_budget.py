@@ -244,7 +244,7 @@ def test_output_curves_see_a_branch_diluted_in_its_stream():
     consumer = {g["layer"]: g["curve"] for g in sensitivity(model, CompressOptions(sensitivity="consumer"))["groups"]}
     np.testing.assert_allclose(consumer["ha"], consumer["hb"], rtol=1e-6)
     output = {g["layer"]: g for g in sensitivity(model, CompressOptions())["groups"]}
-    assert output["ha"]["measured_on"] == "noise"
+    assert output["ha"]["measured_on"] == "synthetic"
     assert 0 < 20 * output["ha"]["curve"][N // 2] < output["hb"]["curve"][N // 2]
     _, report = compress(model, CompressOptions(target_macs=0.75))
     assert kept(report)["ha"] < kept(report)["hb"] == N
@@ -272,18 +272,6 @@ def test_output_curve_is_zero_for_exact_merges_and_matches_a_rewrite():
     expected = output_change([got[:, :M], got[:, M:]], [ref[:, :M], ref[:, M:]])
     assert expected > 1e-3
     assert probe.change({b: N - N // 4}) == pytest.approx(expected, rel=1e-3)
-
-
-def test_natural_noise_has_more_power_at_low_frequencies_and_unit_variance():
-    from onnx_merge.math.sensitivity import natural_noise
-
-    x = natural_noise((16, 3, 32, 32), np.random.default_rng(0))
-    assert x.dtype == np.float32
-    np.testing.assert_allclose(x.std(axis=(0, 2, 3)), 1.0, rtol=1e-4)
-    power = np.abs(np.fft.fft2(x.astype(np.float64))).mean(axis=(0, 1)) ** 2
-    assert power[1, 1] > 20 * power[16, 16]
-    flat = natural_noise((64, 10), np.random.default_rng(0))  # no image axes: white
-    assert abs(np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]) < 0.5
 
 
 def test_inputs_noise_cannot_stand_for_fall_back_to_consumer_curves():
@@ -349,21 +337,21 @@ def test_calibrated_curves_rebuild_channels_as_the_refit_sees_them():
     np.testing.assert_allclose(gram[3], np.r_[flat.mean(axis=0), 1.0])
 
 
-def test_data_free_budgets_on_bn_layers_combine_noise_with_the_plans_prediction():
-    """--sensitivity auto: the geometric mean of the noise-measured and the predicted curves where
-    every layer has BN statistics and no data is given; the noise curve alone without BN, and the
-    calibration curve alone with data."""
+def test_data_free_budgets_on_bn_layers_combine_synthetic_inputs_with_the_plans_prediction():
+    """--sensitivity auto with --calibration none: the geometric mean of the curve measured on
+    synthetic inputs and the predicted one where every layer has BN statistics; the measured curve
+    alone without BN, and the calibration curve alone with data (synthetic images by default)."""
     from onnx_merge.allocation import sensitivity
 
     from .test_passes import conv_bn_relu_pool_conv
 
     def rated(model, how, **kw):
-        group = sensitivity(model, CompressOptions(sensitivity=how, **kw))["groups"][0]
+        group = sensitivity(model, CompressOptions(sensitivity=how, **{"calibration": "none", **kw}))["groups"][0]
         return np.array(group["curve"]), group["measured_on"]
 
     bn = conv_bn_relu_pool_conv(with_bn=True)
     (auto, on), (output, _), (consumer, _) = (rated(bn, how) for how in ("auto", "output", "consumer"))
-    assert on == "noise x predicted" and output[-1] > 0 and consumer[-1] > 0
+    assert on == "synthetic x predicted" and output[-1] > 0 and consumer[-1] > 0
     np.testing.assert_allclose(auto, np.sqrt(output * consumer), atol=2e-6)  # curves as reported: 6 places
     np.testing.assert_array_equal(rated(bn, "combined")[0], auto)
     plain = conv_bn_relu_pool_conv(with_bn=False)
@@ -372,3 +360,4 @@ def test_data_free_budgets_on_bn_layers_combine_noise_with_the_plans_prediction(
     calibrated, on = rated(bn, "auto", calibration={"x": x})
     assert on == "calibration"
     np.testing.assert_array_equal(calibrated, rated(bn, "output", calibration={"x": x})[0])
+    assert rated(bn, "auto", calibration=None)[1] == "calibration"  # by default, on synthetic images

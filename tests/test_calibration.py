@@ -497,44 +497,68 @@ def test_gate_readers_are_the_reduce_convs_of_mul_gates_not_a_residual_blocks_fi
     assert gate_readers(index, stream) == set()
 
 
-def test_noise_calibration_refits_a_model_without_statistics_and_says_so(tmp_path, capsys):
-    """--calibration noise: synthetic inputs shaped as the model's, no data; integer inputs refused."""
+def test_synthetic_calibration_refits_a_model_without_statistics_and_says_so(tmp_path, capsys):
+    """--calibration synthetic: made-up images shaped as the model's input, no data; integer inputs refused."""
     import json
 
     import onnx
     from onnx import TensorProto, helper
 
-    from onnx_merge.api import noise_calibration
+    from onnx_merge.api import synthetic_calibration
     from onnx_merge.cli import main
     from onnx_merge.errors import UsageError
 
     model = conv_bn_relu_pool_conv(with_bn=False)
-    noise = noise_calibration(model)["x"]
-    assert noise.shape == (256, 3, 8, 8) and noise.dtype == np.float32
-    np.testing.assert_allclose(noise.std(axis=(0, 2, 3)), 1.0, rtol=1e-5)  # unit variance per channel
-    small, report = compress(model, CompressOptions(ratio=0.5, calibration="noise"))
+    images = synthetic_calibration(model)["x"]
+    assert images.shape == (256, 3, 8, 8) and images.dtype == np.float32
+    np.testing.assert_allclose(images.std(axis=(0, 2, 3)), 1.0, rtol=1e-5)  # unit variance per channel
+    small, report = compress(model, CompressOptions(ratio=0.5, calibration="synthetic"))
     layer = report["layers"][0]
-    assert layer["method"] == "calibrated"
-    again, _ = compress(model, CompressOptions(ratio=0.5, calibration="noise"))
+    assert layer["method"] == "calibrated" and report["options"]["calibration_source"] == "synthetic"
+    again, _ = compress(model, CompressOptions(ratio=0.5, calibration="synthetic"))
     assert [t.raw_data for t in again.graph.initializer] == [t.raw_data for t in small.graph.initializer]
     path, out, rep = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(model, path)
-    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--calibration", "noise",
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--calibration", "synthetic",
                  "--report", str(rep)]) == 0
     data = json.loads(rep.read_text())
-    assert data["options"]["calibration"] == "noise" and data["verification"]["data"]["source"] == "random"
-    assert "--calibration noise refits" not in capsys.readouterr().err
+    assert data["options"]["calibration"] == "synthetic" and data["verification"]["data"]["source"] == "random"
+    assert data["summary"]["calibration_source"] == "synthetic"
+    assert "refitted on synthetic" in capsys.readouterr().out
     assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5"]) == 0  # data-free: the hint
-    assert "--calibration noise refits them" in capsys.readouterr().err
+    assert "--calibration synthetic refits them" in capsys.readouterr().err
     ids = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["ids"], ["y"])], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UsageError, match="'ids' is tensor\\(int64\\)"):
-        noise_calibration(ids)
+        synthetic_calibration(ids)
     from onnx_merge.allocation import sensitivity
     from onnx_merge.sweep import fingerprint
 
-    assert sensitivity(model, CompressOptions(calibration="noise"))["groups"][0]["measured_on"] == "calibration"
-    assert fingerprint("noise") == fingerprint("noise")  # a sweep's cache key, with no file to read
-    with pytest.raises(UsageError, match="calibration must be arrays or 'noise'"):
-        CompressOptions(calibration="nois").validate()
+    assert sensitivity(model, CompressOptions(calibration="synthetic"))["groups"][0]["measured_on"] == "calibration"
+    assert fingerprint("synthetic") == fingerprint("synthetic") != fingerprint("none")  # no file to read
+    with pytest.raises(UsageError, match="calibration must be arrays, 'synthetic' or 'none'"):
+        CompressOptions(calibration="noise").validate()
+
+
+def test_a_budget_on_an_image_model_refits_on_synthetic_images_unless_told_none():
+    """Without --calibration, a --target-macs budget on a model that takes images refits on
+    synthetic images (it measures its costs on them anyway); --ratio and --calibration none keep the
+    data-free plan, and so does a model whose input is no image."""
+    from onnx_merge.allocation import sensitivity
+
+    model = conv_bn_relu_pool_conv(with_bn=False)
+    _, budget = compress(model, CompressOptions(target_macs=0.7))
+    assert budget["options"]["calibration_source"] == "synthetic" and budget["options"]["calibrated"]
+    assert budget["layers"][0]["method"] == "calibrated"
+    _, told = compress(model, CompressOptions(target_macs=0.7, calibration="none"))
+    _, ratio = compress(model, CompressOptions(ratio=0.5))
+    for report in (told, ratio):
+        assert report["options"]["calibration_source"] == "none" and not report["options"]["calibrated"]
+        assert report["layers"][0]["method"] != "calibrated"
+    assert sensitivity(model, CompressOptions())["calibration_source"] == "synthetic"
+    from tests.test_budget import two_branches
+
+    flat = two_branches()
+    _, features = compress(flat, CompressOptions(target_params=0.7))
+    assert features["options"]["calibration_source"] == "none"

@@ -6,7 +6,7 @@ Two kinds of curve, ``curve[k]`` after removing k of the layer's N channels (k =
   (``reconstruction``: a_hat = A a + c) fed into the model in place of the layer's activations,
   and the change in the model's outputs (``output_change``) at a few counts (``probe_counts``),
   linear between (``measured_curve``). Every layer is then rated in the same units. Data-free,
-  the inputs are ``natural_noise``.
+  the inputs are ``synthetic.synthetic_inputs``.
 - predicted (``planned_curve``; --sensitivity consumer): the squared error in the consumer's
   output, divided by the consumer's output energy, under the layer's activation model
   (``activation_model``: BatchNormalization statistics, the white-input kernel model, or the
@@ -127,21 +127,3 @@ def output_change(outputs: list[np.ndarray], reference: list[np.ndarray]) -> flo
 def measured_curve(counts: np.ndarray, errors: np.ndarray, n: int) -> np.ndarray:
     """A curve of length n from errors measured at ``counts`` (counts[0] = 0), linear between."""
     return np.interp(np.arange(n), counts, errors)
-
-
-def natural_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Standard normal samples (samples first) whose last two axes, where both are at least 8
-    long, have the 1/f amplitude spectrum of natural images instead of a flat one; each
-    channel (axis 1) scaled to unit variance. What a data-free output curve is measured on:
-    a network trained on normalised images, fed white noise, sees mostly the high frequencies
-    its filters ignore, and its outputs barely vary."""
-    x = rng.standard_normal(shape)
-    if len(shape) >= 3 and min(shape[-2:]) >= 8:
-        fy, fx = np.fft.fftfreq(shape[-2])[:, None], np.fft.fftfreq(shape[-1])[None, :]
-        f = np.sqrt(fy ** 2 + fx ** 2)
-        f[0, 0] = 1.0 / max(shape[-2:])
-        x = np.real(np.fft.ifft2(np.fft.fft2(x) / f))
-    if x.ndim >= 2:
-        axes = tuple(a for a in range(x.ndim) if a != 1)
-        x = (x - x.mean(axis=axes, keepdims=True)) / np.maximum(x.std(axis=axes, keepdims=True), 1e-12)
-    return x.astype(np.float32)
