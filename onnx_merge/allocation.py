@@ -102,13 +102,13 @@ def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOption
     """Every chain's cost curve.
 
     ``options.sensitivity`` "output": measured at the model's outputs (OutputProbe), on the
-    calibration samples or data-free on noise; where that cannot run, and with "consumer": the
+    calibration samples (real or synthetic) or, with --calibration none, on made-up inputs; where that cannot run, and with "consumer": the
     plan's predicted error relative to the consumer's output, a consumer that feeds a residual
     Add scaled with calibration by its share of the stream; "combined": the geometric mean of
-    the two. "auto" (default): output, but combined where the budget is data-free and every
-    layer has BatchNormalization statistics: noise reaches the network-level effects but not
-    real data's statistics, which the plan's model of the activations does (BN-kept CIFAR
-    ResNets at --target-macs 0.5: 53.3 / 74.9 / 76.5 % against 20.2 / 66.2 / 77.4 with output
+    the two. "auto" (default): output, but combined where the plan is data-free (--calibration
+    none) and every layer has BatchNormalization statistics: made-up inputs reach the
+    network-level effects but not real data's statistics, which the plan's model of the
+    activations does (BN-kept CIFAR ResNets, --target-macs 0.5, --calibration none: 53.3 / 74.9 / 76.5 % against 20.2 / 66.2 / 77.4 with output
     alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded, combined does not help)."""
     rating = resolved_sensitivity(options, chains)
     if rating == "combined":
@@ -250,12 +250,10 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
 def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None) -> dict:
     """Every chain's cost curve with what one of its channels saves: what ``onnx-merge
     sensitivity`` shows, and what a budget allocates on."""
-    from .api import canonicalize
+    from .api import canonicalize, resolve_calibration
     from .manager import Context
 
     model = copy.deepcopy(model)
-    from .api import resolve_calibration
-
     calibration, source = resolve_calibration(model, options, budget=True)
     options = dataclasses.replace(options, calibration=calibration)
     canonicalize().run(model, Context(options=None))
