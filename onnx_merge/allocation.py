@@ -28,7 +28,7 @@ from .math.sensitivity import (measured_curve, measured_moments, output_change, 
                                probe_counts, reconstruction)
 from .math.synthetic import synthetic_inputs
 from .options import CompressOptions
-from .runtime import graph_inputs, make_session, match_inputs
+from .runtime import FLOAT_TYPES, graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
 
 log = logging.getLogger("onnx_merge")
@@ -49,7 +49,7 @@ class ChainCurve:
     channels: int
     cost: np.ndarray
     share: float | None = None  # of the residual stream its consumer feeds, measured on calibration data
-    measured_on: str | None = None  # output curves: "calibration" or "noise"; None: predicted at the consumer
+    measured_on: str | None = None  # output curves: "calibration" or "synthetic"; None: predicted at the consumer
 
 
 def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
@@ -98,26 +98,30 @@ def chain_output(chain: Chain) -> str:
     return chain.consumer.output or chain.consumer.node.output[0]
 
 
-def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
-    """Every chain's cost curve.
+def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None,
+                 source: str = "data") -> list[ChainCurve]:
+    """Every chain's cost curve; ``source`` (api.resolve_calibration) names what
+    ``options.calibration`` holds, so that a curve measured on synthetic images says so.
 
     ``options.sensitivity`` "output": measured at the model's outputs (OutputProbe), on the
-    calibration samples (real or synthetic) or, with --calibration none, on made-up inputs; where that cannot run, and with "consumer": the
-    plan's predicted error relative to the consumer's output, a consumer that feeds a residual
+    calibration samples (real or synthetic) or, with --calibration none, on made-up inputs;
+    where that cannot run, and with "consumer": the plan's predicted error relative to the consumer's output, a consumer that feeds a residual
     Add scaled with calibration by its share of the stream; "combined": the geometric mean of
     the two. "auto" (default): output, but combined where the plan is data-free (--calibration
     none) and every layer has BatchNormalization statistics: made-up inputs reach the
     network-level effects but not real data's statistics, which the plan's model of the
-    activations does (BN-kept CIFAR ResNets, --target-macs 0.5, --calibration none: 53.3 / 74.9 / 76.5 % against 20.2 / 66.2 / 77.4 with output
-    alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded, combined does not help)."""
+    activations does (BN-kept CIFAR ResNets, --target-macs 0.5, --calibration none: 56.7 / 71.3 /
+    84.2 % top-1, BENCHMARKS.md; with the curves measured on 1/f noise, 53.3 / 74.9 / 76.5 % against
+    20.2 / 66.2 / 77.4 with output alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded,
+    combined does not help)."""
     rating = resolved_sensitivity(options, chains)
     if rating == "combined":
-        measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress)
-        predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress)
+        measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress, source)
+        predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress, source)
         return [dataclasses.replace(m, cost=np.sqrt(np.maximum(m.cost, 0.0) * np.maximum(p.cost, 0.0)),
                                     measured_on=m.measured_on and m.measured_on + " x predicted")
                 for m, p in zip(measured, predicted)]
-    return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress)
+    return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress, source)
 
 
 def resolved_sensitivity(options: CompressOptions, chains: list[Chain]) -> str:
@@ -128,14 +132,15 @@ def resolved_sensitivity(options: CompressOptions, chains: list[Chain]) -> str:
     return "combined" if data_free and chains and all(c.bn is not None for c in chains) else "output"
 
 
-def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None) -> list[ChainCurve]:
+def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None,
+                   source: str = "data") -> list[ChainCurve]:
     from .passes.merge_channels import producer_arrays
 
     model = index.model
     probe = OutputProbe.build(index, chains, options) if options.sensitivity == "output" else None
     if probe is not None:
-        source = "calibration" if options.calibration is not None else "synthetic"
-        return [ChainCurve(c.name, c.match_names(), c.channels, probe.curve(i), measured_on=source)
+        on = "calibration" if options.calibration is not None and source == "data" else "synthetic"
+        return [ChainCurve(c.name, c.match_names(), c.channels, probe.curve(i), measured_on=on)
                 for i, c in enumerate(chains if progress is None else progress(chains, desc="output curves",
                                                                                  unit="layer"))]
     shares = {} if options.calibration is None else stream_shares(
@@ -202,7 +207,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
                          "use --target-params")
     index = GraphIndex(model)
     chains = budget_chains(index, options)
-    curves = chain_curves(index, chains, options, progress)
+    curves = chain_curves(index, chains, options, progress, report.get("options", {}).get("calibration_source", "data"))
     ops = {c.name: c.producer.node.op_type for c in chains}
 
     def budget_groups(options):
@@ -259,7 +264,7 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     canonicalize().run(model, Context(options=None))
     index = GraphIndex(model)
     chains = budget_chains(index, options)
-    curves = chain_curves(index, chains, options, progress)
+    curves = chain_curves(index, chains, options, progress, source)
     groups = [BudgetGroup(c.cost) for c in curves]
     full = [c.channels for c in curves]
     per = {what: budget_terms(index, chains, what, options.fold_bn) for what in ("macs", "params")}
@@ -316,7 +321,7 @@ def probe_inputs(model: onnx.ModelProto, calibration: dict | None, samples: int 
     feeds = {}
     for spec in specs:
         dims = spec.shape[1:]
-        if spec.type not in ("tensor(float)", "tensor(double)", "tensor(float16)") or not spec.shape or \
+        if spec.type not in FLOAT_TYPES or not spec.shape or \
                 not all(isinstance(d, int) and d > 0 for d in dims):
             return None
         first = spec.shape[0]

@@ -24,7 +24,7 @@ from .io import check_inferable, check_layer_weights, load_arrays, load_model, m
 from .manager import Context, PassManager
 from .options import DATA_FREE, SYNTHETIC, SYNTHETIC_SAMPLES, CompressOptions
 from .report import describe_model, file_bytes
-from .runtime import dry_run, graph_inputs, make_session, parse_providers
+from .runtime import FLOAT_TYPES, dry_run, graph_inputs, make_session, parse_providers
 from .shapes import skeleton
 from .stats import count_macs, count_parameters
 from .verify import Tolerance, verify_models
@@ -75,7 +75,7 @@ def synthetic_calibration(model: onnx.ModelProto, input_shapes: dict[str, list[i
     after its preprocessing (zero mean, unit variance per channel): dead-leaves images where the
     input is an image batch, 1/f noise otherwise (math.synthetic). Where no BatchNormalization
     statistics model a layer's activations, the refit on these beats the data-free plan by far
-    (BN-folded akamaster ResNet-56, --target-macs 0.5: 79 % top-1 instead of 40)."""
+    (BN-folded akamaster ResNet-56, --target-macs 0.5: 79.4 % top-1 instead of 52.4)."""
     from .math.synthetic import synthetic_inputs
 
     specs = graph_inputs(model)
@@ -83,7 +83,7 @@ def synthetic_calibration(model: onnx.ModelProto, input_shapes: dict[str, list[i
     rng = np.random.default_rng(0)
     out = {}
     for spec in specs:
-        if spec.type not in ("tensor(float)", "tensor(float16)", "tensor(double)"):
+        if spec.type not in FLOAT_TYPES:
             raise UsageError(f"--calibration synthetic: input {spec.name!r} is {spec.type}, not an image or "
                              "feature tensor made-up data can stand for: give calibration data")
         out[spec.name] = synthetic_inputs((samples, *shapes[spec.name][1:]), rng)
@@ -97,7 +97,7 @@ def images_in(model: onnx.ModelProto) -> bool:
 
     specs = graph_inputs(model)
     return bool(specs) and all(
-        spec.type in ("tensor(float)", "tensor(float16)", "tensor(double)") and len(spec.shape) == 4
+        spec.type in FLOAT_TYPES and len(spec.shape) == 4
         and all(isinstance(d, int) and d > 0 for d in spec.shape[1:]) and image_like((1, *spec.shape[1:]))
         for spec in specs)
 

@@ -123,7 +123,7 @@ def prepare_inputs(arrays: dict[str, np.ndarray], specs: list, preprocess: Prepr
     the only array to the only input). Floating-point inputs are preprocessed; integer inputs
     (token ids, masks) pass as they are. Shapes are checked by runtime.match_inputs.
     """
-    from .runtime import match_inputs
+    from .runtime import FLOAT_TYPES, match_inputs
 
     if input_key is not None:
         if input_key not in arrays:
@@ -141,7 +141,7 @@ def prepare_inputs(arrays: dict[str, np.ndarray], specs: list, preprocess: Prepr
     pre = preprocess or Preprocess()
     feeds = dict(arrays)
     for spec in specs:
-        if spec.name in feeds and spec.type in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+        if spec.name in feeds and spec.type in FLOAT_TYPES:
             rank = len(spec.shape) if _fits_reshaped(np.shape(feeds[spec.name]), spec.shape) else None
             feeds[spec.name] = pre(feeds[spec.name], rank, f"{source} [{spec.name}]")
     return match_inputs(specs, feeds, source)

@@ -246,6 +246,9 @@ class InputSpec:
     type: str
 
 
+FLOAT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")  # inputs made-up or scaled data can stand for
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's data inputs, read from the file without building a session."""
     weights = {t.name for t in model.graph.initializer}

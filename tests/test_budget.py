@@ -360,4 +360,4 @@ def test_data_free_budgets_on_bn_layers_combine_synthetic_inputs_with_the_plans_
     calibrated, on = rated(bn, "auto", calibration={"x": x})
     assert on == "calibration"
     np.testing.assert_array_equal(calibrated, rated(bn, "output", calibration={"x": x})[0])
-    assert rated(bn, "auto", calibration=None)[1] == "calibration"  # by default, on synthetic images
+    assert rated(bn, "auto", calibration=None)[1] == "synthetic"  # by default: output, on synthetic images

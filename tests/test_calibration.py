@@ -535,7 +535,7 @@ def test_synthetic_calibration_refits_a_model_without_statistics_and_says_so(tmp
     from onnx_merge.allocation import sensitivity
     from onnx_merge.sweep import fingerprint
 
-    assert sensitivity(model, CompressOptions(calibration="synthetic"))["groups"][0]["measured_on"] == "calibration"
+    assert sensitivity(model, CompressOptions(calibration="synthetic"))["groups"][0]["measured_on"] == "synthetic"
     assert fingerprint("synthetic") == fingerprint("synthetic") != fingerprint("none")  # no file to read
     with pytest.raises(UsageError, match="calibration must be arrays, 'synthetic' or 'none'"):
         CompressOptions(calibration="noise").validate()

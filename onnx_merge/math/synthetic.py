@@ -6,8 +6,8 @@ occluding edges, colours whose channels move together, a 1/f amplitude spectrum.
 model (Lee, Mumford and Huang 2001; as pre-training data, Baradad et al., NeurIPS 2021) has all
 four: discs of power-law radii and random colours painted over each other. Gaussian 1/f noise has
 only the spectrum, and deep layers of a CIFAR ResNet fed it see activations unlike those of
-images: refitted on 256 such noise inputs, a BN-folded akamaster ResNet-56 at half its MACs keeps
-61 % top-1, on 256 dead-leaves images 79 % (BENCHMARKS.md).
+images: refitted on 256 such noise inputs, a BN-folded akamaster ResNet-56 at half its MACs kept
+61 % top-1, on 256 dead-leaves images 79 % (BENCHMARKS.md, --target-macs 0.5).
 """
 
 from __future__ import annotations
