@@ -1,12 +1,13 @@
 """Are compressed models as fast as their MACs say? Issue 23's acceptance, measured in one run.
 
-    .venv/bin/python benchmarks/latency.py /tmp/arch [--runs 200] [--only NAME ...]
+    .venv/bin/python benchmarks/latency.py /tmp/arch [--runs 200] [--block 10] [--only NAME ...]
 
 For torchvision MobileNetV2 (0.3, --coupled prune), ResNet-50 (0.3), EfficientNet-B0 (0.3,
 --coupled prune), exported at batch 1 (random weights; exports cached in the folder given, as
 benchmarks/architectures.py makes them), and the paper's ResNet-56 (0.5, BN folded): compress
 with the defaults (--round-to auto) and with exact counts (--round-to 1), then time the original
-and both results interleaved (onnxruntime CPU, optimizations on, batch 1, 1 and 2 threads).
+and both results taking turns, --block runs each (onnxruntime CPU, optimizations on, batch 1, 1
+and 2 threads; --block 1 alternates run by run, each run after another model's).
 Prints each p50 ratio, the MAC ratio, and whether p50 ratio <= 1.15 x MAC ratio and < 1 holds.
 Figures are ratios taken in the same run; a busy machine makes them noisy, not biased.
 """
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("folder", type=Path, help="where the exports are cached (outside git)")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--block", type=int, default=10, help="timed runs of a model in a row (onnx_merge.bench)")
     parser.add_argument("--only", nargs="+", choices=sorted(CASES))
     args = parser.parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
             small, _ = compress(onnx.load(str(src)), CompressOptions(ratio=ratio, coupled=coupled, round_to=round_to))
             paths.append(args.folder / f"{name}_{ratio}_{'auto' if round_to is None else 'exact'}.onnx")
             onnx.save(small, paths[-1])
-        rows = bench_models(paths, threads=threads, runs=args.runs, warmup=10, memory=False)
+        rows = bench_models(paths, threads=threads, runs=args.runs, warmup=10, block=args.block,
+                            memory=False)
         for t in threads:
             auto, exact = [r for r in rows if r["threads"] == t][1:]
             ok = auto["p50_ratio"] <= SLOWER_THAN_MACS * auto["macs_ratio"] and auto["p50_ratio"] < 1.0

@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(command_parser=e)
 
     b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of one or more models, side by side",
-                       description="Latency of each model in onnxruntime, models interleaved run by run so that "
-                       "drift hits all alike: p50/p90/p99, throughput, session creation time, peak memory of a "
+                       description="Latency of each model in onnxruntime, the models taking turns (--block runs "
+                       "each) so that drift hits all alike: p50/p90/p99, throughput, session creation time, peak memory of a "
                        "session (a fresh process per model), parameters, MACs of the batch, and p50 and MAC "
                        "ratios to the first model, for every batch x threads configuration.",
                        epilog="example: onnx-merge bench original.onnx small.onnx --batch 1,8 --threads 1,2 "
@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime graph optimization level (default all, as deployed)")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--block", type=int, default=10, metavar="N",
+                   help="timed runs of one model in a row, after one untimed run that refills the caches it left "
+                   "(default 10: a model served on its own); 1 alternates run by run (a model served beside others, "
+                   "its weights evicted between runs)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per model)")
     b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
     b.add_argument("--report", metavar="R.json", help="write the figures as a JSON report")
@@ -701,8 +705,8 @@ def cmd_bench(args) -> int:
 
     batches = _int_list(args.batch, "--batch")
     threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
-    if args.runs < 1 or args.warmup < 0:
-        raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    if args.runs < 1 or args.warmup < 0 or args.block < 1:
+        raise UsageError("--runs and --block must be at least 1 and --warmup at least 0")
     protect = [p for m in args.models for p in model_files(m)]
     check_targets([args.report, args.plot], protect)
     for path in args.models:
@@ -710,7 +714,7 @@ def cmd_bench(args) -> int:
     results = []
     for provider in parse_providers(args.providers):
         results += bench_models(args.models, provider=provider, batches=batches, threads=threads, level=args.level,
-                                runs=args.runs, warmup=args.warmup, memory=not args.no_memory)
+                                runs=args.runs, warmup=args.warmup, block=args.block, memory=not args.no_memory)
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)

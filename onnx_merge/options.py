@@ -152,6 +152,16 @@ class CompressOptions:
         step, floor = self.alignment(n, op_type, multiple)
         return max(keep_count(n, ratio, step), floor)
 
+    def kept_whole_by_alignment(self, n: int, ratio: float, op_type: str, multiple: int = 1) -> str | None:
+        """Why ``kept_channels`` keeps all ``n`` although ``ratio`` asks to remove some (the step
+        or floor of ``alignment``); None where the ratio itself keeps them all."""
+        asked = keep_count(n, ratio)
+        if asked >= n:
+            return None
+        step, floor = self.alignment(n, op_type, multiple)
+        why = f"at least {floor}" if floor >= n else f"a multiple of {step}"
+        return f"{asked} of {n} channels rounded up to {why} is all of them (--round-to 1 keeps exact counts)"
+
     @property
     def target(self) -> tuple[str, float] | None:
         """("macs" | "params", fraction to keep), or None without a global budget."""

@@ -231,6 +231,9 @@ class MergeChannels:
                 continue
             n_keep = opts.kept_channels(chain.channels, ratio, chain.producer.node.op_type)
             if n_keep >= chain.channels:
+                why = opts.kept_whole_by_alignment(chain.channels, ratio, chain.producer.node.op_type)
+                if why:
+                    ctx.skip(chain.name, f"left whole: {why}")
                 continue
             method = opts.method
             # regress models any activation it can name; merging needs a homogeneous one

@@ -344,8 +344,12 @@ def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> 
         if n % group.blocks:
             ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
             continue
-        n_keep = opts.kept_channels(n, min(ratios), group.producers[0].node.op_type, group.blocks)
+        op_type = group.producers[0].node.op_type
+        n_keep = opts.kept_channels(n, min(ratios), op_type, group.blocks)
         if n_keep >= n:
+            why = opts.kept_whole_by_alignment(n, min(ratios), op_type, group.blocks)
+            if why:
+                ctx.skip(", ".join(names), f"coupled group left whole: {why}")
             continue
         # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
         found = None
@@ -360,7 +364,7 @@ def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> 
             # calibration measures each group's error itself: the ratio's count, uncapped
             cap = 1.0 if getattr(opts, "calibration", None) is not None else opts.max_group_error
             n_keep = capped_keep(costs, n_keep, cap,
-                                 opts.alignment(n, group.producers[0].node.op_type, group.blocks)[0])
+                                 opts.alignment(n, op_type, group.blocks)[0])
             if n_keep >= n:
                 ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
                          f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "

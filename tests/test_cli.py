@@ -133,6 +133,7 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     assert all(r["peak_memory_mib"] > 0 and r["session_create_s"] > 0 for r in rows)
     assert plot.stat().st_size > 0
     assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
+    assert main(["bench", str(lenet_file), "--block", "0"]) == 2
     assert main(["bench", str(lenet_file), "--batch", "0"]) == 2
     assert main(["bench", str(lenet_file), "--threads", "two"]) == 2
 
@@ -220,6 +221,23 @@ def test_debug_is_accepted_before_or_after_the_command(before, monkeypatch):
     assert parsed.debug and not parsed.verbose
     assert not build_parser().parse_args(["inspect", "m.onnx"]).debug
     assert build_parser().parse_args(["-v", "inspect", "m.onnx"]).verbose
+
+
+@pytest.mark.parametrize("runs, block", [(7, 3), (6, 3), (5, 1), (2, 10)])
+def test_bench_models_take_turns_in_blocks_each_after_an_untimed_run(runs, block):
+    from itertools import groupby
+
+    from onnx_merge.bench import run_order
+
+    order = run_order(3, runs, block)
+    assert [sum(timed for m, timed in order if m == model) for model in range(3)] == [runs] * 3
+    turns = [(model, [timed for _, timed in run]) for model, run in groupby(order, key=lambda r: r[0])]
+    assert [model for model, _ in turns] == [0, 1, 2] * -(-runs // block)  # turns go round the models
+    for _, timed in turns:
+        assert len(timed) <= block + (block > 1) and all(timed[block > 1:])
+        assert (not timed[0]) == (block > 1)  # a block starts with a run that refills the caches
+    with pytest.raises(ValueError):
+        run_order(2, 5, 0)
 
 
 def test_bench_times_in_a_child_whose_models_share_one_pool(lenet_file, monkeypatch):

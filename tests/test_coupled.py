@@ -84,6 +84,25 @@ def test_depthwise_block_prunes_group_count():
     assert run(small, x(1, 4, 6, 6))[0].shape == (1, 6, 6, 6)
 
 
+def test_a_group_its_rounding_keeps_whole_says_so():
+    ws = {"w1": _w(32, 4, 1, 1), "dw": _w(32, 1, 3, 3), "w3": _w(6, 32, 1, 1)}
+    body = "\n".join(["a = Conv <kernel_shape = [1, 1]> (x, w1)", "ar = Relu (a)",
+                      "d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 32> (ar, dw)",
+                      "dr = Relu (d)", "y = Conv <kernel_shape = [1, 1]> (dr, w3)"])
+    model = make(body, "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", ws)
+    small, rep = compress(model, CompressOptions(round_to=16, ratio=0.3, coupled="prune", max_group_error=1.0))
+    assert initializer_shapes(small)["dw"] == (32, 1, 3, 3)
+    assert any("22 of 32 channels rounded up to a multiple of 16 is all of them" in s["reason"]
+               for s in rep["skipped"])
+    pruned, _ = compress(model, CompressOptions(round_to=8, ratio=0.3, coupled="prune", max_group_error=1.0))
+    assert initializer_shapes(pruned)["dw"] == (24, 1, 3, 3)
+    chain = make("a = Conv <kernel_shape = [1, 1]> (x, w1)\nar = Relu (a)\ny = Conv <kernel_shape = [1, 1]> (ar, w3)",
+                 "float[1, 4, 6, 6] x", "float[1, 6, 6, 6] y", {"w1": ws["w1"], "w3": ws["w3"]})
+    _, rep = compress(chain, CompressOptions(round_to=16, ratio=0.3))
+    assert {"node": "Conv_0", "reason": "left whole: 22 of 32 channels rounded up to a multiple of 16 is all of them "
+            "(--round-to 1 keeps exact counts)"} in rep["skipped"]
+
+
 def test_option_a_shortcuts_are_refused_with_a_reason(resnet20_weights):
     from onnx_merge.models.resnet import resnet_akamaster
 
