@@ -5,9 +5,10 @@ memory of a session of each model.
 The models take turns in blocks of runs (``block``, default 10), the first run of a block not
 timed: a model served on its own finds its weights where its last run left them in the caches,
 and run-by-run turns time every run just after another model has evicted them. On this 2-core
-machine (32 MiB L3) that cost EfficientNet-B0 compressed to 0.69x its MACs 3.23 ms a run instead
-of 2.89 and the original 4.03 instead of 3.84 (p50 ratio 0.80 instead of 0.76); ``block=1``
-measures that case, a model served beside others.
+machine (32 MiB L3, two threads, three runs of each against blocks of 20) EfficientNet-B0
+compressed to 0.69x its MACs took about 3.2 ms a run instead of 2.9 and the original 4.0 instead
+of 3.8 (p50 ratio 0.80 instead of 0.76); ``block=1`` measures that case, a model served beside
+others.
 
 The models of one configuration share one thread pool, in a process of their own: with a pool
 per session, the pool of the model that just ran keeps spinning for milliseconds and takes a core

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio for layers whose node, weight or output name matches GLOB (repeatable)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching layers alone")
     c.add_argument("--bench", action="store_true",
-                   help="after writing, time the original and the result (interleaved, onnxruntime's optimizations "
+                   help="after writing, time the original and the result (taking turns, onnxruntime's optimizations "
                    "on, p50/p90) and warn when the result is not faster, or its latency ratio is more than 15 %% "
                    "above its MAC ratio")
     c.add_argument("--bench-batch", default="1", metavar="B[,B...]",
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-key", default="y", help="array holding the labels (default y)")
     s.add_argument("--limit", type=int, help="score only the first N samples")
     s.add_argument("--bench", action="store_true",
-                   help="also time each model against its original (p50 latency, interleaved runs); figures "
+                   help="also time each model against its original (p50 latency, the two taking turns); figures "
                    "taken while other jobs run share the machine with them: --workers 1 for clean ones")
     s.add_argument("--bench-runs", type=int, default=50, metavar="N", help="timed runs per model (default 50)")
     s.add_argument("--bench-batch", type=int, default=1, metavar="B", help="batch of the timed runs (default 1)")
