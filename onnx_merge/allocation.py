@@ -198,8 +198,10 @@ def sensitivity_used(curves: list[ChainCurve]) -> str:
     return "consumer" if not on else "combined" if on.endswith("predicted") else "output"
 
 
-def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: dict, progress=None) -> CompressOptions:
-    """Options whose per-layer ratios meet ``options.target``; the allocation goes to ``report``."""
+def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: dict, progress=None,
+                    source: str = "data") -> CompressOptions:
+    """Options whose per-layer ratios meet ``options.target``; the allocation goes to ``report``.
+    ``source``: what ``options.calibration`` holds (resolve_calibration's name for it)."""
     what, fraction = options.target
     total = count_macs(model) if what == "macs" else count_parameters(model)
     if not total:
@@ -207,7 +209,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
                          "use --target-params")
     index = GraphIndex(model)
     chains = budget_chains(index, options)
-    curves = chain_curves(index, chains, options, progress, report.get("options", {}).get("calibration_source", "data"))
+    curves = chain_curves(index, chains, options, progress, source)
     ops = {c.name: c.producer.node.op_type for c in chains}
 
     def budget_groups(options):

@@ -146,7 +146,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, options: CompressOption
     if options.target is not None:  # a global budget: per-layer ratios where they cost least
         from .allocation import allocate_budget
 
-        ctx.options = options = allocate_budget(model, options, report, _progress)
+        ctx.options = options = allocate_budget(model, options, report, _progress, source)
     build_pipeline(options).run(model, ctx)
     report["params_after"], report["macs_after"] = count_parameters(model), _macs(model, input_shapes)
     return model, report

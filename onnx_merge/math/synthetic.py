@@ -6,8 +6,9 @@ occluding edges, colours whose channels move together, a 1/f amplitude spectrum.
 model (Lee, Mumford and Huang 2001; as pre-training data, Baradad et al., NeurIPS 2021) has all
 four: discs of power-law radii and random colours painted over each other. Gaussian 1/f noise has
 only the spectrum, and deep layers of a CIFAR ResNet fed it see activations unlike those of
-images: refitted on 256 such noise inputs, a BN-folded akamaster ResNet-56 at half its MACs kept
-61 % top-1, on 256 dead-leaves images 79 % (BENCHMARKS.md, --target-macs 0.5).
+images: at half its MACs (--target-macs 0.5), a BN-folded akamaster ResNet-56 refitted on 256
+dead-leaves images keeps 79 % top-1 (BENCHMARKS.md); on 256 such noise inputs it kept 61 % in the
+run that chose dead leaves over noise (not repeated since).
 """
 
 from __future__ import annotations
