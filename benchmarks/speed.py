@@ -5,7 +5,7 @@
 Prints: load+save time of the VGG-16 file, `onnx-merge compress --ratio 0.5 --no-verify`
 time and peak memory (separate processes, so each peak RSS is its own; five of each, alternating), and the onnxruntime
 CPU latency of the paper's ResNet-56 before and after merging at ratio 0.5 (batch 32,
-2 threads, median of interleaved runs).
+2 threads, median of runs taken in turns as `onnx-merge bench` takes them).
 """
 
 from __future__ import annotations

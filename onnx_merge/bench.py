@@ -42,14 +42,20 @@ def _footprint(path: str, provider: str, batch: int, threads: int | None, level:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory_mib(path: str, provider: str, batch: int, threads: int | None, level: str) -> float | None:
-    """``_footprint`` in a spawned process (one model per process, so figures do not mix);
+def _in_child(function, *args):
+    """``function(*args)`` in a spawned process (one model per process, so figures do not mix);
     None where a process cannot be started."""
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return float(pool.apply(_footprint, (path, provider, batch, threads, level)))
+            return pool.apply(function, args)
     except (OSError, RuntimeError):
         return None
+
+
+def peak_memory_mib(path: str, provider: str, batch: int, threads: int | None, level: str) -> float | None:
+    """``_footprint`` in a process of its own; None where a process cannot be started."""
+    mib = _in_child(_footprint, path, provider, batch, threads, level)
+    return None if mib is None else float(mib)
 
 
 def run_order(models: int, runs: int, block: int) -> list[tuple[int, bool]]:
@@ -66,6 +72,44 @@ def run_order(models: int, runs: int, block: int) -> list[tuple[int, bool]]:
                 order.append((model, False))
             order += [(model, True)] * min(block, runs - start)
     return order
+
+
+def kernel_times(events: list[dict]) -> dict[str, float]:
+    """Time per run (ms) of each onnxruntime op type, from a session profile's ``events``: each
+    node's median over the runs it recorded, summed over the nodes of a type. The types are the
+    kernels onnxruntime ran after its own rewrites (a Conv in NCHWc blocks, the reorders into and
+    out of them, fused activations such as QuickGelu for x * sigmoid(x))."""
+    per_node: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_node.setdefault((e["args"]["op_name"], e["name"]), []).append(e["dur"] / 1000)
+    totals: dict[str, float] = {}
+    for (op, _), durations in per_node.items():
+        totals[op] = totals.get(op, 0.0) + float(np.median(durations))
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _profile(path: str, provider: str, batch: int, threads: int | None, level: str, runs: int, warmup: int
+             ) -> dict[str, float]:
+    """kernel_times of ``runs`` profiled runs of one model (after ``warmup`` unprofiled ones: a
+    profile starts with the session, so the warm-up runs in a session of its own first)."""
+    import json
+    import tempfile
+
+    feeds = None
+    if warmup:
+        session = make_session(path, provider, optimize=level, threads=threads, in_place=False)
+        feeds = random_inputs(session, batch=batch)
+        for _ in range(warmup):
+            run_checked(session, feeds)
+    with tempfile.TemporaryDirectory(prefix="onnx-merge-profile-") as folder:
+        session = make_session(path, provider, optimize=level, threads=threads, in_place=False,
+                               profile=os.path.join(folder, "profile"))
+        feeds = feeds or random_inputs(session, batch=batch)
+        for _ in range(runs):
+            run_checked(session, feeds)
+        with open(session.end_profiling()) as f:
+            return kernel_times(json.load(f))
 
 
 def _time_config(paths, provider: str, batch: int, threads: int | None, level: str, runs: int, warmup: int,
@@ -108,11 +152,12 @@ def _time_config_apart(paths, provider: str, batch: int, threads: int | None, le
 
 def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batches: tuple[int, ...] = (1,),
                  threads: tuple[int | None, ...] = (None,), level: str = "all", runs: int = 50, warmup: int = 5,
-                 block: int = 10, memory: bool = True) -> list[dict]:
+                 block: int = 10, memory: bool = True, profile: bool = False) -> list[dict]:
     """One row per model and (batch, threads) configuration; ``p50_ratio`` is each model's p50
     over the first model's in the same configuration, ``macs`` counts the whole batch that ran
     (a batch dimension fixed at export is not changed). ``block``: timed runs of a model in a row
-    (run_order)."""
+    (run_order). ``profile``: each row's ``op_ms`` also holds its time per op type (kernel_times),
+    profiled apart from the timed runs (profiling slows every node a little)."""
     paths = [str(p) for p in paths]
     counts = []
     for p in paths:
@@ -132,6 +177,10 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
                          "throughput_per_s": float(ran / np.median(samples)), "session_create_s": made,
                          "peak_memory_mib": mib[(path, batch)], "params": params,  # measured at the batch asked
                          "macs": macs * ran if macs is not None else None})
+        if profile:
+            for r in rows:
+                args = (r["model"], provider, batch, t, level, runs, warmup)
+                r["op_ms"] = _in_child(_profile, *args) or _profile(*args)
         for r in rows:
             r["p50_ratio"] = r["p50_ms"] / rows[0]["p50_ms"]
             r["macs_ratio"] = r["macs"] / rows[0]["macs"] if r["macs"] and rows[0]["macs"] else None
@@ -156,6 +205,28 @@ def latency_warnings(rows: list[dict]) -> list[str]:
             found.append(f"latency lags the MACs at {where}: p50 {r['p50_ratio']:.2f}x the original's at "
                          f"{r['macs_ratio']:.2f}x its MACs")
     return found
+
+
+def op_table(rows: list[dict], top: int = 12) -> tuple[list[str], list[list]]:
+    """(headers, rows) of the profiled time per op type of one configuration's models (``rows``,
+    the first the reference): the ``top`` op types the reference spends most on, each with its
+    share of the reference's kernel time and every other model's time as a ratio to it, so that
+    the ops whose time did not shrink with the MACs stand out."""
+    first = rows[0]["op_ms"] or {}
+    total = sum(first.values()) or 1.0
+    headers = ["op type", f"{os.path.basename(rows[0]['model'])} ms", "share"]
+    headers += [f"{os.path.basename(r['model'])} ms (ratio)" for r in rows[1:]]
+    ops = list(first)[:top]
+    table = []
+    for op in ops + ["all kernels"]:
+        ms = sum(first.values()) if op == "all kernels" else first[op]
+        cells = [op, f"{ms:.3f}", f"{ms / total:.0%}"]
+        for r in rows[1:]:
+            times = r["op_ms"] or {}
+            other = sum(times.values()) if op == "all kernels" else times.get(op)
+            cells.append("-" if other is None else f"{other:.3f} ({other / ms:.2f})" if ms else f"{other:.3f}")
+        table.append(cells)
+    return headers, table
 
 
 def plot_latencies(results: list[dict]) -> bytes:

@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 10: a model served on its own); 1 alternates run by run (a model served beside others, "
                    "its weights evicted between runs)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per model)")
+    b.add_argument("--profile", action="store_true",
+                   help="also profile --runs runs of each model apart and print its kernel time per onnxruntime op "
+                   "type beside the first model's: which ops did not shrink with the MACs")
     b.add_argument("--plot", metavar="P.png", help="write box plots of the latency distributions")
     b.add_argument("--report", metavar="R.json", help="write the figures as a JSON report")
     b.set_defaults(command_parser=b)
@@ -532,7 +535,8 @@ def cmd_compress(args) -> int:
               file=sys.stderr)
     for warning in result.get("latency", {}).get("warnings", []):
         print(f"onnx-merge: WARNING: {warning} (counts off the kernels' channel blocks are slow: see --round-to; "
-              "small layers at batch 1 cost their fixed overhead whatever their MACs)", file=sys.stderr)
+              "small layers at batch 1 cost their fixed overhead whatever their MACs; "
+              f"`onnx-merge bench {args.model} {args.output} --profile` shows the time per op type)", file=sys.stderr)
     return 0
 
 
@@ -701,7 +705,7 @@ def _int_list(text: str, flag: str, allow_empty: bool = False) -> tuple:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_models, plot_latencies
+    from .bench import bench_models, op_table, plot_latencies
 
     batches = _int_list(args.batch, "--batch")
     threads = _int_list(args.threads, "--threads", allow_empty=True) or (None,)
@@ -714,7 +718,8 @@ def cmd_bench(args) -> int:
     results = []
     for provider in parse_providers(args.providers):
         results += bench_models(args.models, provider=provider, batches=batches, threads=threads, level=args.level,
-                                runs=args.runs, warmup=args.warmup, block=args.block, memory=not args.no_memory)
+                                runs=args.runs, warmup=args.warmup, block=args.block, memory=not args.no_memory,
+                                profile=args.profile)
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
@@ -725,6 +730,14 @@ def cmd_bench(args) -> int:
              fmt(r["macs_ratio"], ".3f")] for r in results]
     _echo(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
                                   "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
+    if args.profile:
+        for i in range(0, len(results), len(args.models)):
+            config = results[i:i + len(args.models)]
+            c = config[0]
+            headers, table = op_table(config)
+            _echo(f"\nkernel time per op type ({c['provider']}, batch {c['batch']}, threads {c['threads'] or 'default'}; "
+                  f"profiled, so a little slower than the runs above)")
+            _echo(tabulate(table, headers=headers))
     if args.plot:
         write_bytes_atomic(args.plot, plot_latencies(results), protect=protect)
         _echo(f"wrote {args.plot}")

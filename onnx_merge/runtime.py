@@ -119,8 +119,12 @@ OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC"
                        "all": "ORT_ENABLE_ALL"}
 
 
-def _options(optimize: bool | str, threads: int | None, once: bool, shared_pool: bool = False) -> ort.SessionOptions:
+def _options(optimize: bool | str, threads: int | None, once: bool, shared_pool: bool = False,
+             profile: str | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
     level = optimize if isinstance(optimize, str) else "all" if optimize else "disable"
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
     opts.log_severity_level = _severity
@@ -160,28 +164,31 @@ def _mapped_session(path: Path, opts: ort.SessionOptions, provider: str) -> ort.
 
 def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", *, optimize: bool | str = False,
                  threads: int | None = None, name: str | os.PathLike | None = None,
-                 once: bool = False, in_place: bool = True, shared_pool: bool = False) -> ort.InferenceSession:
+                 once: bool = False, in_place: bool = True, shared_pool: bool = False,
+                 profile: str | None = None) -> ort.InferenceSession:
     """``optimize``: False (equality checks: no graph rewrites), True (everything, as deployed)
     or a level name from OPTIMIZATION_LEVELS. ``name``: what an error calls a model given as bytes.
     ``once``: a session that runs at most once (a dry run, a load check) does not pre-pack its
     weights for the kernels. ``in_place``: a file's embedded weights are read where they lie
     (wire.mapped_model: VGG-16's session in 0.01 s instead of 2.2, and no copy of its weights);
     False loads the file as a deployment would (bench times that). ``shared_pool``: run on the
-    process's one thread pool (share_thread_pool) instead of a pool of the session's own."""
+    process's one thread pool (share_thread_pool) instead of a pool of the session's own.
+    ``profile``: the path prefix of onnxruntime's profile of the session (end_profiling writes it)."""
     require_runtime()
     threads = threads or _default_threads
     if in_place and not isinstance(model, bytes):
-        session = _mapped_session(Path(model), _options(optimize, threads, once, shared_pool), provider)
+        session = _mapped_session(Path(model), _options(optimize, threads, once, shared_pool, profile), provider)
         if session is not None:
             return session
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                    _options(optimize, threads, once, shared_pool), providers=[PROVIDERS[provider]])
+                                    _options(optimize, threads, once, shared_pool, profile),
+                                    providers=[PROVIDERS[provider]])
     except Exception as exc:  # onnxruntime's own error types
         lowered = _with_runtime_ir_version(model)
         if lowered is not None:
             return make_session(lowered, provider, optimize=optimize, threads=threads, name=name, once=once,
-                                shared_pool=shared_pool)
+                                shared_pool=shared_pool, profile=profile)
         where = str(name or "model") if isinstance(model, bytes) else str(model)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{where}: onnxruntime cannot load it ({first})") from None

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -221,6 +222,33 @@ def test_debug_is_accepted_before_or_after_the_command(before, monkeypatch):
     assert parsed.debug and not parsed.verbose
     assert not build_parser().parse_args(["inspect", "m.onnx"]).debug
     assert build_parser().parse_args(["-v", "inspect", "m.onnx"]).verbose
+
+
+def test_kernel_times_take_each_nodes_median_and_sum_them_per_op_type():
+    from onnx_merge.bench import kernel_times
+
+    def event(node, op, us):
+        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": us, "args": {"op_name": op}}
+
+    events = [event("a", "Conv", 100), event("a", "Conv", 300), event("a", "Conv", 120),  # median 120
+              event("b", "Conv", 50), event("c", "Relu", 7), {"cat": "Session", "name": "model_run", "dur": 999},
+              {"cat": "Node", "name": "a_fence_before", "dur": 1, "args": {"op_name": "Conv"}}]
+    assert kernel_times(events) == pytest.approx({"Conv": 0.17, "Relu": 0.007})
+    assert list(kernel_times(events)) == ["Conv", "Relu"]  # the dearest first
+
+
+def test_bench_profile_prints_time_per_op_type_against_the_first_model(tmp_path, lenet_file, capsys):
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(lenet_file), "-o", str(out), "--no-verify", "--ratio", "0.5"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(lenet_file), str(out), "--runs", "5", "--warmup", "1", "--threads", "1", "--no-memory",
+                 "--profile", "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "kernel time per op type" in text and "Gemm" in text and "all kernels" in text
+    rows = json.loads(report.read_text())["details"]["results"]
+    assert all(r["op_ms"]["Gemm"] > 0 for r in rows)
+    assert not list(tmp_path.glob("*profile*")) and not list(Path.cwd().glob("onnxruntime_profile_*"))
 
 
 @pytest.mark.parametrize("runs, block", [(7, 3), (6, 3), (5, 1), (2, 10)])
