@@ -337,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: onnxruntime's choice)")
     b.add_argument("--level", choices=("disable", "basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimization level (default all, as deployed)")
-    b.add_argument("--runs", type=int, default=50)
-    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--runs", type=int, default=50, metavar="N",
+                   help="timed runs of each model per configuration (default 50)")
+    b.add_argument("--warmup", type=int, default=5, metavar="N",
+                   help="untimed runs of each model before the timed ones (default 5)")
     b.add_argument("--block", type=int, default=10, metavar="N",
                    help="timed runs of one model in a row, after one untimed run that refills the caches it left "
                    "(default 10: a model served on its own); 1 alternates run by run (a model served beside others, "
