@@ -11,7 +11,7 @@ batch 1, 1 and 2 threads; --block 1 alternates run by run, each run after the ot
 Prints each p50 ratio (the median of --repeat bench runs, their range beside it), the MAC ratio,
 and whether p50 ratio <= 1.15 x MAC ratio and < 1 holds. Figures are ratios taken in the same
 run; a busy machine makes them noisy, not biased (on a shared 2-core VM one bench run in a few
-comes out 5-8 % above the others, hence the median of several).
+comes out 3-7 % above the others, hence the median of several).
 """
 
 from __future__ import annotations
