@@ -40,8 +40,9 @@ test-slow: install fashion
 reproduce: install fashion
 	$(BIN)/python benchmarks/reproduce.py
 
-bench: install
+bench: install $(VENV)/.torch
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/latency.py out/arch
 
 large: install
 	$(BIN)/python benchmarks/large_model.py
