@@ -74,42 +74,38 @@ def run_order(models: int, runs: int, block: int) -> list[tuple[int, bool]]:
     return order
 
 
-def kernel_times(events: list[dict]) -> dict[str, float]:
+def kernel_times(events: list[dict], skip: int = 0) -> dict[str, float]:
     """Time per run (ms) of each onnxruntime op type, from a session profile's ``events``: each
-    node's median over the runs it recorded, summed over the nodes of a type. The types are the
-    kernels onnxruntime ran after its own rewrites (a Conv in NCHWc blocks, the reorders into and
-    out of them, fused activations such as QuickGelu for x * sigmoid(x))."""
+    node's median over the runs it recorded after its first ``skip`` (warm-up), summed over the
+    nodes of a type. The types are the kernels onnxruntime ran after its own rewrites (a Conv in
+    NCHWc blocks, the reorders into and out of them, fused activations such as QuickGelu for
+    x * sigmoid(x))."""
     per_node: dict[tuple[str, str], list[float]] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_node.setdefault((e["args"]["op_name"], e["name"]), []).append(e["dur"] / 1000)
     totals: dict[str, float] = {}
     for (op, _), durations in per_node.items():
-        totals[op] = totals.get(op, 0.0) + float(np.median(durations))
+        if durations[skip:]:
+            totals[op] = totals.get(op, 0.0) + float(np.median(durations[skip:]))
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def _profile(path: str, provider: str, batch: int, threads: int | None, level: str, runs: int, warmup: int
              ) -> dict[str, float]:
-    """kernel_times of ``runs`` profiled runs of one model (after ``warmup`` unprofiled ones: a
-    profile starts with the session, so the warm-up runs in a session of its own first)."""
+    """kernel_times of ``runs`` profiled runs of one model, after ``warmup`` runs the profile
+    records too and kernel_times leaves out."""
     import json
     import tempfile
 
-    feeds = None
-    if warmup:
-        session = make_session(path, provider, optimize=level, threads=threads, in_place=False)
-        feeds = random_inputs(session, batch=batch)
-        for _ in range(warmup):
-            run_checked(session, feeds)
     with tempfile.TemporaryDirectory(prefix="onnx-merge-profile-") as folder:
         session = make_session(path, provider, optimize=level, threads=threads, in_place=False,
                                profile=os.path.join(folder, "profile"))
-        feeds = feeds or random_inputs(session, batch=batch)
-        for _ in range(runs):
+        feeds = random_inputs(session, batch=batch)
+        for _ in range(warmup + runs):
             run_checked(session, feeds)
         with open(session.end_profiling()) as f:
-            return kernel_times(json.load(f))
+            return kernel_times(json.load(f), skip=warmup)
 
 
 def _time_config(paths, provider: str, batch: int, threads: int | None, level: str, runs: int, warmup: int,
@@ -180,7 +176,8 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
         if profile:
             for r in rows:
                 args = (r["model"], provider, batch, t, level, runs, warmup)
-                r["op_ms"] = _in_child(_profile, *args) or _profile(*args)
+                found = _in_child(_profile, *args)
+                r["op_ms"] = _profile(*args) if found is None else found
         for r in rows:
             r["p50_ratio"] = r["p50_ms"] / rows[0]["p50_ms"]
             r["macs_ratio"] = r["macs"] / rows[0]["macs"] if r["macs"] and rows[0]["macs"] else None

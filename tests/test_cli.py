@@ -235,6 +235,7 @@ def test_kernel_times_take_each_nodes_median_and_sum_them_per_op_type():
               {"cat": "Node", "name": "a_fence_before", "dur": 1, "args": {"op_name": "Conv"}}]
     assert kernel_times(events) == pytest.approx({"Conv": 0.17, "Relu": 0.007})
     assert list(kernel_times(events)) == ["Conv", "Relu"]  # the dearest first
+    assert kernel_times(events, skip=1) == pytest.approx({"Conv": 0.21})  # a's last two; b and c ran once
 
 
 def test_bench_profile_prints_time_per_op_type_against_the_first_model(tmp_path, lenet_file, capsys):
