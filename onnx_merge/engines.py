@@ -9,13 +9,22 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 from .errors import UsageError
 
 ENGINES = ("local", "ray")
+# A Ray task whose worker process dies is run once more before its row says so: on a loaded node a
+# worker can die for reasons of the node's own (start-up, the memory monitor), not the job's. Our
+# jobs never raise, so only such deaths are retried.
+RAY_RETRIES = 1
 # BLAS and OpenMP read these when a process starts: a job gets as many threads as it is given cores
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class WorkerDied(RuntimeError):
+    """A job's process ended without a result: killed, out of memory, or crashed in native code."""
 
 
 @contextlib.contextmanager
@@ -32,21 +41,39 @@ def _thread_environment(threads: int):
                 os.environ[k] = v
 
 
+def _pool_rows(jobs: list, run: Callable, workers: int, context) -> Iterator[tuple]:
+    """(job, row, None) for each job as it finishes, or (job, None, exc) where the pool broke under it."""
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        futures = {pool.submit(run, job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                yield job, future.result(), None
+            except BrokenProcessPool as exc:
+                yield job, None, exc
+            except Exception as exc:  # the result could not come back (unpicklable, ...)
+                yield job, job.failed(exc), None
+    finally:  # interrupted: jobs not started yet are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_local(jobs: list, run: Callable, *, workers: int, threads: int) -> Iterator[dict]:
     # spawn: fresh processes that read the thread limits above (a fork would inherit the parent's
     # BLAS thread pool and onnxruntime's threads)
     context = multiprocessing.get_context("spawn")
     with _thread_environment(threads):
-        pool = ProcessPoolExecutor(workers, mp_context=context)
-        try:
-            futures = {pool.submit(run, job): job for job in jobs}
-            for future in as_completed(futures):
-                try:
-                    yield future.result()
-                except Exception as exc:  # the worker died (killed, out of memory): the job's row says so
-                    yield futures[future].failed(exc)
-        finally:  # interrupted: jobs not started yet are dropped, not waited for
-            pool.shutdown(wait=True, cancel_futures=True)
+        lost = []
+        for job, row, _ in _pool_rows(jobs, run, workers, context):
+            if row is None:
+                lost.append(job)
+            else:
+                yield row
+        # A worker that dies (killed, out of memory) breaks the whole pool and every job still in it.
+        # Those run again, each alone, so that only the job that kills its worker fails.
+        for job in lost:
+            for job, row, died in _pool_rows([job], run, 1, context):
+                yield row if row is not None else job.failed(WorkerDied(f"its worker process died ({died})"))
 
 
 def require_ray():
@@ -70,7 +97,7 @@ def run_ray(jobs: list, run: Callable, *, workers: int | None, threads: int, add
             ray.init(num_cpus=(workers or os.cpu_count() or 1) * threads, include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)
     try:
-        task = ray.remote(num_cpus=threads, max_retries=0)(run)
+        task = ray.remote(num_cpus=threads, max_retries=RAY_RETRIES)(run)
         queue, pending = list(jobs), {}
         limit = workers or len(queue)
         while queue or pending:

@@ -72,7 +72,7 @@ def _check_rows(result, files):
     rows = {(r["model"].rsplit("/", 1)[-1], r["method"], r.get("ratio")): r for r in result.rows}
     assert len(result.rows) == 2 * (1 + len(METHODS) * len(RATIOS)) and result.ran == len(result.rows)
     lenet = [r for r in result.rows if r["model"].endswith("lenet.onnx")]
-    assert all(r["status"] == "ok" for r in lenet)
+    assert all(r["status"] == "ok" for r in lenet), [r.get("error") for r in lenet if r["status"] != "ok"]
     assert rows["lenet.onnx", "original", None]["accuracy"] == 100.0
     for r in lenet[1:]:
         assert r["accuracy_drop"] == pytest.approx(100.0 - r["accuracy"])
