@@ -80,8 +80,9 @@ def _torchvision():
     return torchvision, lib
 
 
-def export(name: str, folder: Path) -> Path:
-    path = folder / f"{name}.onnx"
+def export(name: str, folder: Path, dynamic_batch: bool = False) -> Path:
+    """The cached export of ``name`` (batch 1; a symbolic batch dimension with ``dynamic_batch``)."""
+    path = folder / f"{name}{'_dynbatch' if dynamic_batch else ''}.onnx"
     if path.exists():
         return path
     import torch
@@ -101,11 +102,13 @@ def export(name: str, folder: Path) -> Path:
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad():
         if exporter == "dynamo":
+            shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
             torch.onnx.export(model, (x,), str(tmp), dynamo=True, opset_version=18, input_names=["input"],
-                              output_names=["logits"])
+                              output_names=["logits"], dynamic_shapes=shapes)
         else:
+            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
-                              output_names=["logits"])
+                              output_names=["logits"], dynamic_axes=axes)
     onnx.save(onnx.load(str(tmp)), str(path))  # one file, external data (dynamo) folded in
     tmp.unlink()
     for extra in folder.glob(f"{tmp.name}*"):

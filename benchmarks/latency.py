@@ -1,6 +1,6 @@
 """Are compressed models as fast as their MACs say? Issue 23's acceptance, measured in one run.
 
-    .venv/bin/python benchmarks/latency.py /tmp/arch [--runs 200] [--repeat 3] [--block 10] [--batch 1,8] [--more] [--only NAME ...]
+    .venv/bin/python benchmarks/latency.py /tmp/arch [--runs 200] [--repeat 3] [--block 10] [--batch 1,8] [--dynamic-batch] [--more] [--only NAME ...]
 
 For torchvision MobileNetV2 (0.3, --coupled prune), ResNet-50 (0.3), EfficientNet-B0 (0.3,
 --coupled prune), exported at batch 1 (random weights; exports cached in the folder given, as
@@ -40,9 +40,9 @@ MORE = {name: (0.3, "prune") for name in ("mobilenet_v3_small", "mnasnet0_5", "r
                                           "squeezenet1_1", "shufflenet_v2_x1_0")}
 
 
-def original(name: str, folder: Path) -> Path:
+def original(name: str, folder: Path, dynamic_batch: bool = False) -> Path:
     if name != "resnet56_paper":
-        return export(name, folder)
+        return export(name, folder, dynamic_batch)
     path = folder / "resnet56_paper.onnx"
     if not path.exists():
         onnx.save(resnet_paper(dict(np.load(SHARED / "weights" / "resnet56_cifar10.npz")), fold=True), path)
@@ -75,7 +75,9 @@ def main(argv=None) -> int:
                         help="bench runs per pair; the median p50 ratio is judged, the range printed beside it")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch", default="1,8", help="batch sizes; those above 1 only where the export's batch "
-                                                       "is dynamic (ResNet-56 here; the torchvision exports fix 1)")
+                                                       "is dynamic (ResNet-56; the torchvision exports fix 1 without --dynamic-batch)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="export the torchvision models with a symbolic batch, so that batch 8 is timed too")
     parser.add_argument("--block", type=int, default=10, help="timed runs of a model in a row (onnx_merge.bench)")
     parser.add_argument("--only", nargs="+", choices=sorted(CASES | MORE))
     parser.add_argument("--more", action="store_true", help=f"also {', '.join(MORE)} (0.3, --coupled prune)")
@@ -85,12 +87,12 @@ def main(argv=None) -> int:
     table, met = [], True
     for name in args.only or list(CASES) + (list(MORE) if args.more else []):
         ratio, coupled = (CASES | MORE)[name]
-        src = original(name, args.folder)
+        src = original(name, args.folder, args.dynamic_batch)
         batches = tuple(b for b in (int(b) for b in args.batch.split(",")) if b == 1 or dynamic_batch(src))
         found = []
         for round_to in (None, 1):
             small, _ = compress(onnx.load(str(src)), CompressOptions(ratio=ratio, coupled=coupled, round_to=round_to))
-            path = args.folder / f"{name}_{ratio}_{'auto' if round_to is None else 'exact'}.onnx"
+            path = args.folder / f"{src.stem}_{ratio}_{'auto' if round_to is None else 'exact'}.onnx"
             onnx.save(small, path)
             found.append(timed(src, path, batches, threads, args))
         (macs, auto), (macs_exact, exact) = found
