@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .io import load_model
 from .runtime import make_session, random_inputs, run_checked, share_thread_pool
 from .stats import count_macs, count_parameters
+from .terminal import ratio_text
 
 LEVELS = ("disable", "basic", "extended", "all")
 
@@ -72,6 +73,30 @@ def run_order(models: int, runs: int, block: int) -> list[tuple[int, bool]]:
                 order.append((model, False))
             order += [(model, True)] * min(block, runs - start)
     return order
+
+
+def turn_ratios(reference_ms, samples_ms, block: int) -> np.ndarray:
+    """Each turn's median over the reference's median in the same turn (``run_order``: the i-th
+    ``block`` of a model's timed runs was its i-th turn). Within a turn the machine's drift hits
+    both models alike, so the spread of these ratios is the noise left in the p50 ratio."""
+    reference, samples = np.asarray(reference_ms, np.float64), np.asarray(samples_ms, np.float64)
+    turns = range(0, min(len(reference), len(samples)), block)
+    return np.array([np.median(samples[t:t + block]) / np.median(reference[t:t + block]) for t in turns])
+
+
+def ratio_interval(reference_ms, samples_ms, block: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """A bootstrap interval (percentile, over turns) of the median per-turn ratio: how far this
+    run's noise leaves the p50 ratio uncertain. None with fewer than 5 turns."""
+    from scipy.stats import bootstrap
+
+    ratios = turn_ratios(reference_ms, samples_ms, block)
+    if len(ratios) < 5:
+        return None
+    if np.ptp(ratios) == 0:
+        return float(ratios[0]), float(ratios[0])
+    found = bootstrap((ratios,), np.median, confidence_level=confidence, method="percentile", n_resamples=2000,
+                      random_state=0).confidence_interval
+    return float(found.low), float(found.high)
 
 
 def kernel_times(events: list[dict], skip: int = 0) -> dict[str, float]:
@@ -180,6 +205,7 @@ def bench_models(paths: list[str | os.PathLike], *, provider: str = "cpu", batch
                 r["op_ms"] = _profile(*args) if found is None else found
         for r in rows:
             r["p50_ratio"] = r["p50_ms"] / rows[0]["p50_ms"]
+            r["p50_ratio_interval"] = None if r is rows[0] else ratio_interval(rows[0]["samples_ms"], r["samples_ms"], block)
             r["macs_ratio"] = r["macs"] / rows[0]["macs"] if r["macs"] and rows[0]["macs"] else None
         results += rows
     return results
@@ -197,9 +223,9 @@ def latency_warnings(rows: list[dict]) -> list[str]:
             continue
         where = f"batch {r['batch']}, threads {r['threads'] or 'default'}"
         if r["p50_ratio"] >= 1.0:
-            found.append(f"not faster than the original at {where}: p50 latency {r['p50_ratio']:.2f}x")
+            found.append(f"not faster than the original at {where}: p50 latency {ratio_text(r)}")
         elif r["macs_ratio"] and r["p50_ratio"] > SLOWER_THAN_MACS * r["macs_ratio"]:
-            found.append(f"latency lags the MACs at {where}: p50 {r['p50_ratio']:.2f}x the original's at "
+            found.append(f"latency lags the MACs at {where}: p50 {ratio_text(r)} the original's at "
                          f"{r['macs_ratio']:.2f}x its MACs")
     return found
 

@@ -549,7 +549,7 @@ def _bench_result(args, batches: tuple, threads: tuple) -> dict:
     providers = parse_providers(args.providers)
     rows = bench_models([args.model, args.output], provider=providers[0], batches=batches, threads=threads,
                         runs=args.bench_runs, memory=False)
-    kept = ("model", "provider", "batch", "threads", "p50_ms", "p90_ms", "p50_ratio", "macs_ratio")
+    kept = ("model", "provider", "batch", "threads", "p50_ms", "p90_ms", "p50_ratio", "p50_ratio_interval", "macs_ratio")
     return {"rows": [{k: r[k] for k in kept} for r in rows], "warnings": latency_warnings(rows)}
 
 
@@ -728,10 +728,10 @@ def cmd_bench(args) -> int:
 
     rows = [[r["model"], r["provider"], r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}",
              f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['session_create_s']:.2f}",
-             fmt(r["peak_memory_mib"], ".0f"), f"{r['params']:,}", fmt(r["macs"], ","), f"{r['p50_ratio']:.3f}",
+             fmt(r["peak_memory_mib"], ".0f"), f"{r['params']:,}", fmt(r["macs"], ","), terminal.ratio_text(r, 3, "", ""),
              fmt(r["macs_ratio"], ".3f")] for r in results]
     _echo(tabulate(rows, headers=["model", "provider", "batch", "threads", "p50 ms", "p90 ms", "items/s", "create s",
-                                  "peak MiB", "params", "MACs (batch)", "p50 vs first", "MACs vs first"]))
+                                  "peak MiB", "params", "MACs (batch)", "p50 vs first (95 %)", "MACs vs first"]))
     if args.profile:
         for i in range(0, len(results), len(args.models)):
             config = results[i:i + len(args.models)]

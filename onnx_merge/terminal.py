@@ -122,13 +122,20 @@ def allocation_table(allocation: dict | None) -> str:
             f"(target {100 * allocation['fraction']:.2f} %)")
 
 
+def ratio_text(row: dict, digits: int = 2, unit: str = "x", label: str = "95 % ") -> str:
+    """The p50 ratio with its interval where there is one: "0.81x (95 % 0.79-0.83)"."""
+    text = f"{row['p50_ratio']:.{digits}f}{unit}"
+    interval = row.get("p50_ratio_interval")
+    return text if not interval else f"{text} ({label}{interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
+
+
 def latency_table(latency: dict | None) -> str:
     """compress --bench: the result's latency against the original's, beside its MACs."""
     if not latency:
         return ""
-    rows = [[r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p50_ratio']:.3f}",
+    rows = [[r["batch"], r["threads"] or "default", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", ratio_text(r, 3, "", ""),
              "-" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"] for r in latency["rows"][1::2]]
-    return tabulate(rows, headers=["batch", "threads", "p50 ms", "p90 ms", "p50 vs original", "MACs vs original"])
+    return tabulate(rows, headers=["batch", "threads", "p50 ms", "p90 ms", "p50 vs original (95 %)", "MACs vs original"])
 
 
 def _reason_kind(reason: str) -> str:

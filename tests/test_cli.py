@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,9 @@ def test_bench_compares_models(tmp_path, lenet_file, capsys):
     assert rows[0]["p50_ratio"] == 1.0 and rows[1]["params"] < rows[0]["params"]
     assert rows[2]["macs"] == 4 * rows[0]["macs"] and 0 < rows[1]["macs_ratio"] < 1
     assert all(r["p50_ms"] <= r["p99_ms"] and len(r["samples_ms"]) == 5 for r in rows)
+    assert main(["bench", str(lenet_file), str(out), "--runs", "60", "--warmup", "1", "--block", "5", "--threads", "1",
+                 "--no-memory"]) == 0  # 12 turns: the ratio comes with its interval
+    assert re.search(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", capsys.readouterr().out)
     assert all(r["peak_memory_mib"] > 0 and r["session_create_s"] > 0 for r in rows)
     assert plot.stat().st_size > 0
     assert main(["bench", str(lenet_file), "--runs", "0"]) == 2
@@ -151,6 +155,7 @@ def test_compress_bench_times_the_result_against_the_original(tmp_path, lenet_fi
     assert [(r["model"], r["batch"], r["threads"]) for r in rows] == [
         (str(lenet_file), 1, 1), (str(out), 1, 1), (str(lenet_file), 2, 1), (str(out), 2, 1)]
     assert rows[0]["p50_ratio"] == 1.0 and 0 < rows[1]["macs_ratio"] < 1
+    assert rows[0]["p50_ratio_interval"] is None and rows[1]["p50_ratio_interval"] is None  # one turn: no interval
     assert main(args[:-2] + ["--bench-runs", "0"]) == 2
 
 
@@ -165,6 +170,27 @@ def test_latency_warnings_name_a_slow_result():
     assert "lags the MACs" in latency_warnings([base, row("b", 0.6, 0.5)])[0]
     assert "not faster" in latency_warnings([base, row("b", 1.02, 0.5)])[0]
     assert latency_warnings([base, row("b", 0.9, None)]) == []  # no MAC count: only the 1.0 line holds
+
+
+def test_ratio_interval_follows_the_turns_and_their_noise():
+    from onnx_merge.bench import ratio_interval, turn_ratios
+    from onnx_merge.terminal import ratio_text
+
+    rng = np.random.default_rng(0)
+    # 20 turns of 10 runs; the machine drifts 2x over the run, both models alike, around a ratio of 0.8
+    drift = np.repeat(np.linspace(1.0, 2.0, 20), 10)
+    reference = drift * (1 + 0.02 * rng.standard_normal(200))
+    samples = 0.8 * drift * (1 + 0.02 * rng.standard_normal(200))
+    assert turn_ratios(reference, samples, 10) == pytest.approx(np.full(20, 0.8), rel=0.03)
+    low, high = ratio_interval(reference, samples, 10)
+    assert low <= 0.8 <= high and high - low < 0.02  # the drift cancels within turns
+    noisy = 0.8 * drift * (1 + 0.3 * rng.standard_normal(200))
+    wide = ratio_interval(reference, noisy, 10)
+    assert wide[1] - wide[0] > 2 * (high - low)
+    assert ratio_interval(reference[:40], samples[:40], 10) is None  # four turns: too few
+    assert ratio_interval(np.ones(50), np.full(50, 0.5), 10) == (0.5, 0.5)
+    row = {"p50_ratio": 0.812, "p50_ratio_interval": (0.79, 0.831)}
+    assert ratio_text(row) == "0.81x (95 % 0.79-0.83)" and ratio_text({"p50_ratio": 1.0}) == "1.00x"
 
 
 def _lenet_variant(tmp_path, edit) -> str:
