@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Latency of each model in onnxruntime, the models taking turns (--block runs "
                        "each) so that drift hits all alike: p50/p90/p99, throughput, session creation time, peak memory of a "
                        "session (a fresh process per model), parameters, MACs of the batch, and p50 and MAC "
-                       "ratios to the first model, for every batch x threads configuration.",
+                       "ratios to the first model, for every batch x threads configuration. Each p50 ratio comes "
+                       "with a 95 % interval (a bootstrap over the turns; from five turns, --runs >= 5 x --block): "
+                       "how far this run's noise leaves it uncertain.",
                        epilog="example: onnx-merge bench original.onnx small.onnx --batch 1,8 --threads 1,2 "
                        "--plot latency.png")
     b.add_argument("models", nargs="+", metavar="MODEL.onnx")
