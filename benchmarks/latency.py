@@ -50,7 +50,7 @@ def original(name: str, folder: Path, dynamic_batch: bool = False) -> Path:
     return path
 
 
-def dynamic_batch(path: Path) -> bool:
+def batch_is_dynamic(path: Path) -> bool:
     dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     return not dim.HasField("dim_value")
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     for name in args.only or list(CASES) + (list(MORE) if args.more else []):
         ratio, coupled = (CASES | MORE)[name]
         src = original(name, args.folder, args.dynamic_batch)
-        batches = tuple(b for b in (int(b) for b in args.batch.split(",")) if b == 1 or dynamic_batch(src))
+        batches = tuple(b for b in (int(b) for b in args.batch.split(",")) if b == 1 or batch_is_dynamic(src))
         found = []
         for round_to in (None, 1):
             small, _ = compress(onnx.load(str(src)), CompressOptions(ratio=ratio, coupled=coupled, round_to=round_to))

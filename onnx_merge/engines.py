@@ -72,7 +72,7 @@ def run_local(jobs: list, run: Callable, *, workers: int, threads: int) -> Itera
         # A worker that dies (killed, out of memory) breaks the whole pool and every job still in it.
         # Those run again, each alone, so that only the job that kills its worker fails.
         for job in lost:
-            for job, row, died in _pool_rows([job], run, 1, context):
+            for _, row, died in _pool_rows([job], run, 1, context):
                 yield row if row is not None else job.failed(WorkerDied(f"its worker process died ({died})"))
 
 

@@ -67,9 +67,9 @@ def channel_step(n: int, block: int, slack: float = ALIGN_SLACK, whole_blocks: b
 def channel_floor(n: int, block: int) -> int:
     """The fewest channels a layer of ``n`` keeps: a layer at least a block wide keeps a block.
     A conv left narrower than its kernels' block falls off them and saves far less time than
-    MACs: a 3x3 conv pair 16 -> 8 -> 16 at 32 x 32 (AVX-512) took 0.83x the time of 16 at half
-    the MACs; the paper's ResNet-56 with stage 1 at 8 of 16 ran 0.89-0.93x the time of the same
-    model with stage 1 whole, at 0.75x its MACs (2026-12-03, batch 1 and 8, 1 and 2 threads). The
+    MACs: the paper's ResNet-56 with stage 1 at 8 of 16 ran 0.89-0.93x the time of the same model
+    with stage 1 whole, at 0.75x its MACs (AVX-512, 2026-12-03, `onnx-merge bench` of the two at
+    --batch 1,8 --threads 1,2; benchmarks/latency.py writes both). The
     floor spends that speed on keeping latency in step with MACs, and stage 1's accuracy;
     ``--round-to 1`` takes it."""
     return block if 1 < block <= n else 1
