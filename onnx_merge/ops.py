@@ -214,6 +214,16 @@ def rule(op_type: str) -> Rule:
     return OPS.get(op_type) or _blocker("maps channels in a way not handled here")
 
 
+def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a layer's weight, from the op table."""
+    return rule(node.op_type).axes(node)
+
+
+def along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """One value per channel shaped to broadcast along ``axis`` of an ``ndim``-D weight."""
+    return values.reshape([-1 if a == axis else 1 for a in range(ndim)])
+
+
 def is_layer(node: onnx.NodeProto) -> bool:
     return rule(node.op_type).kind == LAYER
 

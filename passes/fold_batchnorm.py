@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from onnx_merge.graph import GraphIndex, attr
+from onnx_merge.ops import weight_axes
 from onnx_merge.shapes import drop_value_info
 
 
@@ -47,16 +48,16 @@ class FoldBatchNorm:
             if layer is None:
                 ctx.skip(bn.name, f"BatchNormalization not folded: {why}")
                 continue
-            trans_b = layer.op_type == "Gemm" and attr(layer, "transB", 0)
+            out_axis = weight_axes(layer)[0]
             w = index.array(layer.input[1])
-            w_rows = w if layer.op_type == "Conv" or trans_b else w.T
+            w_rows = np.moveaxis(w, out_axis, 0)
             params = index.batchnorm(bn)
             bias = index.array(layer.input[2]) if len(layer.input) > 2 and layer.input[2] else None
             n = w_rows.shape[0]
             if bias is not None:
                 bias = np.broadcast_to(np.reshape(bias, -1), (n,))
             new_w, new_b = params.fold(w_rows, bias)
-            index.set_array(layer.input[1], new_w if layer.op_type == "Conv" or trans_b else new_w.T)
+            index.set_array(layer.input[1], np.moveaxis(new_w, 0, out_axis))
             if len(layer.input) > 2 and layer.input[2]:
                 index.set_array(layer.input[2], new_b)
             else:

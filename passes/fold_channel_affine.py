@@ -18,6 +18,7 @@ import onnx
 
 from onnx_merge.graph import GraphIndex, attr
 from onnx_merge.groups import channel_param_axis
+from onnx_merge.ops import along, weight_axes
 from onnx_merge.shapes import drop_value_info
 
 OPS = {"Mul", "Div", "Add", "Sub"}
@@ -41,7 +42,7 @@ def _match(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, np.
                                              for n in layer.input[1:3] if n):
         return None
     w = index.array(layer.input[1])
-    channels = w.shape[0] if layer.op_type == "Conv" or attr(layer, "transB", 0) else w.shape[1]
+    channels = w.shape[weight_axes(layer)[0]]
     values = _per_channel(index.array(const), w, layer.op_type, channels, node.op_type == "Div")
     if values is None or _bias_per_channel(index, layer, channels) is None or (
             layer.op_type == "Gemm" and float(attr(layer, "beta", 1.0)) == 0):
@@ -66,7 +67,7 @@ def _match_consumer(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeP
             consumer.input[1], consumer):
         return None
     w = index.array(consumer.input[1])
-    channels = w.shape[1] if consumer.op_type == "Conv" or attr(consumer, "transB", 0) else w.shape[0]
+    channels = w.shape[weight_axes(consumer)[1]]
     scale = _per_channel(index.array(const[0]), w, consumer.op_type, channels, node.op_type == "Div")
     if scale is None:
         return None
@@ -133,22 +134,16 @@ class FoldChannelAffine:
     @staticmethod
     def _scale_inputs(index: GraphIndex, consumer: onnx.NodeProto, scale: np.ndarray) -> None:
         w = index.array(consumer.input[1])
-        if consumer.op_type == "Conv":
-            shape = (1, -1) + (1,) * (w.ndim - 2)
-        else:  # Gemm: input features are the columns of B^T
-            shape = (1, -1) if attr(consumer, "transB", 0) else (-1, 1)
-        index.set_array(consumer.input[1], (w * scale.reshape(shape)).astype(w.dtype))
+        index.set_array(consumer.input[1], (w * along(scale, weight_axes(consumer)[1], w.ndim)).astype(w.dtype))
 
     @staticmethod
     def _fold(index: GraphIndex, node: onnx.NodeProto, layer: onnx.NodeProto, values: np.ndarray) -> None:
         w = index.array(layer.input[1])
-        rows_first = layer.op_type == "Conv" or attr(layer, "transB", 0)
         beta = float(attr(layer, "beta", 1.0)) if layer.op_type == "Gemm" else 1.0
         bias = _bias_per_channel(index, layer, len(values)) * beta  # the bias as it reaches the output
         if node.op_type in ("Mul", "Div"):
             scale = values if node.op_type == "Mul" else 1.0 / values
-            shape = (-1,) + (1,) * (w.ndim - 1) if rows_first else (1, -1)
-            index.set_array(layer.input[1], (w * scale.reshape(shape)).astype(w.dtype))
+            index.set_array(layer.input[1], (w * along(scale, weight_axes(layer)[0], w.ndim)).astype(w.dtype))
             bias = bias * scale
         else:
             bias = bias + (values if node.op_type == "Add" else -values)
