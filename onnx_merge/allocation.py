@@ -27,6 +27,7 @@ from .math.regress import consumer_metric_root, regress_plan
 from .math.sensitivity import (measured_curve, measured_moments, output_change, planned_curve,
                                probe_counts, reconstruction)
 from .math.synthetic import synthetic_inputs
+from .ops import REDUCE, RESHAPE, rule
 from .options import CompressOptions
 from .runtime import FLOAT_TYPES, graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
@@ -37,7 +38,6 @@ PROBE_SAMPLES = 64  # inputs each point of a measured curve is run on
 PROBE_POINTS = 8  # counts per chain at which the model's output change is measured
 PROBE_MIN_SAMPLES = 8  # fewer than this within PROBE_MACS: the predicted curves instead
 PROBE_MACS = 2e12  # multiply-accumulates all runs of the output curves may take (ResNet-56 at 64 samples: 1.7e12)
-RESHAPING = ("Flatten", "Reshape", "Transpose")
 
 
 @dataclass
@@ -332,6 +332,12 @@ def probe_inputs(model: onnx.ModelProto, calibration: dict | None, samples: int 
     return feeds or None
 
 
+def _moves_channels(node: onnx.NodeProto) -> bool:
+    """Whether the channels may leave their axis past ``node`` (a reshape, or a reduction
+    that drops axes): the probe's map must go in before it."""
+    return rule(node.op_type).kind in (RESHAPE, REDUCE)
+
+
 def injection_point(index: GraphIndex, chain: Chain) -> tuple[str, int] | None:
     """(tensor, channel axis) where the chain's plan rebuilds its channels: the last tensor of
     the chain's straight path from the producer, before the consumer or any reshaping op,
@@ -341,13 +347,12 @@ def injection_point(index: GraphIndex, chain: Chain) -> tuple[str, int] | None:
     walked = set()
     while True:
         reader = index.sole_reader(tensor)
-        if not isinstance(reader, onnx.NodeProto) or id(reader) not in members or reader.op_type in RESHAPING:
+        if not isinstance(reader, onnx.NodeProto) or id(reader) not in members or _moves_channels(reader):
             break
         walked.add(id(reader))
         tensor = reader.output[0]
     # every member before a reshaping op must lie on the walk (the activation among them)
-    before = [n for n in chain.path[:next((i for i, n in enumerate(chain.path) if n.op_type in RESHAPING),
-                                         len(chain.path))]]
+    before = chain.path[:next((i for i, n in enumerate(chain.path) if _moves_channels(n)), len(chain.path))]
     if any(id(n) not in walked for n in before) or (chain.bn is not None and id(chain.bn) not in walked):
         return None
     return tensor, 1 if chain.producer.node.op_type in ("Conv", "ConvTranspose") else -1

@@ -361,3 +361,24 @@ def test_data_free_budgets_on_bn_layers_combine_synthetic_inputs_with_the_plans_
     assert on == "calibration"
     np.testing.assert_array_equal(calibrated, rated(bn, "output", calibration={"x": x})[0])
     assert rated(bn, "auto", calibration=None)[1] == "synthetic"  # by default: output, on synthetic images
+
+
+def test_output_curves_probe_a_conv_before_a_reduction_that_drops_its_spatial_axes():
+    # torchvision MNASNet's head: Conv -> Relu -> x.mean([2, 3]) -> Gemm. The probe's map goes
+    # in on the 4-D tensor; after the ReduceMean the channels are on axis 1 of a 2-D one.
+    rng = np.random.default_rng(0)
+    model = build(header(18) + """
+        agraph (float[1, 8, 6, 6] x) => (float[1, 4] y) {
+            a = Conv(x, w1, b1)
+            r = Relu(a)
+            m = ReduceMean<keepdims = 0>(r, axes)
+            y = Gemm<transB = 1>(m, w2, b2)
+        }""", {"w1": rng.standard_normal((16, 8, 1, 1)).astype(np.float32),
+               "b1": rng.standard_normal(16).astype(np.float32),
+               "axes": np.array([2, 3], dtype=np.int64),
+               "w2": rng.standard_normal((4, 16)).astype(np.float32),
+               "b2": np.zeros(4, np.float32)})
+    out, report = compress(model, CompressOptions(target_macs=0.8, sensitivity="output"))
+    assert report["macs_after"] <= 0.8 * report["macs_before"]
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    assert run(out, {"x": x})[0].shape == (1, 4)
