@@ -155,6 +155,18 @@ def _run(session, feeds, what: str) -> dict:
                          "pass --input-shape NAME=1x3x224x224") from None
 
 
+def _input_blind(name: str, ref: np.ndarray) -> str | None:
+    """A warning when the original's output does not depend on the samples (a zero-initialised
+    head, a dead network): then any candidate that outputs the same constant agrees perfectly."""
+    if ref.size > 1 and np.all(ref == ref.flat[0]):
+        what = f"is {ref.flat[0]:g} everywhere"
+    elif ref.ndim > 0 and ref.shape[0] > 1 and np.all(ref == ref[:1]):
+        what = f"is the same for all {ref.shape[0]} samples"
+    else:
+        return None
+    return f"the original's output {name!r} {what}: agreeing with it says nothing (check on real data or weights)"
+
+
 def verify_models(original, candidate, *, inputs: dict | None = None, providers: list[str] = ("cpu",),
                   tolerance: Tolerance | None = Tolerance(), check: CheckData | None = None,
                   input_source: str = "--inputs") -> Verification:
@@ -191,6 +203,9 @@ def verify_models(original, candidate, *, inputs: dict | None = None, providers:
             figures = compare_arrays(ref_out, cand[name])
             result.providers[provider][name] = figures
             reasons = check_output(name, ref_out, cand[name], figures, tolerance)
+            same = _input_blind(name, ref_out)
+            if same and same not in result.warnings:
+                result.warnings.append(same)
             result.failures += [f"[{provider}] {r}" for r in reasons]
             result.ok = result.ok and not reasons
     if not result.gates:

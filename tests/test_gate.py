@@ -299,3 +299,16 @@ def test_api_raises_with_the_report_when_a_result_fails(tmp_path, lenet_file):
     rep = compress_file(lenet_file, out, CompressOptions(ratio=0.5), tolerance=Tolerance(min_cosine=0.9999),
                         keep_failed=True)
     assert rep["written"] and not rep["verification"]["ok"] and out.read_bytes() != b"old"
+
+
+def test_an_original_that_ignores_its_inputs_is_said_to_prove_nothing(tmp_path):
+    # a zero-initialised head (torchvision ViT, MLP-Mixer with random weights): every candidate
+    # that outputs zeros agrees perfectly, so the check must say it compared constants
+    w = random_lenet_weights()
+    live = lenet_300_100(w)
+    w["ip3.weight"] = np.zeros_like(w["ip3.weight"])
+    w["ip3.bias"] = np.zeros_like(w["ip3.bias"])
+    dead = lenet_300_100(w)
+    assert not any("says nothing" in m for m in verify_models(live, live).warnings)
+    warnings = verify_models(dead, dead).warnings
+    assert any("everywhere" in m and "says nothing" in m for m in warnings), warnings
