@@ -791,8 +791,27 @@ COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "verify": cmd_verify, 
             "sweep": cmd_sweep, "sensitivity": cmd_sensitivity}
 
 
+_SIGNALLED: list[int] = []  # the signals _raise_interrupted has raised, in case an extension swallows one
+
+
 def _raise_interrupted(signum, frame):
+    _SIGNALLED.append(signum)
     raise Interrupted(signum)
+
+
+def _interrupt_within(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt an exception was raised over: a Ctrl-C inside an extension module's
+    lazy import comes back as ImportError("initialization failed"), with the interrupt as its
+    cause or with the interrupt swallowed."""
+    if _SIGNALLED:
+        return Interrupted(_SIGNALLED[-1])
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _run(parser: argparse.ArgumentParser, args, argv) -> int:
@@ -813,6 +832,9 @@ def _run(parser: argparse.ArgumentParser, args, argv) -> int:
         print("onnx-merge: error: out of memory (the model or data is too large for this machine)", file=sys.stderr)
         return 3
     except Exception as exc:  # a bug or a model we did not foresee: still one line unless --debug
+        interrupt = _interrupt_within(exc)
+        if interrupt is not None:
+            raise interrupt from None
         if args.debug:
             traceback.print_exc()
         print(_bounded(f"onnx-merge: internal error: {type(exc).__name__}: {exc}") + " (rerun with --debug)",
@@ -826,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes as EPILOG says; SIGINT exits 130 and SIGTERM 143 at any time, no traceback, and
     the temporary files of a save in progress are removed (they unwind as an exception)."""
     main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+    _SIGNALLED.clear()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     logging.captureWarnings(True)
     try:
