@@ -800,18 +800,9 @@ def _raise_interrupted(signum, frame):
 
 
 def _interrupt_within(exc: BaseException) -> KeyboardInterrupt | None:
-    """The interrupt an exception was raised over: a Ctrl-C inside an extension module's
-    lazy import comes back as ImportError("initialization failed"), with the interrupt as its
-    cause or with the interrupt swallowed."""
-    if _SIGNALLED:
-        return Interrupted(_SIGNALLED[-1])
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    """The interrupt an exception was raised over: a Ctrl-C inside an extension module's lazy
+    import comes back as ImportError("initialization failed"), the interrupt swallowed."""
+    return Interrupted(_SIGNALLED[-1]) if _SIGNALLED else None
 
 
 def _run(parser: argparse.ArgumentParser, args, argv) -> int:

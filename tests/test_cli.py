@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,23 @@ def test_bench_times_in_a_child_whose_models_share_one_pool(lenet_file, monkeypa
     monkeypatch.setattr(bench, "_time_config", spy)
     assert len(bench.bench_models([lenet_file], threads=(1,), runs=2, warmup=0, memory=False)) == 1
     assert seen == [(os.getpid(), False)]  # where no process can start: in this one, a pool per session
+
+
+def test_an_interrupt_an_extension_turns_into_another_error_still_exits_130(monkeypatch, tmp_path, capsys):
+    # what a Ctrl-C inside onnxruntime's lazy import looks like: the handler runs, the extension
+    # swallows the interrupt and raises ImportError("initialization failed")
+    import signal
+
+    from onnx_merge import cli
+
+    def interrupted_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", interrupted_import)
+    assert cli.main(["inspect", str(tmp_path / "m.onnx")]) == 130
+    assert capsys.readouterr().err.strip() == "onnx-merge: interrupted"
