@@ -163,9 +163,9 @@ def fold_once(model: onnx.ModelProto, options: CompressOptions) -> int:
         return 0
     folded_ids = {id(n) for n in folded}
     rest = [n for n in graph.node if id(n) not in folded_ids]
-    read = {i for n in rest for i in n.input if i} | {o.name for o in graph.output}
-    for n in rest:
-        read |= subgraph_inputs(n)
+    in_bodies = set().union(*(subgraph_inputs(n) for n in rest))
+    _share_repeats(folded, rest, in_bodies)
+    read = {i for n in rest for i in n.input if i} | {o.name for o in graph.output} | in_bodies
     needed = [o for n in folded for o in n.output if o and o in read]
     results = _evaluate(model, folded, needed) if needed else {}
     if results is None:
@@ -176,6 +176,27 @@ def fold_once(model: onnx.ModelProto, options: CompressOptions) -> int:
     remove_at(graph.initializer, [i for i, t in enumerate(graph.initializer) if t.name in dropped])
     remove_at(graph.input, [i for i, v in enumerate(graph.input) if v.name in dropped])
     return len(folded)
+
+
+def _share_repeats(folded: list[onnx.NodeProto], rest: list[onnx.NodeProto], in_bodies: set[str]) -> None:
+    """Point the readers of a constant node that repeats an earlier one (same op, attributes and
+    inputs) at the earlier one's outputs, so that its value is stored once: a weight tied across
+    layers (ALBERT's one encoder layer read twelve times) reaches each MatMul through a Transpose
+    of its own, and folding each would store twelve copies. Outputs a subgraph reads by name keep
+    their own."""
+    first: dict[bytes, onnx.NodeProto] = {}
+    renamed: dict[str, str] = {}
+    for node in folded:
+        key = onnx.NodeProto(op_type=node.op_type, domain=node.domain, input=[renamed.get(i, i) for i in node.input],
+                             attribute=node.attribute).SerializeToString(deterministic=True)
+        seen = first.setdefault(key, node)
+        if seen is not node and not in_bodies.intersection(node.output):
+            renamed.update((o, s) for o, s in zip(node.output, seen.output) if o and s)
+    if renamed:
+        for node in rest:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
 
 
 class FoldConstantWeights:

@@ -213,6 +213,26 @@ def test_constant_subgraph_weights_are_folded():
     assert run(small, x(2, 4))[0].shape == (2, 3)
 
 
+def test_a_weight_tied_across_layers_through_transposes_is_folded_into_one_initializer():
+    """ALBERT's layout: one learned weight, a Transpose per layer that reads it. Folding must not
+    store a copy per layer: --ratio 0 would grow the file by the copies and count them as new
+    parameters."""
+    ws = rng_weights(RNG, w=(4, 4), w2=(3, 4))
+    body = """t1 = Transpose <perm = [1, 0]> (w)
+        h1 = MatMul (x, t1)
+        r1 = Relu (h1)
+        t2 = Transpose <perm = [1, 0]> (w)
+        h2 = MatMul (r1, t2)
+        r2 = Relu (h2)
+        y = Gemm <transB = 1> (r2, w2)"""
+    model = make(body, "float[2, 4] x", "float[2, 3] y", ws)
+    same, rep = compress(model, ratio=0.0)
+    assert rep["params_after"] == rep["params_before"] == 4 * 4 + 3 * 4
+    assert sum(1 for t in same.graph.initializer if tuple(t.dims) == (4, 4)) == 1
+    feeds = x(2, 4)
+    assert np.allclose(run(same, feeds)[0], run(model, feeds)[0], atol=1e-5)
+
+
 def test_old_opset_dropout_and_reshape():
     ws = rng_weights(RNG, w1=(4, 3, 3, 3), b1=(4,), w2=(2, 4 * 9), b2=(2,))
     ws["shape"] = np.array([0, 36], dtype=np.int64)
