@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,17 +22,20 @@ import onnx
 from .calibration import CalibrationSet, truncated
 from .errors import UsageError
 from .graph import GraphIndex
-from .groups import Chain, find_chains
+from .groups import Chain, Group, find_chains
 from .math import PlanOptions, keep_count, plan_layer
 from .math.budget import BudgetGroup, BudgetTerm, BudgetUnreachable, allocate, per_channel, spend
 from .math.regress import consumer_metric_root, regress_plan
 from .math.sensitivity import (measured_curve, measured_moments, output_change, planned_curve,
                                probe_counts, reconstruction)
 from .math.synthetic import synthetic_inputs
-from .ops import REDUCE, RESHAPE, rule
+from .ops import REDUCE, RESHAPE, conv_groups, rule
 from .options import CompressOptions
 from .runtime import FLOAT_TYPES, graph_inputs, make_session, match_inputs
 from .stats import count_macs, count_parameters, node_macs
+
+if TYPE_CHECKING:
+    from .passes.prune_coupled import GroupRanking
 
 log = logging.getLogger("onnx_merge")
 
@@ -50,6 +55,38 @@ class ChainCurve:
     cost: np.ndarray
     share: float | None = None  # of the residual stream its consumer feeds, measured on calibration data
     measured_on: str | None = None  # output curves: "calibration" or "synthetic"; None: predicted at the consumer
+    op: str = "Conv"  # the producer's op type and its conv groups: what kept counts align to
+    multiple: int = 1
+    group: "GroupUnit | None" = None  # a coupled group's curve (measured at the outputs only)
+
+
+@dataclass
+class GroupUnit:
+    """A coupled group (depthwise block, SE gate, fan-out, grouped conv; residual stream with
+    --coupled prune) as the budget sees it: removing channels is simulated by masking them at
+    every consumer's input (``points``; where the data-free plan restores a removed channel's
+    mean in the consumer's bias, ``means`` feed it in its place), ranked as the prune pass ranks."""
+
+    group: Group
+    names: list[str]  # the producers' names, each with its weight and output (what ratio_for matches)
+    channels: int
+    ranking: GroupRanking
+    points: list[tuple[str, int]]
+    means: list[np.ndarray | None]
+
+    @property
+    def name(self) -> str:
+        return " + ".join(p.name for p in self.group.producers)
+
+    @property
+    def op(self) -> str:
+        return self.group.producers[0].node.op_type
+
+    def masks(self, keep: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per point, (diagonal map, offset) with ``keep`` channels kept."""
+        on = np.zeros(self.channels)
+        on[self.ranking.kept(keep)] = 1.0
+        return [(np.diag(on), np.zeros(self.channels) if mean is None else mean * (1.0 - on)) for mean in self.means]
 
 
 def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
@@ -61,36 +98,101 @@ def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
                                 dense=is_dense(chain), channels=chain.channels)
 
 
-def budget_terms(index: GraphIndex, chains: list[Chain], what: str, fold_bn: bool) -> list[BudgetTerm]:
-    """What the chains' layers spend (MACs or parameters), each part with the groups whose
-    channels it scales with: a layer's weight and MACs with the chain it produces for and the
-    chain it consumes from; a bias, BN statistics (when BN stays in the graph; folded they leave
-    whatever the allocation) and per-channel PRelu slopes with their chain."""
+def budget_terms(index: GraphIndex, chains: list[Chain], what: str, fold_bn: bool,
+                 units: list[GroupUnit] = ()) -> list[BudgetTerm]:
+    """What the chains' and groups' layers spend (MACs or parameters), each part with the budget
+    units (chains, then groups) whose channels it scales with: a layer's weight and MACs with the
+    unit it produces for and the unit it consumes from (a depthwise conv's with its group's once);
+    a bias, BN statistics (when BN stays in the graph; folded they leave whatever the
+    allocation) and per-channel PRelu slopes with their unit."""
     from .passes.merge_channels import current_bias
 
     macs = node_macs(index.model) or {} if what == "macs" else {}
-    layers: dict[str, list] = {}  # node name -> [node, {groups}]
+    layers: dict[str, list] = {}  # node name -> [weight, {units}]
     extra = []
+
+    def touch(name: str, weight: str, unit: int) -> None:
+        layers.setdefault(name, [weight, set()])[1].add(unit)
+
+    def per_channel(names: list[str], n: int, unit: int) -> None:
+        extra.extend(BudgetTerm(float(n), (unit,)) for name in names if name and index.size(name) == n)
+
     for i, chain in enumerate(chains):
         for layer in (chain.producer, chain.consumer):
-            layers.setdefault(layer.name, [layer, set()])[1].add(i)
+            touch(layer.name, layer.weight, i)
         if what == "params":
-            n = chain.channels
             bias = current_bias(chain.producer)
             names = [bias] if bias is not None else []
             bns = [chain.bn] + [node for node in chain.path if node.op_type == "BatchNormalization"]
             if not fold_bn:
                 names += [name for bn in bns if bn is not None for name in bn.input[1:5]]
             names += [node.input[1] for node in chain.path if node.op_type == "PRelu"]
-            extra += [BudgetTerm(float(n), (i,)) for name in names if index.size(name) == n]
+            per_channel(names, chain.channels, i)
+    for j, unit in enumerate(units, start=len(chains)):
+        g = unit.group
+        for layer in g.producers + g.driven + g.consumers:
+            touch(layer.name, layer.weight, j)
+        for node in g.depthwise:
+            touch(node.name or node.output[0], node.input[1], j)
+        if what == "params":
+            names = [current_bias(p) for p in g.producers + g.driven]
+            names += [node.input[2] for node in g.depthwise if len(node.input) > 2]
+            names += [name for node, name in g.per_channel if not (fold_bn and node.op_type == "BatchNormalization")]
+            per_channel(names, unit.channels, j)
     if what == "macs":
-        return [BudgetTerm(float(macs.get(name, 0)), tuple(sorted(g))) for name, (_, g) in layers.items()] + extra
-    return [BudgetTerm(float(index.size(layer.weight)), tuple(sorted(g))) for layer, g in layers.values()] + extra
+        return [BudgetTerm(float(macs.get(name, 0)), tuple(sorted(u))) for name, (_, u) in layers.items()] + extra
+    return [BudgetTerm(float(index.size(weight)), tuple(sorted(u))) for weight, u in layers.values()] + extra
 
 
 def budget_chains(index: GraphIndex, options: CompressOptions) -> list[Chain]:
     """The chains a budget may shrink: those --exclude does not name."""
     return [c for c in find_chains(index)[0] if options.ratio_for(c.match_names()) is not None]
+
+
+class _Unrecorded:
+    """A context for the group analysis that keeps no record: the prune pass gives the reasons."""
+
+    @staticmethod
+    def skip(node: str, reason: str) -> None:
+        pass
+
+
+def budget_group_units(index: GraphIndex, options: CompressOptions) -> list[GroupUnit]:
+    """The coupled groups a budget may shrink: those the prune pass would prune at some ratio
+    with these options (so residual streams only with --coupled prune), whose members
+    --layer-ratio does not pin, and whose removals a mask at the consumers' inputs simulates
+    (not groups reached through Concat or Split ranges: the pass sizes those as it goes)."""
+    from .passes.prune_coupled import STATISTICS, candidate_groups, group_names, rank_group
+
+    stats_of = functools.cache(lambda: STATISTICS(index))
+    units = []
+    for group, names, n in candidate_groups(index, options, _Unrecorded()):
+        if group.views or group.splits or group.parts or group.split_of or \
+                options.pinned([name for member in group_names(group) for name in member]):
+            continue
+        points = group_points(index, group, n)
+        if points is None:
+            continue
+        ranking = rank_group(index, group, n, options, stats_of)
+        means = [None] * len(points)
+        if ranking.anchored:  # the prune pass restores these means in the consumers' biases
+            by_tensor = {c.node.input[0]: mean[:, 0] for c, _, mean, _ in ranking.moments if mean.shape[1] == 1}
+            means = [by_tensor.get(t) for t, _ in points]
+        units.append(GroupUnit(group, [name for member in group_names(group) for name in member], n, ranking,
+                               points, means))
+    return units
+
+
+def group_points(index: GraphIndex, group: Group, n: int) -> list[tuple[str, int]] | None:
+    """(tensor, channel axis) of every distinct input its consumers read the group's channels
+    from, one channel per feature; None where a consumer reads them otherwise (after a Flatten)."""
+    points = {}
+    for c in group.consumers:
+        features = int(index.initializers[c.weight].dims[c.in_axis]) * conv_groups(c.node)
+        if features != n or not c.node.input or index.is_weight(c.node.input[0]):
+            return None
+        points[c.node.input[0]] = 1 if c.node.op_type in ("Conv", "ConvTranspose") else -1
+    return list(points.items()) or None
 
 
 def chain_output(chain: Chain) -> str:
@@ -99,9 +201,10 @@ def chain_output(chain: Chain) -> str:
 
 
 def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None,
-                 source: str = "data") -> list[ChainCurve]:
-    """Every chain's cost curve; ``source`` (api.resolve_calibration) names what
-    ``options.calibration`` holds, so that a curve measured on synthetic images says so.
+                 source: str = "data", units: list[GroupUnit] = ()) -> list[ChainCurve]:
+    """Every chain's cost curve, then those of the groups in ``units`` that can be measured;
+    ``source`` (api.resolve_calibration) names what ``options.calibration`` holds, so that a
+    curve measured on synthetic images says so.
 
     ``options.sensitivity`` "output": measured at the model's outputs (OutputProbe), on the
     calibration samples (real or synthetic) or, with --calibration none, on made-up inputs;
@@ -113,15 +216,17 @@ def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOption
     activations does (BN-kept CIFAR ResNets, --target-macs 0.5, --calibration none: 56.7 / 71.3 /
     84.2 % top-1, BENCHMARKS.md; with the curves measured on 1/f noise, 53.3 / 74.9 / 76.5 % against
     20.2 / 66.2 / 77.4 with output alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded,
-    combined does not help)."""
+    combined does not help). Groups have no predicted curve comparable with the chains': they are
+    rated by the output curve alone, and left out where it cannot run."""
     rating = resolved_sensitivity(options, chains)
     if rating == "combined":
-        measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress, source)
+        measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress, source,
+                                units)
         predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress, source)
         return [dataclasses.replace(m, cost=np.sqrt(np.maximum(m.cost, 0.0) * np.maximum(p.cost, 0.0)),
                                     measured_on=m.measured_on and m.measured_on + " x predicted")
-                for m, p in zip(measured, predicted)]
-    return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress, source)
+                for m, p in zip(measured, predicted)] + measured[len(predicted):]
+    return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress, source, units)
 
 
 def resolved_sensitivity(options: CompressOptions, chains: list[Chain]) -> str:
@@ -133,24 +238,48 @@ def resolved_sensitivity(options: CompressOptions, chains: list[Chain]) -> str:
 
 
 def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOptions, progress=None,
-                   source: str = "data") -> list[ChainCurve]:
+                   source: str = "data", units: list[GroupUnit] = ()) -> list[ChainCurve]:
     from .passes.merge_channels import producer_arrays
 
     model = index.model
-    probe = OutputProbe.build(index, chains, options) if options.sensitivity == "output" else None
+    probe = None
+    if options.sensitivity == "output":
+        probe = OutputProbe.build(index, chains, options, _apart(index, chains, units))
     if probe is not None:
         on = "calibration" if options.calibration is not None and source == "data" else "synthetic"
-        return [ChainCurve(c.name, c.match_names(), c.channels, probe.curve(i), measured_on=on)
-                for i, c in enumerate(chains if progress is None else progress(chains, desc="output curves",
-                                                                                 unit="layer"))]
+        names = [c.name for c in chains] + [u.name for u in probe.units]
+        todo = range(len(names)) if progress is None else progress(range(len(names)), desc="output curves",
+                                                                   unit="layer")
+        costs = [probe.curve(i) for i in todo]
+        return [ChainCurve(c.name, c.match_names(), c.channels, cost, measured_on=on, op=c.producer.node.op_type)
+                for c, cost in zip(chains, costs)] + [
+                ChainCurve(u.name, u.names, u.channels, cost, measured_on=on, op=u.op, multiple=u.group.blocks,
+                           group=u) for u, cost in zip(probe.units, costs[len(chains):])]
+    if units:
+        log.info("budget: %d coupled group(s) left out (their cost is measured at the outputs, which cannot "
+                 "run here)", len(units))
     shares = {} if options.calibration is None else stream_shares(
         index, chains, match_inputs(graph_inputs(model), options.calibration, "--calibration"))
     curves = []
     for chain in (chains if progress is None else progress(chains, desc="cost curves", unit="layer")):
         arrays = producer_arrays(index, chain, consumer_norms=True, consumer_rows=True)
         cost = planned_curve(arrays, chain_plan_options(options, chain)) * shares.get(chain.name, 1.0)
-        curves.append(ChainCurve(chain.name, chain.match_names(), chain.channels, cost, shares.get(chain.name)))
+        curves.append(ChainCurve(chain.name, chain.match_names(), chain.channels, cost, shares.get(chain.name),
+                                 op=chain.producer.node.op_type))
     return curves
+
+
+def _apart(index: GraphIndex, chains: list[Chain], units: list[GroupUnit]) -> list[GroupUnit]:
+    """The units whose points no chain or earlier unit feeds in at (a tensor the probe rewired
+    twice would lose the first map)."""
+    taken = {p[0] for p in (injection_point(index, c) for c in chains) if p is not None}
+    kept = []
+    for unit in units:
+        tensors = {t for t, _ in unit.points}
+        if not tensors & taken:
+            kept.append(unit)
+            taken |= tensors
+    return kept
 
 
 def residual_sum(index: GraphIndex, chain: Chain) -> tuple[str, str] | None:
@@ -209,16 +338,16 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
                          "use --target-params")
     index = GraphIndex(model)
     chains = budget_chains(index, options)
-    curves = chain_curves(index, chains, options, progress, source)
-    ops = {c.name: c.producer.node.op_type for c in chains}
+    curves = chain_curves(index, chains, options, progress, source, budget_group_units(index, options))
+    units = [c.group for c in curves if c.group is not None]
 
     def budget_groups(options):
-        return [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), ops[c.layer])
-                            if options.pinned(c.names) else None, *options.alignment(c.channels, ops[c.layer]))
+        return [BudgetGroup(c.cost, options.kept_channels(c.channels, options.ratio_for(c.names), c.op, c.multiple)
+                            if options.pinned(c.names) else None, *options.alignment(c.channels, c.op, c.multiple))
                 for c in curves]
 
     groups = budget_groups(options)
-    terms = budget_terms(index, chains, what, options.fold_bn)
+    terms = budget_terms(index, chains, what, options.fold_bn, units)
     need = total * (1.0 - fraction)
     try:
         try:
@@ -233,16 +362,20 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
             groups = budget_groups(options)
             keeps = allocate(groups, terms, need, options.round_to or 1)
     except BudgetUnreachable as exc:
-        raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the chains allow "
-                         f"(at least {options.round_to or 1} per layer, pinned layers as given) keeps "
-                         f"{100 * (1 - exc.saved / total):.1f} % of the {what}") from None
+        streams = "" if options.coupled == "prune" else "; residual streams stay whole (--coupled prune budgets them too)"
+        raise UsageError(f"--target-{what} {fraction:g} cannot be met: removing every channel the {len(chains)} "
+                         f"chains and {len(units)} coupled groups allow (at least {options.round_to or 1} per layer, "
+                         f"pinned layers as given) keeps {100 * (1 - exc.saved / total):.1f} % of the {what}"
+                         f"{streams}") from None
     full = [c.channels for c in curves]
     allocated, rows = {}, []
     for i, (c, g, kept) in enumerate(zip(curves, groups, keeps)):
         ratio = 1.0 - kept / c.channels
-        if g.keep is None:
-            allocated[c.layer] = ratio
-        rows.append({"layer": c.layer, "channels": c.channels, "kept": kept, "ratio": round(ratio, 4),
+        if g.keep is None:  # a group's ratio goes to each of its producers (prune_coupled.group_ratios)
+            allocated.update(dict.fromkeys([c.layer] if c.group is None else
+                                           [p.node.name or p.weight for p in c.group.group.producers], ratio))
+        rows.append({"layer": c.layer, "kind": "chain" if c.group is None else f"{c.group.group.kind} group",
+                     "channels": c.channels, "kept": kept, "ratio": round(ratio, 4),
                      "pinned": g.keep is not None, "predicted_error": float(c.cost[c.channels - kept]),
                      f"{what}_per_channel": per_channel(terms, groups, full, i),
                      "stream_share": None if c.share is None else round(c.share, 4), "measured_on": c.measured_on})
@@ -362,15 +495,22 @@ class OutputProbe:
     """The model with an N x N map fed in at every chain's injection point, in one session:
     what the model computes on ``feeds`` when some chains are planned as the merge pass will
     plan them (their rebuilt channels a_hat = A a + c in place of a), the rest left whole.
+    Groups (``units``) are fed masks at their consumers' inputs: their channels pruned as the
+    prune pass prunes them. Unit i is chain i, then group i - len(chains).
 
-    A chain's cost curve measured here is in the same units for every layer, early or late, in
+    A unit's cost curve measured here is in the same units for every layer, early or late, in
     a residual stream or not: the change in the model's outputs (``output_change``)."""
 
     def __init__(self, index: GraphIndex, chains: list[Chain], options: CompressOptions,
-                 feeds: dict[str, np.ndarray], points: list[tuple[str, int]]):
+                 feeds: dict[str, np.ndarray], points: list[tuple[str, int]], units: list[GroupUnit] = ()):
         from .passes.merge_channels import producer_arrays
 
-        self.chains, self.points, self.feeds = chains, points, feeds
+        self.chains, self.units, self.feeds = chains, list(units), feeds
+        self.points = list(points) + [p for u in self.units for p in u.points]
+        first_point = np.cumsum([0] + [len(u.points) for u in self.units]) + len(chains)
+        self.unit_points = [[i] for i in range(len(chains))] + [
+            list(range(a, b)) for a, b in zip(first_point[:-1], first_point[1:])]
+        self.widths = [c.channels for c in chains] + [u.channels for u in self.units]
         self.arrays = [producer_arrays(index, c, consumer_norms=True, consumer_rows=True) for c in chains]
         self.options = [chain_plan_options(options, c) for c in chains]
         self._plans: dict[tuple[int, int], object] = {}
@@ -379,14 +519,14 @@ class OutputProbe:
         samples = len(next(iter(feeds.values())))
         self.batch = fixed[0] if fixed and isinstance(fixed[0], int) and fixed[0] > 0 else samples
         self.total = samples // self.batch * self.batch
-        first = make_session(truncated(model, [t for t, _ in points]), optimize=True)
-        self.ranks = {t: v.ndim for (t, _), v in zip(points, first.run(
-            [t for t, _ in points], {k: v[:self.batch] for k, v in feeds.items()}))}
+        tensors = [t for t, _ in self.points]
+        first = make_session(truncated(model, tensors), optimize=True)
+        self.ranks = {t: v.ndim for t, v in zip(tensors, first.run(tensors, {k: v[:self.batch] for k, v in feeds.items()}))}
         # with calibration the consumer is refitted on these activations: plan as that refit sees them
-        self.grams = self._moments(first) if options.calibration is not None else None
+        self.grams = self._moments(first, self.points[:len(chains)]) if options.calibration is not None else None
         graph = model.graph
         self.names, added = [], {}
-        for i, (t, axis) in enumerate(points):
+        for i, (t, axis) in enumerate(self.points):
             a, c, out = f"__probe_a{i}", f"__probe_c{i}", f"__probe_{i}"
             self.names.append((a, c))
             graph.input.extend([onnx.helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None),
@@ -405,15 +545,18 @@ class OutputProbe:
         graph.node.extend(nodes)
         self.session = make_session(model.SerializeToString(), optimize=True)
         self.identity = {}
-        for i, chain in enumerate(chains):
-            self.identity.update(self._maps(i, np.eye(chain.channels), np.zeros(chain.channels)))
+        for i, n in enumerate(self.widths):
+            for point in self.unit_points[i]:
+                self.identity.update(self._maps(point, np.eye(n), np.zeros(n)))
         self.reference = self._run({})
 
     @classmethod
-    def build(cls, index: GraphIndex, chains: list[Chain], options: CompressOptions) -> "OutputProbe | None":
+    def build(cls, index: GraphIndex, chains: list[Chain], options: CompressOptions,
+              units: list[GroupUnit] = ()) -> "OutputProbe | None":
         """None where there is nothing to run it on, a chain has no injection point, or the runs
         would take more than PROBE_MACS with PROBE_MIN_SAMPLES samples (a log line says so)."""
-        runs = 1 + sum(len(probe_counts(c.channels, PROBE_POINTS)) - 1 for c in chains)
+        widths = [c.channels for c in chains] + [u.channels for u in units]
+        runs = 1 + sum(len(probe_counts(n, PROBE_POINTS)) - 1 for n in widths)
         macs = count_macs(index.model) or 0
         samples = PROBE_SAMPLES if not macs else min(PROBE_SAMPLES, int(PROBE_MACS / (macs * runs)))
         if samples < PROBE_MIN_SAMPLES:
@@ -422,24 +565,24 @@ class OutputProbe:
             return None
         feeds = probe_inputs(index.model, options.calibration, samples)
         points = [injection_point(index, c) for c in chains]
-        if feeds is None or not chains or any(p is None for p in points):
+        if feeds is None or not widths or any(p is None for p in points):
             return None
-        return cls(index, chains, options, feeds, points)
+        return cls(index, chains, options, feeds, points, units)
 
-    def _moments(self, session) -> list[np.ndarray]:
-        """Each injection point's measured [a, 1] moments over the probe's samples."""
-        axes = dict(self.points)
+    def _moments(self, session, points: list[tuple[str, int]]) -> list[np.ndarray]:
+        """Each of ``points``' measured [a, 1] moments over the probe's samples."""
+        axes = dict(points)
         sums = dict.fromkeys(axes, 0.0)
         for s in range(0, self.total, self.batch):
             values = session.run(list(axes), {k: v[s:s + self.batch] for k, v in self.feeds.items()})
             for (t, axis), v in zip(axes.items(), values):
                 sums[t] = sums[t] + measured_moments(v, axis % v.ndim)
-        return [sums[t] / max(self.total // self.batch, 1) for t, _ in self.points]
+        return [sums[t] / max(self.total // self.batch, 1) for t, _ in points]
 
-    def _maps(self, i: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
-        t, axis = self.points[i]
+    def _maps(self, point: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
+        t, axis = self.points[point]
         a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a.T
-        return {self.names[i][0]: a.astype(np.float32), self.names[i][1]: c.astype(np.float32)}
+        return {self.names[point][0]: a.astype(np.float32), self.names[point][1]: c.astype(np.float32)}
 
     def _run(self, extra: dict) -> list[np.ndarray]:
         parts = [self.session.run(None, {**{k: v[s:s + self.batch] for k, v in self.feeds.items()},
@@ -465,14 +608,19 @@ class OutputProbe:
             return None
 
     def change(self, keeps: dict[int, int]) -> float:
-        """The output change with chain i keeping keeps[i] channels (all at once)."""
+        """The output change with unit i keeping keeps[i] channels (all at once)."""
         extra = {}
         for i, keep in keeps.items():
-            if keep < self.chains[i].channels:
+            if keep >= self.widths[i]:
+                continue
+            if i < len(self.chains):
                 extra.update(self._maps(i, *reconstruction(self.plan(i, keep))))
+                continue
+            for point, (a, c) in zip(self.unit_points[i], self.units[i - len(self.chains)].masks(keep)):
+                extra.update(self._maps(point, a, c))
         return output_change(self._run(extra), self.reference) if extra else 0.0
 
     def curve(self, i: int, points: int = PROBE_POINTS) -> np.ndarray:
-        n = self.chains[i].channels
+        n = self.widths[i]
         counts = probe_counts(n, points)
         return measured_curve(counts, np.array([self.change({i: n - k}) for k in counts]), n)

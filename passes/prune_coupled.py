@@ -16,6 +16,7 @@ sum is not a positive multiple of another unless every term is, so the group is 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -311,12 +312,28 @@ class GroupPlan:
         return entry
 
 
-def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[GroupPlan]:
-    """Every group that is no free chain and can be pruned, with the data-free plan's kept
-    channels; each group left whole is recorded in ``ctx`` with its reason. Lazily: a group
-    reached through a Concat is sized by its parts as pruned when it comes. ``done``: names
-    of groups (their first producer's) already pruned, passed over."""
-    stats = None  # computed when the first group needs them
+@dataclass
+class GroupRanking:
+    """How a group's channels are ranked for removal: by the consumers' moments where the
+    data-free model has them (``costs``: each channel's predicted removal cost), else by the
+    producers' weight norms (``scores``)."""
+
+    blocks: int
+    moments: list | None = None
+    anchored: bool = False
+    costs: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+    def kept(self, n_keep: int) -> np.ndarray:
+        if self.costs is not None:
+            return keep_least_costly(self.costs, n_keep, self.blocks)
+        return select_per_block(self.scores, n_keep, self.blocks)
+
+
+def candidate_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[tuple[Group, list[str], int]]:
+    """(group, its producers' names, its width) for every group that is no free chain and that
+    these options allow to prune, whatever ratio it gets; each group left whole is recorded in
+    ``ctx`` with its reason. ``done``: names of groups (their first producer's) already pruned."""
     chained = {c.producer.node.name for c in find_chains(index)[0]}
     for group in find_groups(index):
         names = [p.name for p in group.producers]
@@ -336,50 +353,70 @@ def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> 
         if isinstance(n, str):
             ctx.skip(", ".join(names), f"coupled group left whole: {n}")
             continue
-        ratios = [opts.ratio_for(p.node.name and [p.node.name, p.weight, p.output] or [p.weight]) for p in
-                  group.producers]
-        if any(r is None for r in ratios):
+        if any(r is None for r in group_ratios(opts, group)):
             ctx.skip(", ".join(names), "coupled group left whole: a member is excluded")
             continue
         if n % group.blocks:
             ctx.skip(", ".join(names), f"left whole: {n} channels do not fall in {group.blocks} equal conv groups")
             continue
+        yield group, names, n
+
+
+def group_names(group: Group) -> list[list[str]]:
+    """What each producer of the group is known by (node name, weight, output)."""
+    return [p.node.name and [p.node.name, p.weight, p.output] or [p.weight] for p in group.producers]
+
+
+def group_ratios(opts, group: Group) -> list[float | None]:
+    return [opts.ratio_for(names) for names in group_names(group)]
+
+
+def rank_group(index: GraphIndex, group: Group, n: int, opts, stats_of) -> GroupRanking:
+    """The group's ranking; ``stats_of()`` gives the data-free statistics (computed on first use)."""
+    # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
+    if opts.method != "prune" and group.free and not group.views and not group.splits:
+        found = consumer_moments(index, group, n, stats_of())
+        if found is not None:
+            return GroupRanking(group.blocks, *found, costs=group_costs(found[0]))
+    return GroupRanking(group.blocks, scores=_scores(index, group, n, opts.plan_options("prune").criterion))
+
+
+def plan_groups(index: GraphIndex, opts, ctx, done: frozenset = frozenset()) -> Iterator[GroupPlan]:
+    """Every group that is no free chain and can be pruned, with the data-free plan's kept
+    channels; each group left whole is recorded in ``ctx`` with its reason. Lazily: a group
+    reached through a Concat is sized by its parts as pruned when it comes. ``done``: names
+    of groups (their first producer's) already pruned, passed over."""
+    stats_of = functools.cache(lambda: STATISTICS(index))  # computed when the first group needs them
+    for group, names, n in candidate_groups(index, opts, ctx, done):
         op_type = group.producers[0].node.op_type
-        n_keep = opts.kept_channels(n, min(ratios), op_type, group.blocks)
+        ratio = min(group_ratios(opts, group))
+        n_keep = opts.kept_channels(n, ratio, op_type, group.blocks)
         if n_keep >= n:
-            why = opts.kept_whole_by_alignment(n, min(ratios), op_type, group.blocks)
+            why = opts.kept_whole_by_alignment(n, ratio, op_type, group.blocks)
             if why:
                 ctx.skip(", ".join(names), f"coupled group left whole: {why}")
             continue
-        # residual streams (pruned on request only) keep the weight-norm ranking measured on ResNets
-        found = None
-        if opts.method != "prune" and group.free and not group.views and not group.splits:
-            stats = STATISTICS(index) if stats is None else stats
-            found = consumer_moments(index, group, n, stats)
-        moments, anchored = found if found is not None else (None, False)
+        ranking = rank_group(index, group, n, opts, stats_of)
         predicted = None
         asked = n_keep
-        if moments is not None:
-            costs = group_costs(moments)
-            # calibration measures each group's error itself: the ratio's count, uncapped
-            cap = 1.0 if getattr(opts, "calibration", None) is not None else opts.max_group_error
-            n_keep = capped_keep(costs, n_keep, cap,
-                                 opts.alignment(n, op_type, group.blocks)[0])
+        if ranking.costs is not None:
+            costs = ranking.costs
+            # calibration measures each group's error itself, and a budget measured it in allocating: the asked count, uncapped
+            measured = getattr(opts, "calibration", None) is not None or getattr(opts, "allocated", None)
+            cap = 1.0 if measured else opts.max_group_error
+            n_keep = capped_keep(costs, n_keep, cap, opts.alignment(n, op_type, group.blocks)[0])
             if n_keep >= n:
                 ctx.skip(", ".join(names), f"coupled group left whole: removing {n - asked} of {n} channels "
                          f"would cost {relative_error(costs, keep_least_costly(costs, asked)):.2f} of its "
                          f"consumers' output (predicted; --max-group-error {opts.max_group_error} allows less)")
                 continue
-            kept = keep_least_costly(costs, n_keep, group.blocks)
-            predicted = relative_error(costs, kept)
-        else:
-            scores = _scores(index, group, n, opts.plan_options("prune").criterion)
-            kept = select_per_block(scores, n_keep, group.blocks)
+            predicted = relative_error(costs, ranking.kept(n_keep))
+        kept = ranking.kept(n_keep)
         views = _views(index, group, kept, n)
         if isinstance(views, str):
             ctx.skip(", ".join(names), f"coupled group left whole: {views}")
             continue
-        yield GroupPlan(group, names, n, n_keep, kept, views, moments, anchored, predicted, asked)
+        yield GroupPlan(group, names, n, n_keep, kept, views, ranking.moments, ranking.anchored, predicted, asked)
 
 
 class PruneCoupled:
