@@ -6,8 +6,8 @@ targets, --ratio 0 equal outputs, and --heads 0.25 on the attention layers.
 Random weights (nothing is downloaded). Exports are cached under ~/.cache/onnx-merge/transformers
 (outside git); delete it to re-export. Models: a Linear(256,512)-GELU-Linear(512,512)-GELU-
 Linear(512,10) MLP, timm vit_tiny_patch16_224, HF ViT (hidden 192, 2 layers), HF BERT (hidden
-128, 2 layers, both exporters), HF GPT-2 (n_embd 128, 2 layers), torchvision Swin-T and
-ConvNeXt-T. MACs are onnx-merge's count for batch 1 (Conv, Gemm, MatMul, the MatMuls between
+128, 2 layers, both exporters), HF GPT-2 (n_embd 128, 2 layers), HF ALBERT (3 layers sharing one's weights) and T5's
+encoder (hidden 128, 2 layers), torchvision Swin-T and ConvNeXt-T. MACs are onnx-merge's count for batch 1 (Conv, Gemm, MatMul, the MatMuls between
 activations included).
 """
 
@@ -32,7 +32,8 @@ from onnx_merge.runtime import make_session, random_inputs
 
 # (params %, MACs %) removed at --ratio 0.3 that issue #18 asks for; None: no target
 TARGETS = {"gelu-mlp": (35, 35), "vit_tiny": (14, 14), "hf-vit": (10, 12), "bert-legacy": (None, 14),
-           "bert-dynamo": (None, 14), "gpt2": (None, 12), "swin_t": (14, 12), "convnext_t": (20, 20)}
+           "bert-dynamo": (None, 14), "gpt2": (None, 12), "swin_t": (14, 12), "convnext_t": (20, 20),
+           "albert": (None, None), "t5-encoder": (None, None)}
 
 
 @functools.cache
@@ -93,6 +94,13 @@ def build(name: str):
         cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=512, vocab_size=1000)
         return First(transformers.BertModel(cfg), names), ids, names, name.endswith("dynamo")
+    if name == "albert":  # one encoder layer's weights read by every layer
+        cfg = transformers.AlbertConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+                                        intermediate_size=512, embedding_size=64, vocab_size=1000)
+        return First(transformers.AlbertModel(cfg), names), ids, names, False
+    if name == "t5-encoder":  # relative position bias shared by every layer's attention
+        cfg = transformers.T5Config(d_model=128, d_kv=64, d_ff=512, num_layers=2, num_heads=2, vocab_size=1000)
+        return First(transformers.T5EncoderModel(cfg), names), ids, names, False
     cfg = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=2, vocab_size=1000, n_positions=64, use_cache=False)
     return First(transformers.GPT2Model(cfg), names), ids, names, False  # TorchScript needs the mask passed
 

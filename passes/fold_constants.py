@@ -180,13 +180,16 @@ def fold_once(model: onnx.ModelProto, options: CompressOptions) -> int:
 
 def _share_repeats(folded: list[onnx.NodeProto], rest: list[onnx.NodeProto], in_bodies: set[str]) -> None:
     """Point the readers of a constant node that repeats an earlier one (same op, attributes and
-    inputs) at the earlier one's outputs, so that its value is stored once: a weight tied across
-    layers (ALBERT's one encoder layer read twelve times) reaches each MatMul through a Transpose
-    of its own, and folding each would store twelve copies. Outputs a subgraph reads by name keep
-    their own."""
+    inputs) at the earlier one's outputs, and those of a constant Identity at its input, so that
+    a value is stored once: a weight tied across layers (ALBERT's one encoder layer read by every
+    layer) reaches each layer through an Identity or Transpose of its own, and folding each would
+    store a copy per layer. Outputs a subgraph reads by name keep their own."""
     first: dict[bytes, onnx.NodeProto] = {}
     renamed: dict[str, str] = {}
     for node in folded:
+        if node.op_type == "Identity" and node.input and not in_bodies.intersection(node.output):
+            renamed[node.output[0]] = renamed.get(node.input[0], node.input[0])  # its input is the value
+            continue
         key = onnx.NodeProto(op_type=node.op_type, domain=node.domain, input=[renamed.get(i, i) for i in node.input],
                              attribute=node.attribute).SerializeToString(deterministic=True)
         seen = first.setdefault(key, node)
