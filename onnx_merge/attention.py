@@ -138,9 +138,14 @@ class Finder:
         return full[0]
 
     def _from_product(self, tensor: str) -> bool:
+        """Whether ``tensor`` is computed from a product of two tensors through score ops (not a
+        mask or bias; a path that no single data input leads up is not)."""
         node = self.index.producer.get(tensor)
-        while node is not None and node.op_type in SCORE_OPS:
-            node = self.index.producer.get(self.data_input(node, scores=True))
+        try:
+            while node is not None and node.op_type in SCORE_OPS:
+                node = self.index.producer.get(self.data_input(node, scores=True))
+        except Rejected:
+            return False
         return node is not None and node.op_type == "MatMul" and not any(self.index.is_weight(i) for i in node.input)
 
     # -- walking --------------------------------------------------------------------------

@@ -173,7 +173,10 @@ class Rewrite:
             axis = out.axis - (rank - len(dims))
             if axis < 0 or dims[axis] == 1:
                 continue  # the same for every head
-            if not self.index.is_weight(name) or dims[axis] != out.dims[out.axis]:
+            if not self.index.is_weight(name):  # its heads would have to be sliced where it is computed
+                raise Rejected(f"{node.op_type} {node.name!r}: {name!r} differs per head and is computed, not "
+                               "stored (a per-head attention bias, such as T5's relative positions)")
+            if dims[axis] != out.dims[out.axis]:
                 raise Rejected(f"{node.op_type} {node.name!r}: {name!r} differs per head")
             keep = [i for i, h in enumerate(out.labels) if h in self.kept]
             edits.append(self._new_constant(node, slot, np.take(self.index.array(name), keep, axis=axis)))

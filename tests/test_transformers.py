@@ -167,6 +167,18 @@ def test_a_mask_that_differs_per_head_leaves_the_layer_whole():
     assert any("heads left whole" in s["reason"] and "'mask' differs per head" in s["reason"] for s in rep["skipped"])
 
 
+def test_a_computed_per_head_bias_behind_a_where_is_named_as_the_reason():
+    """T5's relative position bias: computed once, masked by a Where whose data input is not of
+    the scores' full shape, added in every layer. The reason names the bias, not the Where."""
+    model, _ = attention(*CONSTANT_SHAPES, score="sm = Mul (s, scale)\n        rb = Where (keep, rel, low)\n"
+                                                 "        ss = Add (sm, rb)",
+                         inputs=f"bool[N, 1, {T}, {T}] keep, float[1, {H}, {T}, {T}] rel, float[1] low")
+    small, rep = compress(model, ratio=0.0, heads=0.5)
+    assert "heads" not in rep and initializer_shapes(small)["wv"] == (C, C)
+    (reason,) = [s["reason"] for s in rep["skipped"] if "heads left whole" in s["reason"]]
+    assert "'rb' differs per head and is computed" in reason, reason
+
+
 # -- Gemm between Reshapes (GPT-2's Conv1D) ------------------------------------------------
 def conv1d_block(back: str) -> tuple:
     ws = rng_weights(RNG, w=(6, 8)) | {"b": RNG.standard_normal(6).astype(np.float32)}
