@@ -399,13 +399,15 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     canonicalize().run(model, Context(options=None))
     index = GraphIndex(model)
     chains = budget_chains(index, options)
-    curves = chain_curves(index, chains, options, progress, source)
+    curves = chain_curves(index, chains, options, progress, source, budget_group_units(index, options))
+    units = [c.group for c in curves if c.group is not None]
     groups = [BudgetGroup(c.cost) for c in curves]
     full = [c.channels for c in curves]
-    per = {what: budget_terms(index, chains, what, options.fold_bn) for what in ("macs", "params")}
+    per = {what: budget_terms(index, chains, what, options.fold_bn, units) for what in ("macs", "params")}
     return {"macs": count_macs(model), "params": count_parameters(model), "calibrated": options.calibration is not None,
             "calibration_source": source,
-            "groups": [{"layer": c.layer, "channels": c.channels,
+            "groups": [{"layer": c.layer, "kind": "chain" if c.group is None else f"{c.group.group.kind} group",
+                        "channels": c.channels,
                         "macs_per_channel": per_channel(per["macs"], groups, full, i),
                         "params_per_channel": per_channel(per["params"], groups, full, i),
                         "stream_share": c.share, "measured_on": c.measured_on,

@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of channels to remove per layer (default 0.5)")
     amount.add_argument("--target-macs", type=float, metavar="F",
                         help="keep this fraction of the MACs (as the summary counts them), each layer's ratio "
-                        "allocated where removing channels costs least (onnx-merge sensitivity shows the costs); "
-                        "--layer-ratio and --exclude still pin the layers they match")
+                        "allocated where removing channels costs least (onnx-merge sensitivity shows the costs): "
+                        "chains and coupled groups (depthwise blocks, SE gates, fan-outs; residual streams with "
+                        "--coupled prune); --layer-ratio and --exclude still pin the layers they match")
     amount.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction of the parameters, allocated like --target-macs")
     c.add_argument("--sensitivity", choices=SENSITIVITIES, default="auto", help=SENSITIVITY_HELP)
@@ -358,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     sens = sub.add_parser("sensitivity", parents=[common], help="each layer's cost curve: what removing channels "
                        "costs, where a --target-macs / --target-params budget goes",
                        description="For every chain, what removing 0 .. N-1 of its channels costs: by default the "
-                       "change in the model's outputs with that chain alone planned as compress plans it, relative "
+                       "change in the model's outputs with that chain alone planned as compress plans it (a coupled "
+                       "group, such as a depthwise block or an SE gate: its channels masked where its consumers read "
+                       "them), relative "
                        "to how much the outputs vary between samples, measured on the first 64 --calibration "
                        "samples (by default 256 synthetic dead-leaves images where the model takes images, 1/f noise "
                        "otherwise; see compress --calibration); with --sensitivity consumer, "

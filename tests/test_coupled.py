@@ -352,3 +352,8 @@ def test_a_mac_budget_shrinks_a_depthwise_group_where_no_free_chain_exists(calib
     feeds = x(1, 4, 6, 6)
     ref, got = run(model, feeds)[0], run(small, feeds)[0]
     assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
+    from onnx_merge.allocation import sensitivity
+
+    (curve,) = sensitivity(model, CompressOptions(fold_bn=False, calibration=calibration))["groups"]
+    assert curve["kind"] == "depthwise group" and curve["macs_per_channel"] == pytest.approx(rep["macs_before"] / 8)
+    assert curve["curve"][3] < 0.1 * curve["curve"][4]  # the three barely read channels cost little, a fourth does not
