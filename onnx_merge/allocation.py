@@ -83,10 +83,10 @@ class GroupUnit:
         return self.group.producers[0].node.op_type
 
     def masks(self, keep: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per point, (diagonal map, offset) with ``keep`` channels kept."""
+        """Per point, (per-channel scale, offset) with ``keep`` channels kept."""
         on = np.zeros(self.channels)
         on[self.ranking.kept(keep)] = 1.0
-        return [(np.diag(on), np.zeros(self.channels) if mean is None else mean * (1.0 - on)) for mean in self.means]
+        return [(on, np.zeros(self.channels) if mean is None else mean * (1.0 - on)) for mean in self.means]
 
 
 def chain_plan_options(options: CompressOptions, chain: Chain) -> PlanOptions:
@@ -537,8 +537,10 @@ class OutputProbe:
                 for j, name in enumerate(node.input):
                     if name == t:
                         node.input[j] = out
-            added[t] = ([onnx.helper.make_node("Conv", [t, a, c], [out])] if axis == 1 else
-                        [onnx.helper.make_node("MatMul", [t, a], [out + "_m"]),
+            # a group's mask is per channel: Mul, not an N x N map (which doubled MobileNet's MACs)
+            op = "Mul" if i >= len(chains) else "Conv" if axis == 1 else "MatMul"
+            added[t] = ([onnx.helper.make_node("Conv", [t, a, c], [out])] if op == "Conv" else
+                        [onnx.helper.make_node(op, [t, a], [out + "_m"]),
                          onnx.helper.make_node("Add", [out + "_m", c], [out])])
         nodes = [n for t in added if t not in index.producer for n in added[t]]
         for node in graph.node:
@@ -549,7 +551,7 @@ class OutputProbe:
         self.identity = {}
         for i, n in enumerate(self.widths):
             for point in self.unit_points[i]:
-                self.identity.update(self._maps(point, np.eye(n), np.zeros(n)))
+                self.identity.update(self._maps(point, np.eye(n) if i < len(chains) else np.ones(n), np.zeros(n)))
         self.reference = self._run({})
 
     @classmethod
@@ -582,8 +584,14 @@ class OutputProbe:
         return [sums[t] / max(self.total // self.batch, 1) for t, _ in points]
 
     def _maps(self, point: int, a: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:
+        """The feeds of a point: a chain's N x N map ``a`` (a 1x1 Conv's weight, or a MatMul's), or
+        a group's per-channel scale ``a`` (a vector along the channel axis); the offset ``c``."""
         t, axis = self.points[point]
-        a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a.T
+        if a.ndim == 1:
+            a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a
+            c = c.reshape(a.shape)
+        else:
+            a = a.reshape(a.shape + (1,) * (self.ranks[t] - 2)) if axis == 1 else a.T
         return {self.names[point][0]: a.astype(np.float32), self.names[point][1]: c.astype(np.float32)}
 
     def _run(self, extra: dict) -> list[np.ndarray]:
