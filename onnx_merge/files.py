@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import OutputError, UsageError
@@ -84,16 +85,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+STALE_AFTER_S = 600  # a staging folder younger than this is never taken for a dead run's
+
+
 def remove_stale(folder: Path) -> None:
-    """Remove staging folders of this tool's earlier runs, on this host, whose process is gone."""
+    """Remove staging folders of this tool's earlier runs, on this host, whose process is gone
+    and that nothing has touched for STALE_AFTER_S (a sweep's workers write side by side: a
+    liveness check alone once took a working folder away under load)."""
     host = socket.gethostname()
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
+    now = time.time()
     for entry in entries:
         match = _STAGING.match(entry.name)
         if not match or not entry.is_dir(follow_symlinks=False) or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
+                continue
+        except OSError:  # gone meanwhile
             continue
         try:
             owner = (Path(entry.path) / _OWNER).read_text().split()
@@ -137,6 +149,8 @@ def os_errors(path: str | os.PathLike):
         yield
     except OSError as exc:
         cause = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        if exc.filename and str(exc.filename) != str(path):  # the file the system named: a missing folder, say
+            cause += f": {exc.filename}"
         raise OutputError(f"{path}: cannot write ({cause})") from None
 
 

@@ -211,14 +211,16 @@ def test_stale_staging_folders_of_dead_runs_are_removed(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale, alive, foreign = (tmp_path / f".onnx-merge-{pid}-abc", tmp_path / f".onnx-merge-{os.getppid()}-def",
-                             tmp_path / ".onnx-merge-notours")
-    for folder, owner in ((stale, pid), (alive, os.getppid()), (foreign, pid)):
+    stale, alive, foreign, young = (tmp_path / f".onnx-merge-{pid}-abc", tmp_path / f".onnx-merge-{os.getppid()}-def",
+                                    tmp_path / ".onnx-merge-notours", tmp_path / f".onnx-merge-{pid}-new")
+    for folder, owner in ((stale, pid), (alive, os.getppid()), (foreign, pid), (young, pid)):
         folder.mkdir()
         (folder / "owner").write_text(f"{socket.gethostname()} {owner}\n")
         (folder / "out.onnx").write_bytes(b"half")
+        if folder is not young:  # a folder touched within files.STALE_AFTER_S may be a live writer's
+            os.utime(folder, (time.time() - 2 * files.STALE_AFTER_S,) * 2)
     files.write_text_atomic(tmp_path / "r.json", "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, foreign.name, "r.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, foreign.name, young.name, "r.json"])
 
 
 def test_sigterm_during_the_save_leaves_no_temporary_folder(tmp_path):
