@@ -166,9 +166,9 @@ def budget_group_units(index: GraphIndex, options: CompressOptions) -> list[Grou
 
     stats_of = functools.cache(lambda: STATISTICS(index))
     units = []
-    for group, names, n in candidate_groups(index, options, _Unrecorded()):
-        if group.views or group.splits or group.parts or group.split_of or \
-                options.pinned([name for member in group_names(group) for name in member]):
+    for group, _, n in candidate_groups(index, options, _Unrecorded()):
+        names = [name for member in group_names(group) for name in member]
+        if group.views or group.splits or group.parts or group.split_of or options.pinned(names):
             continue
         points = group_points(index, group, n)
         if points is None:
@@ -178,8 +178,7 @@ def budget_group_units(index: GraphIndex, options: CompressOptions) -> list[Grou
         if ranking.anchored:  # the prune pass restores these means in the consumers' biases
             by_tensor = {c.node.input[0]: mean[:, 0] for c, _, mean, _ in ranking.moments if mean.shape[1] == 1}
             means = [by_tensor.get(t) for t, _ in points]
-        units.append(GroupUnit(group, [name for member in group_names(group) for name in member], n, ranking,
-                               points, means))
+        units.append(GroupUnit(group, names, n, ranking, points, means))
     return units
 
 
