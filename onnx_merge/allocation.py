@@ -215,16 +215,18 @@ def chain_curves(index: GraphIndex, chains: list[Chain], options: CompressOption
     activations does (BN-kept CIFAR ResNets, --target-macs 0.5, --calibration none: 56.7 / 71.3 /
     84.2 % top-1, BENCHMARKS.md; with the curves measured on 1/f noise, 53.3 / 74.9 / 76.5 % against
     20.2 / 66.2 / 77.4 with output alone and 49.3 / 66.0 / 72.3 with consumer alone; BN folded,
-    combined does not help). Groups have no predicted curve comparable with the chains': they are
-    rated by the output curve alone, and left out where it cannot run."""
+    combined does not help). A group's predicted curve is the prune plan's, where the data-free model
+    has its consumers' moments (not residual streams); a group with neither curve is left out."""
     rating = resolved_sensitivity(options, chains)
     if rating == "combined":
         measured = chain_curves(index, chains, dataclasses.replace(options, sensitivity="output"), progress, source,
                                 units)
-        predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress, source)
-        return [dataclasses.replace(m, cost=np.sqrt(np.maximum(m.cost, 0.0) * np.maximum(p.cost, 0.0)),
-                                    measured_on=m.measured_on and m.measured_on + " x predicted")
-                for m, p in zip(measured, predicted)] + measured[len(predicted):]
+        predicted = chain_curves(index, chains, dataclasses.replace(options, sensitivity="consumer"), progress, source,
+                                 units)
+        by_layer = {p.layer: p for p in predicted}  # every chain is in both; a group in either or both
+        return [m if m.layer not in by_layer else dataclasses.replace(
+                    m, cost=np.sqrt(np.maximum(m.cost, 0.0) * np.maximum(by_layer[m.layer].cost, 0.0)),
+                    measured_on=m.measured_on and m.measured_on + " x predicted") for m in measured]
     return _single_curves(index, chains, dataclasses.replace(options, sensitivity=rating), progress, source, units)
 
 
@@ -254,9 +256,10 @@ def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOpti
                 for c, cost in zip(chains, costs)] + [
                 ChainCurve(u.name, u.names, u.channels, cost, measured_on=on, op=u.op, multiple=u.group.blocks,
                            group=u) for u, cost in zip(probe.units, costs[len(chains):])]
-    if units:
-        log.info("budget: %d coupled group(s) left out (their cost is measured at the outputs, which cannot "
-                 "run here)", len(units))
+    predicted = [u for u in units if u.ranking.costs is not None]
+    if len(predicted) < len(units):
+        log.info("budget: %d coupled group(s) left out (no model of their consumers' inputs predicts their "
+                 "cost, and the outputs cannot be measured here)", len(units) - len(predicted))
     shares = {} if options.calibration is None else stream_shares(
         index, chains, match_inputs(graph_inputs(model), options.calibration, "--calibration"))
     curves = []
@@ -265,7 +268,16 @@ def _single_curves(index: GraphIndex, chains: list[Chain], options: CompressOpti
         cost = planned_curve(arrays, chain_plan_options(options, chain)) * shares.get(chain.name, 1.0)
         curves.append(ChainCurve(chain.name, chain.match_names(), chain.channels, cost, shares.get(chain.name),
                                  op=chain.producer.node.op_type))
-    return curves
+    return curves + [ChainCurve(u.name, u.names, u.channels, predicted_group_curve(u.ranking, u.channels), op=u.op,
+                                multiple=u.group.blocks, group=u) for u in predicted]
+
+
+def predicted_group_curve(ranking: "GroupRanking", n: int) -> np.ndarray:
+    """cost[k]: the prune plan's predicted error with k of the ``n`` channels removed, relative to
+    what all of them give the consumers (the chains' consumer curves are relative errors too)."""
+    from .math.propagate import relative_error
+
+    return np.array([relative_error(ranking.costs, ranking.kept(n - k)) for k in range(n)])
 
 
 def _apart(index: GraphIndex, chains: list[Chain], units: list[GroupUnit]) -> list[GroupUnit]:

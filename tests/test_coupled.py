@@ -335,15 +335,18 @@ def test_depthwise_group_is_pruned_less_than_asked_where_the_predicted_error_is_
     assert initializer_shapes(whole)["w1"][0] == 4
 
 
-@pytest.mark.parametrize("calibration", [None, "none"])
-def test_a_mac_budget_shrinks_a_depthwise_group_where_no_free_chain_exists(calibration):
+@pytest.mark.parametrize("calibration, rating", [(None, "auto"), ("none", "auto"), ("none", "consumer")])
+def test_a_mac_budget_shrinks_a_depthwise_group_where_no_free_chain_exists(calibration, rating):
     """MobileNet's blocks are depthwise groups, not chains: a budget that only saw chains could
     not remove a single MAC here ("cannot be met"). The group's cost curve is measured with its
-    channels masked at the consumer's input, so the channels the consumer barely reads go."""
+    channels masked at the consumer's input (or, --sensitivity consumer, predicted by the prune
+    plan), so the channels the consumer barely reads go."""
     model, _ = _depthwise_block(zero_columns=(1, 5, 6))
-    options = CompressOptions(target_macs=0.65, round_to=1, fold_bn=False, calibration=calibration)
+    options = CompressOptions(target_macs=0.65, round_to=1, fold_bn=False, calibration=calibration,
+                              sensitivity=rating)
     small, rep = compress(model, options)
     assert rep["macs_after"] <= 0.65 * rep["macs_before"]
+    assert rep["allocation"]["sensitivity"] == ("consumer" if rating == "consumer" else "output")
     row = rep["allocation"]["groups"][0]
     assert row["kind"] == "depthwise group" and row["kept"] == 5
     w1 = {t.name: onnx.numpy_helper.to_array(t) for t in small.graph.initializer}["w1"]
@@ -354,6 +357,6 @@ def test_a_mac_budget_shrinks_a_depthwise_group_where_no_free_chain_exists(calib
     assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
     from onnx_merge.allocation import sensitivity
 
-    (curve,) = sensitivity(model, CompressOptions(fold_bn=False, calibration=calibration))["groups"]
+    (curve,) = sensitivity(model, CompressOptions(fold_bn=False, calibration=calibration, sensitivity=rating))["groups"]
     assert curve["kind"] == "depthwise group" and curve["macs_per_channel"] == pytest.approx(rep["macs_before"] / 8)
     assert curve["curve"][3] < 0.1 * curve["curve"][4]  # the three barely read channels cost little, a fourth does not
