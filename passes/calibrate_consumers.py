@@ -23,6 +23,7 @@ lowers the error on held-out calibration rows. A consumer that its samples give 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -348,7 +349,11 @@ class OriginalTargets:
         problem = self.problems[j]
         y = out[problem.target]
         count = _row_count(problem.layer, y)
-        cap = max(self.opts.calibration_rows, -(-ROWS_PER_FEATURE * problem.features // self.calib.batch_count))
+        # calibration_rows is per batch of calibration_batch samples: a fixed-batch export runs in
+        # smaller batches, which get their share (a batch-1 dla34 took 4,096 rows from every sample)
+        share = min(1.0, self.calib.batch / max(self.opts.calibration_batch, 1))
+        cap = max(math.ceil(self.opts.calibration_rows * share), -(-ROWS_PER_FEATURE * problem.features //
+                                                                     self.calib.batch_count))
         rows = None
         if count > cap:  # a fixed random subset, the same in the compressed model's run
             rows = np.sort(np.random.default_rng([j, batch, int(mixed)]).choice(count, cap, replace=False))
