@@ -57,7 +57,11 @@ class ChainCurve:
     measured_on: str | None = None  # output curves: "calibration" or "synthetic"; None: predicted at the consumer
     op: str = "Conv"  # the producer's op type and its conv groups: what kept counts align to
     multiple: int = 1
-    group: "GroupUnit | None" = None  # a coupled group's curve (measured at the outputs only)
+    group: "GroupUnit | None" = None  # a coupled group's curve, not a chain's
+
+    @property
+    def kind(self) -> str:
+        return "chain" if self.group is None else f"{self.group.group.kind} group"
 
 
 @dataclass
@@ -385,7 +389,7 @@ def allocate_budget(model: onnx.ModelProto, options: CompressOptions, report: di
         if g.keep is None:  # a group's ratio goes to each of its producers (prune_coupled.group_ratios)
             allocated.update(dict.fromkeys([c.layer] if c.group is None else
                                            [p.node.name or p.weight for p in c.group.group.producers], ratio))
-        rows.append({"layer": c.layer, "kind": "chain" if c.group is None else f"{c.group.group.kind} group",
+        rows.append({"layer": c.layer, "kind": c.kind,
                      "channels": c.channels, "kept": kept, "ratio": round(ratio, 4),
                      "pinned": g.keep is not None, "predicted_error": float(c.cost[c.channels - kept]),
                      f"{what}_per_channel": per_channel(terms, groups, full, i),
@@ -417,7 +421,7 @@ def sensitivity(model: onnx.ModelProto, options: CompressOptions, progress=None)
     per = {what: budget_terms(index, chains, what, options.fold_bn, units) for what in ("macs", "params")}
     return {"macs": count_macs(model), "params": count_parameters(model), "calibrated": options.calibration is not None,
             "calibration_source": source,
-            "groups": [{"layer": c.layer, "kind": "chain" if c.group is None else f"{c.group.group.kind} group",
+            "groups": [{"layer": c.layer, "kind": c.kind,
                         "channels": c.channels,
                         "macs_per_channel": per_channel(per["macs"], groups, full, i),
                         "params_per_channel": per_channel(per["params"], groups, full, i),
@@ -519,10 +523,10 @@ class OutputProbe:
         from .passes.merge_channels import producer_arrays
 
         self.chains, self.units, self.feeds = chains, list(units), feeds
-        self.points = list(points) + [p for u in self.units for p in u.points]
-        first_point = np.cumsum([0] + [len(u.points) for u in self.units]) + len(chains)
-        self.unit_points = [[i] for i in range(len(chains))] + [
-            list(range(a, b)) for a, b in zip(first_point[:-1], first_point[1:])]
+        self.points, self.unit_points = list(points), [[i] for i in range(len(chains))]  # a chain's one point
+        for u in self.units:  # a group's points follow
+            self.unit_points.append(list(range(len(self.points), len(self.points) + len(u.points))))
+            self.points += u.points
         self.widths = [c.channels for c in chains] + [u.channels for u in self.units]
         self.arrays = [producer_arrays(index, c, consumer_norms=True, consumer_rows=True) for c in chains]
         self.options = [chain_plan_options(options, c) for c in chains]
